@@ -1,0 +1,261 @@
+"""Data: MMSA-layout datasets, PyAV decoding with an on-disk cache, the toy dataset, prompts and batches.
+
+An MMSA-layout folder holds `label.csv` (video_id, clip_id, text, label, mode) and the clips under
+`Raw/<video_id>/<clip_id>.mp4`; a `.wav` beside an mp4 is used for its audio when present.
+"""
+import csv
+import hashlib
+import math
+import os
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+SAMPLE_RATE = 16000
+SPLITS = ("train", "valid", "test")
+REQUIRED_COLUMNS = ("video_id", "clip_id", "text", "label", "mode")
+SYSTEM = "You are an expert in multimodal sentiment analysis."
+QUESTION = ("How positive or negative is the speaker's opinion in this clip? Answer with a sentiment "
+            "score from -3 (very negative) to 3 (very positive).")
+
+
+def data_root(name):
+    """`toy`, `mosi`, `mosei` (under $MSA_DATA, default ./data) or a path to an MMSA-layout folder."""
+    base = Path(os.environ.get("MSA_DATA", "data"))
+    if name == "toy" or name.startswith("toy:"):  # toy:N asks for N clips
+        n = int(name.partition(":")[2] or TOY_CLIPS)
+        return make_toy(base / f"toy{n}", n)
+    if name in ("mosi", "mosei"):
+        return base / name.upper()
+    return Path(name)
+
+
+def read_split(root, split):
+    """The rows of `label.csv` whose `mode` is `split`, as dicts with string ids and a float label."""
+    path = Path(root) / "label.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (an MMSA-layout folder needs label.csv and "
+                                "Raw/<video_id>/<clip_id>.mp4)")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+        rows = []
+        for line, r in enumerate(reader, start=2):
+            if r["mode"] != split:
+                continue
+            try:
+                label = float(r["label"])
+            except ValueError:
+                raise ValueError(f"{path}, line {line}: label {r['label']!r} is not a number") from None
+            rows.append(dict(video_id=r["video_id"], clip_id=r["clip_id"], text=r["text"], label=label))
+    if not rows:
+        raise ValueError(f"{path}: no clips with mode == {split!r}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+def decode_video(path, fps, max_frames, max_pixels):
+    """Frames sampled at `fps` (at least 2, at most `max_frames`, spread evenly over the clip), each
+    resized to fit `max_pixels`. Returns uint8 (T, H, W, 3)."""
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if stream.duration is not None:
+            duration = float(stream.duration * stream.time_base)
+        else:
+            duration = (container.duration or 0) / av.time_base
+        n = min(max(round(duration * fps), 2), max_frames)
+        targets = [(i + 0.5) * duration / n for i in range(n)]
+        scale = min(1.0, math.sqrt(max_pixels / (stream.width * stream.height)))
+        size = dict(width=max(2, int(stream.width * scale)), height=max(2, int(stream.height * scale)))
+        frames, last = [], None
+        for frame in container.decode(stream):  # the first frame at or after each target time
+            last = frame
+            while len(frames) < n and (frame.time or 0.0) >= targets[len(frames)]:
+                frames.append(frame.reformat(format="rgb24", **size).to_ndarray())
+            if len(frames) == n:
+                break
+        if last is None:
+            raise ValueError(f"{path}: no decodable video frames")
+        while len(frames) < n:  # targets past the last frame's time
+            frames.append(last.reformat(format="rgb24", **size).to_ndarray())
+    return np.stack(frames)
+
+
+def decode_audio(path):
+    """The first audio stream of an mp4 or wav as float32 mono at 16 kHz."""
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            raise ValueError(f"{path}: no audio stream")
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        chunks = [r.to_ndarray().reshape(-1) for f in container.decode(audio=0) for r in resampler.resample(f)]
+        chunks += [r.to_ndarray().reshape(-1) for r in resampler.resample(None)]
+    if not chunks:
+        raise ValueError(f"{path}: no decodable audio")
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def cached(decode, path, cache_dir, **settings):
+    """`decode(path, **settings)`, stored under `cache_dir`; a changed file (size, mtime) is decoded anew."""
+    stat = os.stat(path)
+    key = repr((decode.__name__, str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, sorted(settings.items())))
+    file = Path(cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
+    if file.exists():
+        return np.load(file)
+    array = decode(path, **settings)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp.npy")  # atomic: workers may race on a key
+    np.save(tmp, array)
+    os.replace(tmp, file)
+    return array
+
+
+class Clips(torch.utils.data.Dataset):
+    """One split of an MMSA-layout folder; items hold the text, the label and the decoded media that
+    `modalities` (a subset of 'tav') asks for."""
+
+    def __init__(self, root, split, modalities="tav", fps=2.0, max_frames=32, max_pixels=128 * 28 * 28,
+                 cache_dir="cache"):
+        if not modalities or set(modalities) - set("tav"):
+            raise ValueError(f"--modalities must be a non-empty subset of 'tav', not {modalities!r}")
+        self.root, self.modalities, self.cache_dir = Path(root), modalities, cache_dir
+        self.video_settings = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels)
+        self.rows = read_split(root, split)
+        for r in self.rows:
+            mp4 = self.root / "Raw" / r["video_id"] / f"{r['clip_id']}.mp4"
+            wav = mp4.with_suffix(".wav")
+            r["video"], r["audio"] = mp4, (wav if wav.exists() else mp4)
+            for m in "av":
+                if m in modalities and not r[{"a": "audio", "v": "video"}[m]].exists():
+                    raise FileNotFoundError(f"{mp4}: not found (clip {r['video_id']}/{r['clip_id']}, "
+                                            f"needed for modality '{m}')")
+
+    def __len__(self):
+        return len(self.rows)
+
+    @property
+    def labels(self):
+        return np.array([r["label"] for r in self.rows], dtype=np.float64)
+
+    def __getitem__(self, i):
+        r = self.rows[i]
+        item = dict(id=f"{r['video_id']}/{r['clip_id']}", text=r["text"], label=r["label"])
+        if "v" in self.modalities:
+            item["video"] = cached(decode_video, r["video"], self.cache_dir, **self.video_settings)
+        if "a" in self.modalities:
+            item["audio"] = cached(decode_audio, r["audio"], self.cache_dir)
+        return item
+
+
+# ---------------------------------------------------------------------------------- prompts and batches
+
+def build_prompt(text, modalities):
+    """The Qwen chat prompt; what `modalities` leaves out is absent, not blanked."""
+    media = ("<|vision_bos|><|VIDEO|><|vision_eos|>" if "v" in modalities else "") + \
+            ("<|audio_bos|><|AUDIO|><|audio_eos|>" if "a" in modalities else "")
+    transcript = f'Transcript: "{text}"\n' if "t" in modalities else ""
+    return (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
+            f"<|im_start|>user\n{media}{transcript}{QUESTION}<|im_end|>\n<|im_start|>assistant\n")
+
+
+class Collate:
+    """Clips -> one processor batch: {'inputs': model kwargs, 'label': (B,), 'ids': [str]}."""
+
+    def __init__(self, processor, modalities, fps=2.0, max_pixels=128 * 28 * 28):
+        self.processor, self.modalities = processor, modalities
+        self.video_kwargs = dict(fps=fps, size={"shortest_edge": 4 * 28 * 28, "longest_edge": max_pixels})
+
+    def __call__(self, items):
+        media = {}
+        if "a" in self.modalities:
+            media["audio"] = [it["audio"] for it in items]
+            # The processor pads Whisper features to 30 s; padding to the longest clip plus n_fft zeros
+            # gives the same features on every real frame, at a fraction of the cost.
+            longest = max(len(a) for a in media["audio"])
+            media["audio_kwargs"] = {"max_length": min(longest + 480, 30 * SAMPLE_RATE)}
+        if "v" in self.modalities:
+            media["videos"] = [it["video"] for it in items]
+            media["videos_kwargs"] = self.video_kwargs
+        inputs = self.processor(text=[build_prompt(it["text"], self.modalities) for it in items],
+                                padding=True, return_tensors="pt", **media)
+        return dict(inputs=dict(inputs), label=torch.tensor([it["label"] for it in items], dtype=torch.float32),
+                    ids=[it["id"] for it in items])
+
+
+def make_loader(cfg, split, processor, batch_size=None, shuffle=False, seed=0, drop_last=False):
+    """A DataLoader over one split of the run `cfg` describes (eval_batch_size unless told otherwise)."""
+    clips = Clips(data_root(cfg["data"]), split, cfg["modalities"], cfg["fps"], cfg["max_frames"],
+                  cfg["max_pixels"], cfg["cache_dir"])
+    return torch.utils.data.DataLoader(
+        clips, batch_size=batch_size or cfg["eval_batch_size"], shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed), num_workers=cfg["num_workers"], drop_last=drop_last,
+        collate_fn=Collate(processor, cfg["modalities"], cfg["fps"], cfg["max_pixels"]))
+
+
+def to_device(batch, device):
+    return {**batch, "inputs": {k: v.to(device) for k, v in batch["inputs"].items()},
+            "label": batch["label"].to(device)}
+
+
+# ----------------------------------------------------------------------------------------- toy dataset
+
+TOY_CLIPS = 300
+TOY_NOISE = 0.8  # std of each modality's own noise around the label, in label units
+TOY_WORDS = {-3: ["horrible", "awful", "dreadful"], -2: ["bad", "poor", "boring"], -1: ["dull", "weak", "bland"],
+             0: ["okay", "average", "so so"], 1: ["decent", "pleasant", "fine"], 2: ["good", "great", "lovely"],
+             3: ["amazing", "brilliant", "wonderful"]}
+TOY_SUBJECTS = ["the movie", "the plot", "the acting", "the soundtrack", "the ending", "the cast"]
+TOY_OPENERS = ["", "honestly ", "i think ", "to be fair ", "well "]
+
+
+def make_toy(root, n=TOY_CLIPS, seed=0):
+    """Write (once) an MMSA-layout dataset of `n` real mp4 clips (H.264 + AAC) in which the transcript's
+    words, the audio's pitch and the video's brightness each carry the label plus independent noise."""
+    root = Path(root)
+    if (root / "label.csv").exists():
+        return root
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        video_id, clip_id = f"toy{i // 6:03d}", str(i % 6 + 1)
+        label = round(float(rng.uniform(-3, 3)), 1)
+        s_text, s_audio, s_video = label + rng.normal(0, TOY_NOISE, 3)
+        word = rng.choice(TOY_WORDS[int(np.clip(round(s_text), -3, 3))])
+        text = f"{rng.choice(TOY_OPENERS)}{rng.choice(TOY_SUBJECTS)} was {word}"
+        path = root / "Raw" / video_id / f"{clip_id}.mp4"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_clip(path, seconds=float(rng.uniform(1.5, 3.0)), pitch_hz=220 * 2 ** (s_audio / 3),
+                    brightness=128 + 36 * s_video, rng=rng)
+        mode = SPLITS[[0, 0, 0, 1, 2][(i // 6) % 5]]  # split by video, as MOSI's folds are
+        rows.append([video_id, clip_id, text, label, mode])
+    tmp = root / "label.csv.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([list(REQUIRED_COLUMNS)] + rows)
+    os.replace(tmp, root / "label.csv")  # label.csv last: its presence marks a complete dataset
+    return root
+
+
+def _write_clip(path, seconds, pitch_hz, brightness, rng, fps=10, size=64, rate=44100):
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
+        video.width = video.height = size
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream("aac", rate=rate, layout="mono")
+        for _ in range(round(seconds * fps)):
+            image = np.clip(brightness + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(video.encode())
+        t = np.arange(round(seconds * rate)) / rate
+        wave = (0.3 * np.sin(2 * np.pi * pitch_hz * t) + 0.02 * rng.normal(size=t.size)).astype(np.float32)
+        for start in range(0, wave.size, 1024):  # AAC takes frames of 1024 samples
+            frame = av.AudioFrame.from_ndarray(wave[None, start:start + 1024], format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode())

@@ -1,0 +1,178 @@
+"""Backbones and readouts: how a number is read out of a (4-bit) Qwen2.5-Omni Thinker.
+
+A readout is an nn.Module over the backbone with `loss(batch) -> scalar` and
+`predict(batch) -> (preds (B,), info dict)`. A new one is one class and one line in READOUTS.
+"""
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BitsAndBytesConfig, Qwen2_5OmniProcessor, Qwen2_5OmniThinkerForConditionalGeneration
+from transformers.utils import logging as hf_logging
+
+from lora import DEFAULT_TARGETS, add_lora
+
+hf_logging.disable_progress_bar()
+
+# Kept in bfloat16 (GPU) or float32 (CPU) as in the paper's QLoRA recipe: only the text decoder is 4-bit.
+SKIP_QUANT = ["model.audio_tower", "model.visual", "lm_head"]
+
+
+def load_backbone(name, quant="nf4", device="cpu"):
+    """(Thinker, processor) from a hub id or a local folder; `tiny` is a random Thinker built offline
+    and loaded through the very same path. quant: 'nf4' (double-quantised 4-bit) or 'none'."""
+    device = torch.device(device)
+    if name == "tiny":
+        with tempfile.TemporaryDirectory() as folder:
+            build_tiny(folder)
+            return load_backbone(folder, quant, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    kwargs = dict(dtype=dtype, device_map={"": device})
+    if quant == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=SKIP_QUANT)
+    elif quant != "none":
+        raise ValueError(f"--quant must be 'nf4' or 'none', not {quant!r}")
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(name, **kwargs)
+    processor = Qwen2_5OmniProcessor.from_pretrained(name)
+    processor.video_processor.cap_pixels_per_frame = True  # qwen-vl-utils' pixel budget per frame
+    return model, processor
+
+
+def build_tiny(folder, seed=0):
+    """Write a random Qwen2.5-Omni Thinker (about 0.4 M parameters) with a byte-level BPE tokenizer and
+    the Omni processor into `folder`, deterministically in `seed`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2_5OmniThinkerConfig, Qwen2TokenizerFast, WhisperFeatureExtractor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    media = dict(image_token="<|IMAGE|>", video_token="<|VIDEO|>", audio_token="<|AUDIO|>",
+                 vision_bos_token="<|vision_bos|>", vision_eos_token="<|vision_eos|>",
+                 audio_bos_token="<|audio_bos|>", audio_eos_token="<|audio_eos|>")
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *media.values()]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([TINY_CORPUS], trainer)
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   padding_side="left", extra_special_tokens=media)
+    ids = tokenizer.get_vocab()
+    # Gotchas: mrope_section sums to head_dim / 2; the towers' outputs match the text hidden size;
+    # vision_start_token_id is read by the rope code even for text-only input.
+    config = Qwen2_5OmniThinkerConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[4, 6, 6]),
+                         pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
+        audio_config=dict(num_mel_bins=128, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128,
+                          d_model=64, output_dim=64),
+        vision_config=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64,
+                           fullatt_block_indexes=[0]),
+        audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
+        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
+        user_token_id=ids["<|im_start|>"])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(folder)
+    Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessor(), video_processor=Qwen2VLVideoProcessor(),
+                         feature_extractor=WhisperFeatureExtractor(feature_size=128),
+                         tokenizer=tokenizer).save_pretrained(folder)
+
+
+TINY_CORPUS = """system user assistant You are an expert in multimodal sentiment analysis. How positive or
+negative is the speaker's opinion in this clip? Answer with a sentiment score from -3 (very negative) to 3
+(very positive). Transcript: the movie the plot the acting the soundtrack the ending was is it i think well
+honestly really very good great bad awful okay fine -3.0 -2.5 -2.0 -1.5 -1.0 -0.5 0.0 0.5 1.0 1.5 2.0 2.5 3.0
+""" * 4
+
+
+def last_token_index(attention_mask):
+    """Position of the last real token of each row, for left or right padding: (B, L) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(-1)
+
+
+class Readout(nn.Module):
+    def __init__(self, backbone, tokenizer, cfg):
+        super().__init__()
+        self.backbone, self.tokenizer = backbone, tokenizer
+
+    def hidden_states(self, inputs):
+        """Last-layer hidden states (B, L, H) from the text model: the LM head is never run."""
+        return self.backbone.model(**inputs, use_cache=False).last_hidden_state
+
+    def prepare(self, batches):
+        """Called before each evaluation with the training batches (e.g. to refresh statistics)."""
+
+    def loss(self, batch):
+        raise NotImplementedError
+
+    def predict(self, batch):
+        raise NotImplementedError
+
+
+class Disc(Readout):
+    """Discriminative readout: a regression head on the last non-padding token's hidden state."""
+
+    def __init__(self, backbone, tokenizer, cfg):
+        super().__init__(backbone, tokenizer, cfg)
+        hidden = backbone.config.get_text_config().hidden_size
+        if cfg["head"] == "linear":
+            head = nn.Linear(hidden, 1)
+        elif cfg["head"] == "mlp":
+            head = nn.Sequential(nn.Linear(hidden, hidden // 4), nn.GELU(), nn.Linear(hidden // 4, 1))
+        else:
+            raise ValueError(f"--head must be 'linear' or 'mlp', not {cfg['head']!r}")
+        self.head = head.to(backbone.device)
+        self.loss_fn = dict(mse=F.mse_loss, l1=F.l1_loss)[cfg["loss"]]
+        # pool_norm 'batch': the pooled states can vary across clips by a few percent of their norm (audio-only
+        # prompts on the tiny model), too little for the head to see; standardise them with batch statistics
+        # in training and with training-set statistics, recomputed by prepare(), when predicting.
+        self.norm = nn.BatchNorm1d(hidden, affine=False, momentum=None, device=backbone.device) \
+            if cfg["pool_norm"] == "batch" else nn.Identity()
+
+    @torch.no_grad()
+    def prepare(self, batches):
+        """Recompute the normalisation's statistics over the training batches with the current weights."""
+        if isinstance(self.norm, nn.BatchNorm1d):
+            self.eval()
+            self.norm.reset_running_stats()
+            self.norm.train()  # momentum=None: running statistics become the plain average over batches
+            for b in batches:
+                self.norm(self.pooled(b))
+            self.norm.eval()
+
+    def pooled(self, batch):
+        h = self.hidden_states(batch["inputs"])                          # (B, L, H)
+        last = last_token_index(batch["inputs"]["attention_mask"])       # (B,)
+        return h[torch.arange(h.shape[0], device=h.device), last].float()  # (B, H)
+
+    def forward(self, batch):
+        return self.head(self.norm(self.pooled(batch))).squeeze(-1)  # (B,)
+
+    def loss(self, batch):
+        return self.loss_fn(self(batch), batch["label"])
+
+    @torch.no_grad()
+    def predict(self, batch):
+        return self(batch), {}
+
+
+READOUTS = {"disc": Disc}
+
+
+def build(cfg, device):
+    """The run a config describes: backbone, LoRA over it, readout on top -> (readout, processor)."""
+    if cfg["readout"] not in READOUTS:
+        raise ValueError(f"--readout must be one of {', '.join(READOUTS)}, not {cfg['readout']!r}")
+    backbone, processor = load_backbone(cfg["model"], cfg["quant"], device)
+    add_lora(backbone, cfg["lora_targets"] or DEFAULT_TARGETS, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"])
+    return READOUTS[cfg["readout"]](backbone, processor.tokenizer, cfg), processor
