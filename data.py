@@ -16,6 +16,10 @@ import torch
 SAMPLE_RATE = 16000
 SPLITS = ("train", "valid", "test")
 REQUIRED_COLUMNS = ("video_id", "clip_id", "text", "label", "mode")
+
+
+class DataError(ValueError):
+    """A bad input file; the message names it. The scripts print it without a traceback."""
 SYSTEM = "You are an expert in multimodal sentiment analysis."
 QUESTION = ("How positive or negative is the speaker's opinion in this clip? Answer with a sentiment "
             "score from -3 (very negative) to 3 (very positive).")
@@ -36,13 +40,13 @@ def read_split(root, split):
     """The rows of `label.csv` whose `mode` is `split`, as dicts with string ids and a float label."""
     path = Path(root) / "label.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (an MMSA-layout folder needs label.csv and "
+        raise DataError(f"{path}: not found (an MMSA-layout folder needs label.csv and "
                                 "Raw/<video_id>/<clip_id>.mp4)")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
         rows = []
         for line, r in enumerate(reader, start=2):
             if r["mode"] != split:
@@ -50,10 +54,10 @@ def read_split(root, split):
             try:
                 label = float(r["label"])
             except ValueError:
-                raise ValueError(f"{path}, line {line}: label {r['label']!r} is not a number") from None
+                raise DataError(f"{path}, line {line}: label {r['label']!r} is not a number") from None
             rows.append(dict(video_id=r["video_id"], clip_id=r["clip_id"], text=r["text"], label=label))
     if not rows:
-        raise ValueError(f"{path}: no clips with mode == {split!r}")
+        raise DataError(f"{path}: no clips with mode == {split!r}")
     return rows
 
 
@@ -64,7 +68,7 @@ def decode_video(path, fps, max_frames, max_pixels):
     resized to fit `max_pixels`. Returns uint8 (T, H, W, 3)."""
     with av.open(str(path)) as container:
         if not container.streams.video:
-            raise ValueError(f"{path}: no video stream")
+            raise DataError(f"{path}: no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         if stream.duration is not None:
@@ -83,7 +87,7 @@ def decode_video(path, fps, max_frames, max_pixels):
             if len(frames) == n:
                 break
         if last is None:
-            raise ValueError(f"{path}: no decodable video frames")
+            raise DataError(f"{path}: no decodable video frames")
         while len(frames) < n:  # targets past the last frame's time
             frames.append(last.reformat(format="rgb24", **size).to_ndarray())
     return np.stack(frames)
@@ -93,12 +97,12 @@ def decode_audio(path):
     """The first audio stream of an mp4 or wav as float32 mono at 16 kHz."""
     with av.open(str(path)) as container:
         if not container.streams.audio:
-            raise ValueError(f"{path}: no audio stream")
+            raise DataError(f"{path}: no audio stream")
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         chunks = [r.to_ndarray().reshape(-1) for f in container.decode(audio=0) for r in resampler.resample(f)]
         chunks += [r.to_ndarray().reshape(-1) for r in resampler.resample(None)]
     if not chunks:
-        raise ValueError(f"{path}: no decodable audio")
+        raise DataError(f"{path}: no decodable audio")
     return np.concatenate(chunks).astype(np.float32)
 
 
@@ -122,27 +126,30 @@ class Clips(torch.utils.data.Dataset):
     `modalities` (a subset of 'tav') asks for."""
 
     def __init__(self, root, split, modalities="tav", fps=2.0, max_frames=32, max_pixels=128 * 28 * 28,
-                 cache_dir="cache"):
+                 cache_dir="cache", on_missing="error"):
         if not modalities or set(modalities) - set("tav"):
             raise ValueError(f"--modalities must be a non-empty subset of 'tav', not {modalities!r}")
         self.root, self.modalities, self.cache_dir = Path(root), modalities, cache_dir
         self.video_settings = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels)
-        self.rows = read_split(root, split)
-        for r in self.rows:
+        self.rows, self.skipped = [], []  # skipped: (clip id, reason), with on_missing='skip'
+        for r in read_split(root, split):
             mp4 = self.root / "Raw" / r["video_id"] / f"{r['clip_id']}.mp4"
             wav = mp4.with_suffix(".wav")
             r["video"], r["audio"] = mp4, (wav if wav.exists() else mp4)
-            for m in "av":
-                if m in modalities and not r[{"a": "audio", "v": "video"}[m]].exists():
-                    raise FileNotFoundError(f"{mp4}: not found (clip {r['video_id']}/{r['clip_id']}, "
-                                            f"needed for modality '{m}')")
+            missing = [r[name] for m, name in (("a", "audio"), ("v", "video"))
+                       if m in modalities and not r[name].exists()]
+            if not missing:
+                self.rows.append(r)
+            elif on_missing == "skip":
+                self.skipped.append((f"{r['video_id']}/{r['clip_id']}", f"missing {missing[0]}"))
+            else:
+                raise DataError(f"{missing[0]}: not found (clip {r['video_id']}/{r['clip_id']} of {split!r}, needed "
+                                f"for --modalities {modalities}; --on_missing skip skips such clips)")
+        if not self.rows:
+            raise DataError(f"{self.root}: no clip of {split!r} has the files --modalities {modalities} needs")
 
     def __len__(self):
         return len(self.rows)
-
-    @property
-    def labels(self):
-        return np.array([r["label"] for r in self.rows], dtype=np.float64)
 
     def __getitem__(self, i):
         r = self.rows[i]
@@ -192,7 +199,10 @@ class Collate:
 def make_loader(cfg, split, processor, batch_size=None, shuffle=False, seed=0, drop_last=False):
     """A DataLoader over one split of the run `cfg` describes (eval_batch_size unless told otherwise)."""
     clips = Clips(data_root(cfg["data"]), split, cfg["modalities"], cfg["fps"], cfg["max_frames"],
-                  cfg["max_pixels"], cfg["cache_dir"])
+                  cfg["max_pixels"], cfg["cache_dir"], cfg["on_missing"])
+    if clips.skipped:
+        print(f"data: skipped {len(clips.skipped)} of {len(clips.skipped) + len(clips)} clips of {split!r} "
+              f"(--on_missing skip), e.g. {clips.skipped[0][0]}: {clips.skipped[0][1]}")
     return torch.utils.data.DataLoader(
         clips, batch_size=batch_size or cfg["eval_batch_size"], shuffle=shuffle,
         generator=torch.Generator().manual_seed(seed), num_workers=cfg["num_workers"], drop_last=drop_last,

@@ -1,6 +1,7 @@
-"""Evaluate a checkpoint: MMSA metrics, per-clip latency, and the train-mean baseline beside them.
+"""Evaluate a checkpoint, or a model zero-shot: MMSA metrics, ms per clip, and the train-mean baseline.
 
-    python eval.py --ckpt runs/toy300-disc-tav-s0 [--split test] [--out test.json]
+    python eval.py --ckpt runs/toy-disc-tav-s0 [--split test] [--out test.json]
+    python eval.py --model tiny --data toy --readout gen          # zero-shot: no training, no LoRA
 """
 import argparse
 import json
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from data import data_root, make_loader, read_split, to_device
+from data import DataError, data_root, make_loader, read_split, to_device
 from readout import build
 
 METRIC_KEYS = ("MAE", "Corr", "Acc2_has0", "F1_has0", "Acc2_non0", "F1_non0", "Acc5", "Acc7")
@@ -31,7 +32,7 @@ def metrics(preds, labels):
     """Regression metrics with the MMSA framework's conventions (accuracies and F1 as fractions)."""
     p, y = np.asarray(preds, dtype=np.float64), np.asarray(labels, dtype=np.float64)
     out = dict(MAE=float(np.mean(np.abs(p - y))),
-               Corr=float(np.corrcoef(p, y)[0, 1]) if p.std() > 0 and y.std() > 0 else float("nan"))
+               Corr=float(np.corrcoef(p, y)[0, 1]) if np.ptp(p) > 0 and np.ptp(y) > 0 else float("nan"))
     out["Acc2_has0"] = float(np.mean((p >= 0) == (y >= 0)))               # negative vs non-negative
     out["F1_has0"] = _weighted_f1(y >= 0, p >= 0)
     nz = y != 0                                                           # label-0 clips dropped
@@ -66,6 +67,18 @@ def evaluate(readout, loader, device):
     return torch.cat(preds).numpy(), torch.cat(labels).numpy(), info
 
 
+def summarize(preds, labels, info, fallback=0.0):
+    """Headline metrics, an unanswered clip (NaN) scored as `fallback`, with n and ms per clip; for a
+    readout that can fail to answer, the parse failures and the metrics over the answered clips alone."""
+    failed = np.isnan(preds)
+    out = dict(metrics(np.where(failed, fallback, preds), labels), n=len(labels), ms_per_clip=info["ms_per_clip"])
+    if "parse_failures" in info:
+        out.update(parse_failures=int(failed.sum()), parse_fail_rate=float(failed.mean()),
+                   tokens_per_clip=info["generated_tokens"] / len(labels),
+                   parsed=metrics(preds[~failed], labels[~failed]) if (~failed).sum() > 1 else None)
+    return out
+
+
 def mean_baseline(cfg, labels):
     """Metrics of always predicting the training-label mean."""
     train_mean = np.mean([r["label"] for r in read_split(data_root(cfg["data"]), "train")])
@@ -89,21 +102,29 @@ def add_run_args(p):
                    help="'toy' (generated; 'toy:N' for N clips), 'mosi', 'mosei' (under $MSA_DATA, default ./data) "
                         "or a path to an MMSA-layout folder")
     p.add_argument("--modalities", default="tav", help="any non-empty subset of 'tav': text, audio, video")
-    p.add_argument("--readout", default="disc", help="how the score is read out: disc")
+    p.add_argument("--readout", default="disc", help="how the score is read out: disc (regression head on the "
+                                                      "last token's hidden state) or gen (generated text, parsed)")
     p.add_argument("--head", default="linear", choices=["linear", "mlp"], help="disc: the regression head")
     p.add_argument("--pool_norm", default="none", choices=["none", "batch"],
                    help="disc: standardise the pooled state (batch statistics in training, training-set ones after)")
     p.add_argument("--loss", default="mse", choices=["mse", "l1"], help="disc: the regression loss")
+    p.add_argument("--max_new_tokens", type=int, default=8, help="gen: greedy decoding stops after this many tokens")
+    p.add_argument("--parse_fallback", type=float, default=0.0,
+                   help="gen: the score given to an unparseable answer in the headline metrics (0.0: neutral)")
     p.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second")
     p.add_argument("--max_frames", type=int, default=32, help="at most this many frames per clip")
     p.add_argument("--max_pixels", type=int, default=128 * 28 * 28, help="frames are resized to fit this many pixels")
+    p.add_argument("--on_missing", default="error", choices=["error", "skip"],
+                   help="a clip without the file a requested modality needs: stop with an error, or skip and count it")
     p.add_argument("--cache_dir", default="cache", help="where decoded clips are kept between epochs and runs")
     p.add_argument("--eval_batch_size", type=int, default=8, help="clips per batch when evaluating")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--lora_targets", default=None, help="regex over module names (default: the text decoder's "
                                                          "q,k,v,o,gate,up,down projections)")
-    p.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
-    p.add_argument("--lora_alpha", type=float, default=32, help="LoRA scaling numerator (scale = alpha / r)")
+    p.add_argument("--lora_r", type=int, default=None,
+                   help="LoRA rank (default: 32, about 0.9%% of the 7B Thinker's parameters; 16 for tiny)")
+    p.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale numerator, scale = alpha / r "
+                                                                  "(default: 2 r)")
     p.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
     p.add_argument("--seed", type=int, default=0, help="seed of LoRA and head initialisation and data order")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -133,23 +154,48 @@ def load_checkpoint(ckpt, device):
     return cfg, readout, processor
 
 
+def report(name, result, baseline=None):
+    """Print a result of summarize() as a table, with the parse counts of a generative readout."""
+    rows = {name: result}
+    if result.get("parsed"):
+        rows[f"{name}, answered clips only"] = result["parsed"]
+    if baseline:
+        rows["train mean"] = baseline
+    print(format_table(rows))
+    line = f"n={result['n']}  {result['ms_per_clip']:.1f} ms/clip"
+    if "parse_failures" in result:
+        line += (f"  unparseable {result['parse_failures']} ({100 * result['parse_fail_rate']:.1f}%, scored as "
+                 f"the fallback)  {result['tokens_per_clip']:.1f} generated tokens/clip")
+    print(line)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint folder written by train.py")
+    p.add_argument("--ckpt", default=None, help="checkpoint folder written by train.py; its config.json then "
+                                                "defines the run and the run flags below are ignored, but --device")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split to evaluate")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    add_run_args(p)
     args = p.parse_args()
     device = torch.device(args.device)
-    cfg, readout, processor = load_checkpoint(args.ckpt, device)
+    if args.ckpt:
+        cfg, readout, processor = load_checkpoint(args.ckpt, device)
+        name = f"{cfg['readout']} ({args.split})"
+    elif args.readout == "disc":
+        raise SystemExit("eval.py: the disc readout's head is trained: pass --ckpt (zero-shot is for --readout gen)")
+    else:  # zero-shot: the untrained model, no LoRA
+        cfg = vars(args)
+        readout, processor = build(cfg, device, lora=False)
+        name = f"{cfg['readout']} zero-shot ({args.split})"
     preds, labels, info = evaluate(readout, make_loader(cfg, args.split, processor), device)
-    result = dict(metrics(preds, labels), n=len(labels), **info)
-    print(format_table({f"{cfg['readout']} ({args.split})": result,
-                        f"train mean ({args.split})": mean_baseline(cfg, labels)}))
-    print(f"n={len(labels)}  {info['ms_per_clip']:.1f} ms/clip")
+    result = summarize(preds, labels, info, cfg["parse_fallback"])
+    report(name, result, mean_baseline(cfg, labels))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as e:
+        raise SystemExit(f"error: {e}")

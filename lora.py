@@ -3,12 +3,16 @@
 y = base(x) + (alpha / r) * B(A(dropout(x))), with B zero-initialised so that the model equals its base
 at init. The base stays frozen (and 4-bit where it was); only A and B train.
 """
+import logging
 import math
 import re
 
-import bitsandbytes as bnb
 import torch
 from torch import nn
+
+# bitsandbytes warns at import that an optional CPU kernel package is missing: harmless, and confusing.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+import bitsandbytes as bnb  # noqa: E402
 
 # The text decoder's attention and MLP projections; the audio and vision towers keep their weights.
 DEFAULT_TARGETS = r"language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"

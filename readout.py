@@ -3,6 +3,8 @@
 A readout is an nn.Module over the backbone with `loss(batch) -> scalar` and
 `predict(batch) -> (preds (B,), info dict)`. A new one is one class and one line in READOUTS.
 """
+import math
+import re
 import tempfile
 
 import torch
@@ -15,7 +17,8 @@ from lora import DEFAULT_TARGETS, add_lora
 
 hf_logging.disable_progress_bar()
 
-# Kept in bfloat16 (GPU) or float32 (CPU) as in the paper's QLoRA recipe: only the text decoder is 4-bit.
+# Only the text decoder is 4-bit: the audio and vision towers and the LM head stay in bfloat16 (GPU) or
+# float32 (CPU). Full dotted prefixes: bare names match nothing.
 SKIP_QUANT = ["model.audio_tower", "model.visual", "lm_head"]
 
 
@@ -80,7 +83,12 @@ def build_tiny(folder, seed=0):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+        # At the default init scale (0.02) the LM head's logits stay within about +-1.3 of each other over the
+        # normed 64-d state, so no token can be made likely (cross-entropy stays above 5): give it a scale at
+        # which a trained LM head works.
+        nn.init.normal_(model.lm_head.weight, std=0.5)
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.save_pretrained(folder)
     Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessor(), video_processor=Qwen2VLVideoProcessor(),
                          feature_extractor=WhisperFeatureExtractor(feature_size=128),
@@ -166,13 +174,84 @@ class Disc(Readout):
         return self(batch), {}
 
 
-READOUTS = {"disc": Disc}
+class Gen(Readout):
+    """Generative readout: the model writes the score as text (greedy decoding), which parse_score reads.
+    Trained with next-token cross-entropy on the answer alone: the label with one decimal, then <|im_end|>.
+    An unparseable answer is NaN in preds (eval.py scores it with --parse_fallback and counts it)."""
+
+    def __init__(self, backbone, tokenizer, cfg):
+        super().__init__(backbone, tokenizer, cfg)
+        self.max_new_tokens = cfg["max_new_tokens"]
+
+    def with_answers(self, inputs, labels):
+        """Each prompt followed by its answer, left-padded again -> (inputs, targets (B, L)); targets hold
+        the answer's token ids where they are to be predicted and -100 (ignored) on prompt and padding."""
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        answers = [self.tokenizer(f"{round(y, 1) + 0.0:.1f}<|im_end|>", add_special_tokens=False,
+                                  return_tensors="pt").input_ids[0].to(ids.device) for y in labels.tolist()]
+        rows = [torch.cat([ids[i][mask[i].bool()], a]) for i, a in enumerate(answers)]
+        length = max(len(r) for r in rows)
+        new_ids = ids.new_full((len(rows), length), self.tokenizer.pad_token_id)
+        new_mask, targets = torch.zeros_like(new_ids), torch.full_like(new_ids, -100)
+        for i, (row, answer) in enumerate(zip(rows, answers)):
+            new_ids[i, length - len(row):], new_mask[i, length - len(row):] = row, 1
+            targets[i, length - len(answer):] = answer
+        return {**inputs, "input_ids": new_ids, "attention_mask": new_mask}, targets
+
+    def token_loss(self, inputs, targets):
+        """Cross-entropy of the tokens where targets != -100; the LM head runs on those positions only."""
+        h = self.hidden_states(inputs)[:, :-1]          # position t predicts token t + 1
+        targets = targets[:, 1:]
+        keep = targets != -100
+        return F.cross_entropy(self.backbone.lm_head(h[keep]).float(), targets[keep])
+
+    def loss(self, batch):
+        return self.token_loss(*self.with_answers(batch["inputs"], batch["label"]))
+
+    @torch.no_grad()
+    def predict(self, batch):
+        inputs = batch["inputs"]
+        out = self.backbone.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1]:]     # the generated tokens only: (B, <= max_new_tokens)
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        scores = [parse_score(t) for t in texts]
+        preds = torch.tensor([math.nan if s is None else s for s in scores])
+        # Tokens generated per clip: up to and including the first end token (rows that end early are padded).
+        ended = torch.isin(new, torch.tensor(self.backbone.generation_config.eos_token_id, device=new.device))
+        lengths = torch.where(ended.any(-1), ended.int().argmax(-1) + 1, new.shape[1])
+        return preds, dict(parse_failures=scores.count(None), generated_tokens=int(lengths.sum()))
 
 
-def build(cfg, device):
-    """The run a config describes: backbone, LoRA over it, readout on top -> (readout, processor)."""
+READOUTS = {"disc": Disc, "gen": Gen}
+
+
+# A number: optional sign (+, -, or the Unicode minus, replaced first), then 3, 3., 3.5 or .5; not part of a
+# word or a longer number ("Qwen2.5", "v2", "3rd" are not numbers).
+_NUMBER = r"(?<![\w.])[+-]?(?:\d+\.?\d*|\.\d+)(?!\w)"
+_CUED = re.compile(r"\b(?:score|sentiment|rating|answer)\b[^\w+.-]*(?:(?:is|of|=|would be|be)\b[^\w+.-]*)?("
+                   + _NUMBER + ")", re.IGNORECASE)
+# The scale as models echo it from the prompt ("from -3 to 3", "[-3, +3]", "-3 and 3"): not an answer.
+_SCALE = re.compile(r"-\s*3(?:\.0+)?\s*(?:to|and|-|–|—|\.\.\.?|,)\s*\+?3(?:\.0+)?(?![\w.])", re.IGNORECASE)
+
+
+def parse_score(text):
+    """The score in a generated text, clipped to [-3, 3], or None. The number after the last cue word
+    (score, sentiment, rating, answer) wins, else the first number. Never raises on a string."""
+    text = _SCALE.sub(" ", text.replace("\u2212", "-"))
+    cued = _CUED.findall(text)
+    number = cued[-1] if cued else next(iter(re.findall(_NUMBER, text)), None)
+    if number is None:
+        return None
+    return min(max(float(number), -3.0), 3.0)
+
+
+def build(cfg, device, lora=True):
+    """The run a config describes: backbone, LoRA over it (unless lora=False: zero-shot), readout on top
+    -> (readout, processor)."""
     if cfg["readout"] not in READOUTS:
         raise ValueError(f"--readout must be one of {', '.join(READOUTS)}, not {cfg['readout']!r}")
     backbone, processor = load_backbone(cfg["model"], cfg["quant"], device)
-    add_lora(backbone, cfg["lora_targets"] or DEFAULT_TARGETS, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"])
+    if lora:
+        add_lora(backbone, cfg["lora_targets"] or DEFAULT_TARGETS, cfg["lora_r"], cfg["lora_alpha"],
+                 cfg["lora_dropout"])
     return READOUTS[cfg["readout"]](backbone, processor.tokenizer, cfg), processor

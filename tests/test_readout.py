@@ -1,8 +1,10 @@
+import random
+
 import pytest
 import torch
 
 from data import build_prompt
-from readout import build, last_token_index, load_backbone
+from readout import build, last_token_index, load_backbone, parse_score
 
 
 def test_last_token_index_left_and_right_padding():
@@ -52,3 +54,65 @@ def test_tiny_backbone_is_deterministic():
 def test_unknown_readout_is_an_error(make_cfg):
     with pytest.raises(ValueError, match="--readout must be one of"):
         build(make_cfg("--readout", "nope"), torch.device("cpu"))
+
+
+PARSE_CASES = [
+    ("2", 2.0), ("-1.4", -1.4), ("+0.6", 0.6), ("\u22122.2", -2.2), (".5", 0.5), ("-.5", -0.5), ("2.", 2.0),
+    ("0", 0.0), ("-0.0", 0.0), ("  1.5\n", 1.5), ("\t-3", -3.0),
+    ("7", 3.0), ("-10", -3.0), ("3.01", 3.0), ("100 out of 100", 3.0),                       # clipped
+    ("The sentiment score is 2.5.", 2.5), ("Score: **-1**", -1.0), ("**Answer:** 1.2", 1.2),
+    ("I think 2. Final answer: -1", -1.0), ("rating = 0.8", 0.8), ("SENTIMENT: -2.4", -2.4),
+    ("score 1, no wait, score 2", 2.0), ("The answer is: -2.0", -2.0),                         # last cue wins
+    ("Rating (from -3 to 3): 1.5", 1.5), ("On a scale of -3 to +3, it is 2", 2.0),             # the scale echoed
+    ("between -3 and 3 the score would be 0.5", 0.5), ("[-3, 3] -> 1", 1.0),
+    ("Sentiment: positive (2)", 2.0), ("I'd say 1.8 because it was great", 1.8),
+    ("```\n-0.4\n```", -0.4), ("- score: 1.1", 1.1), ("Qwen2.5 gives 1", 1.0), ("3rd time, 2", 2.0),
+    ("", None), ("   ", None), ("positive", None), ("nan", None), ("NaN", None), ("inf", None), ("-inf", None),
+    ("no number here", None), ("-", None), (".", None), ("+-", None),
+    ("word " * 20000 + "score: 1.3", 1.3), ("x" * 100000, None),
+]
+
+
+@pytest.mark.parametrize("text,expected", PARSE_CASES)
+def test_parse_score(text, expected):
+    got = parse_score(text)
+    assert got == (None if expected is None else pytest.approx(expected)), text[:80]
+
+
+def test_parse_score_fuzz_never_raises():
+    rng = random.Random(0)
+    alphabet = "0123456789+-.\u2212 eE:*#\n,;()[]/" + "scoreanswerating" + "".join(map(chr, range(0x370, 0x3a0)))
+    for i in range(5000):
+        n = rng.randrange(0, 60)
+        if i % 2:
+            text = "".join(rng.choice(alphabet) for _ in range(n))
+        else:
+            text = "".join(chr(rng.randrange(0, 0x10FFFF)) for _ in range(n))
+        got = parse_score(text)
+        assert got is None or (isinstance(got, float) and -3.0 <= got <= 3.0), repr(text)
+
+
+def test_gen_loss_is_over_the_answer_tokens_only(make_cfg):
+    torch.manual_seed(0)
+    readout, processor = build(make_cfg("--readout", "gen", "--modalities", "t", "--lora_dropout", "0"),
+                               torch.device("cpu"))
+    readout.eval()
+    prompts = [build_prompt(t, "t") for t in ["fine", "the movie was really quite wonderful"]]
+    inputs = dict(processor(text=prompts, padding=True, return_tensors="pt"))
+    labels = torch.tensor([-1.44, 2.0])
+    full, targets = readout.with_answers(inputs, labels)
+    answers = [processor.tokenizer(a, add_special_tokens=False).input_ids for a in ["-1.4<|im_end|>", "2.0<|im_end|>"]]
+    for i, answer in enumerate(answers):
+        kept = targets[i][targets[i] != -100].tolist()
+        assert kept == answer and full["input_ids"][i, -len(answer):].tolist() == answer
+        assert full["attention_mask"][i, 0] == 0 or i == 1  # left padding kept
+    loss = readout.token_loss(full, targets)
+    # The same loss through the model's own full forward and its labels (shifted inside transformers).
+    with torch.no_grad():
+        reference = readout.backbone(**full, labels=targets).loss
+    assert torch.allclose(loss, reference, atol=1e-5)
+    # Prompt tokens carry no label: a prompt token given one changes the loss, so -100 there matters.
+    prompt_pos = int(targets[1].ne(-100).nonzero()[0]) - 3
+    changed = targets.clone()
+    changed[1, prompt_pos] = full["input_ids"][1, prompt_pos]
+    assert not torch.allclose(readout.token_loss(full, changed), loss)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data import make_loader
-from eval import evaluate, load_checkpoint, metrics
+from eval import evaluate, load_checkpoint, metrics, summarize
 from readout import build
 from train import lr_at, train
 
@@ -61,3 +61,21 @@ def test_pool_norm_statistics_travel_with_the_checkpoint(make_cfg):
     assert readout.norm.running_var.mean() != 1.0  # recomputed, saved and loaded, not the defaults
     preds, labels, _ = evaluate(readout, make_loader(cfg, "test", processor), torch.device("cpu"))
     assert metrics(preds, labels)["MAE"] == result["test"]["MAE"]
+
+
+def test_training_gen_makes_its_answers_parseable(make_cfg):
+    cfg = make_cfg("--readout", "gen", "--modalities", "t", "--epochs", "2", "--batch_size", "4")
+    zero_shot, processor = build(cfg, torch.device("cpu"), lora=False)
+    preds, labels, info = evaluate(zero_shot, make_loader(cfg, "valid", processor), torch.device("cpu"))
+    before = summarize(preds, labels, info)["parse_fail_rate"]
+    out, result = train(cfg)
+    after = [json.loads(line)["valid_parse_fail_rate"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert before >= 0.3 and after[-1] <= 0.1, (before, after)
+    assert result["test"]["tokens_per_clip"] <= cfg["max_new_tokens"]
+    assert set(result["test"]) >= {"parse_failures", "parse_fail_rate", "parsed", "ms_per_clip"}
+
+
+def test_gradient_checkpointing_changes_no_number(make_cfg, tmp_path):
+    runs = [train({**make_cfg("--epochs", "1", "--modalities", "ta", *flags), "out": str(tmp_path / str(i))})[1]
+            for i, flags in enumerate([[], ["--grad_ckpt"]])]
+    assert runs[1]["valid"]["MAE"] == pytest.approx(runs[0]["valid"]["MAE"], abs=1e-6)

@@ -1,0 +1,27 @@
+import json
+import subprocess
+import sys
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "ablate.py", *args], check=True, capture_output=True, text=True).stdout
+
+
+def test_ablation_table_and_test_time_mode(toy_root, tmp_path):
+    common = ["--model", "tiny", "--data", str(toy_root), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"]
+    out = run("--subsets", "t,tv", "--seeds", "0,1", "--epochs", "1", "--out", str(tmp_path / "abl"), *common)
+    table = (tmp_path / "abl" / "ablation.md").read_text()
+    assert table.strip() in out
+    rows = [line for line in table.splitlines() if line.startswith("| t")]
+    assert [r.split("|")[1].strip() for r in rows] == ["t", "tv"]
+    assert all("±" in r and r.rstrip(" |").endswith("2") for r in rows)  # mean ± std over 2 seeds
+    results = json.loads((tmp_path / "abl" / "ablation.json").read_text())["results"]
+    assert len(results["tv"]) == 2 and results["tv"][0]["n"] == 12
+    assert (tmp_path / "abl" / "tv-s1" / "metrics.json").exists()
+
+    out = run("--test_time", "--ckpt", str(tmp_path / "abl" / "tv-s0"), *common)
+    assert "tested with only these modalities" in out
+    results = json.loads((tmp_path / "abl" / "tv-s0" / "ablation_test_time" / "ablation.json").read_text())["results"]
+    assert set(results) == {"t", "v", "tv"}  # the subsets of what the model was trained on
+    trained = json.loads((tmp_path / "abl" / "tv-s0" / "metrics.json").read_text())["test"]
+    assert results["tv"][0]["MAE"] == trained["MAE"]
