@@ -12,28 +12,13 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from data import DataError, make_loader
-from eval import evaluate, load_checkpoint, summarize
+from data import CheckpointError, DataError, make_loader
+from eval import evaluate, load_checkpoint, seed_table, summarize
 from train import parse_args, train
 
 SUBSETS = ["t", "a", "v", "ta", "tv", "av", "tav"]
-COLUMNS = ["MAE", "Corr", "Acc2_non0", "F1_non0", "Acc7"]
-
-
-def table(title, results):
-    """results: {subset: [test metrics of each seed]} -> markdown, each cell mean ± std over seeds."""
-    lines = [f"**{title}**", "", "| modalities | " + " | ".join(COLUMNS) + " | n | seeds |",
-             "|---" * (len(COLUMNS) + 3) + "|"]
-    for subset, runs in results.items():
-        cells = []
-        for k in COLUMNS:
-            values = np.array([r[k] for r in runs])
-            cells.append(f"{values.mean():.3f} ± {values.std():.3f}" if len(runs) > 1 else f"{values[0]:.3f}")
-        lines.append(f"| {subset} | " + " | ".join(cells) + f" | {runs[0]['n']} | {len(runs)} |")
-    return "\n".join(lines)
 
 
 def main():
@@ -69,7 +54,7 @@ def main():
                 results[subset].append(train(cfg)[1]["test"])
         title = f"Trained and tested on each modality subset ({base['readout']}, {base['data']}, test split)"
 
-    markdown = table(title, results)
+    markdown = seed_table(title, results, "modalities")
     print(markdown)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(markdown + "\n")
@@ -80,5 +65,5 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:
+    except (DataError, CheckpointError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")

@@ -7,11 +7,13 @@ import csv
 import hashlib
 import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
+from tqdm import tqdm
 
 SAMPLE_RATE = 16000
 SPLITS = ("train", "valid", "test")
@@ -19,7 +21,19 @@ REQUIRED_COLUMNS = ("video_id", "clip_id", "text", "label", "mode")
 
 
 class DataError(ValueError):
-    """A bad input file; the message names it. The scripts print it without a traceback."""
+    """A bad input; the message names the file (and the label.csv line). The scripts print it without a
+    traceback. `kind` groups the skip counts of --on_bad skip."""
+
+    def __init__(self, message, kind="bad input"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class CheckpointError(ValueError):
+    """A missing, corrupt or foreign checkpoint file; the message names it. Defined here, not in eval.py, so that
+    the script run as __main__ and the modules importing it share one class."""
+
+
 SYSTEM = "You are an expert in multimodal sentiment analysis."
 QUESTION = ("How positive or negative is the speaker's opinion in this clip? Answer with a sentiment "
             "score from -3 (very negative) to 3 (very positive).")
@@ -36,29 +50,60 @@ def data_root(name):
     return Path(name)
 
 
-def read_split(root, split):
-    """The rows of `label.csv` whose `mode` is `split`, as dicts with string ids and a float label."""
+def read_split(root, split, on_bad="error"):
+    """The rows of `label.csv` whose `mode` is `split`, as dicts with string ids, a float label and the
+    line -> (rows, skipped). A bad row is an error, or with on_bad='skip' a (clip id, DataError) in skipped."""
     path = Path(root) / "label.csv"
     if not path.is_file():
         raise DataError(f"{path}: not found (an MMSA-layout folder needs label.csv and "
                                 "Raw/<video_id>/<clip_id>.mp4)")
-    with open(path, newline="", encoding="utf-8") as f:
+    rows, skipped, seen = [], [], {}
+    # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate, so that its row can be named
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
-        rows = []
-        for line, r in enumerate(reader, start=2):
-            if r["mode"] != split:
+        for r in reader:
+            clip = f"{r['video_id']}/{r['clip_id']}"
+            problem = _row_problem(r, seen.get(clip))
+            seen.setdefault(clip, reader.line_num)
+            if r["mode"] not in (split, None):  # None: a short row, of no known split
                 continue
-            try:
-                label = float(r["label"])
-            except ValueError:
-                raise DataError(f"{path}, line {line}: label {r['label']!r} is not a number") from None
-            rows.append(dict(video_id=r["video_id"], clip_id=r["clip_id"], text=r["text"], label=label))
-    if not rows:
+            if problem is None:
+                rows.append(dict(video_id=r["video_id"], clip_id=r["clip_id"], text=r["text"],
+                                 label=float(r["label"]), line=reader.line_num))
+                continue
+            error = DataError(f"{path}, line {reader.line_num} (clip {clip}): {problem[1]}", problem[0])
+            if on_bad != "skip":
+                raise DataError(f"{error} (--on_bad skip skips such clips)", error.kind)
+            skipped.append((clip, error))
+    if not rows and not skipped:
         raise DataError(f"{path}: no clips with mode == {split!r}")
-    return rows
+    return rows, skipped
+
+
+def _row_problem(r, first_line):
+    """(kind, message) of what is wrong with a label.csv row, or None."""
+    if None in r:
+        return "bad row", "more fields than the header"
+    if None in r.values():
+        return "bad row", "fewer fields than the header"
+    if first_line is not None:
+        return "duplicate id", f"the clip id is also on line {first_line}"
+    if any("\udc80" <= ch <= "\udcff" for ch in r["text"]):
+        return "bad transcript", "the transcript is not valid UTF-8"
+    if not r["label"].strip():
+        return "bad label", "the label is empty"
+    try:
+        label = float(r["label"])
+    except ValueError:
+        return "bad label", f"the label {r['label']!r} is not a number"
+    if not math.isfinite(label):
+        return "bad label", f"the label {r['label']!r} is not finite"
+    if abs(label) > 3:
+        return "bad label", f"the label {label} is outside [-3, 3], the range the metrics assume"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -68,7 +113,7 @@ def decode_video(path, fps, max_frames, max_pixels):
     resized to fit `max_pixels`. Returns uint8 (T, H, W, 3)."""
     with av.open(str(path)) as container:
         if not container.streams.video:
-            raise DataError(f"{path}: no video stream")
+            raise DataError(f"{path}: no video stream", "bad media")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         if stream.duration is not None:
@@ -80,14 +125,14 @@ def decode_video(path, fps, max_frames, max_pixels):
         scale = min(1.0, math.sqrt(max_pixels / (stream.width * stream.height)))
         size = dict(width=max(2, int(stream.width * scale)), height=max(2, int(stream.height * scale)))
         frames, last = [], None
-        for frame in container.decode(stream):  # the first frame at or after each target time
+        for frame in _frames(container, stream):  # the first frame at or after each target time
             last = frame
             while len(frames) < n and (frame.time or 0.0) >= targets[len(frames)]:
                 frames.append(frame.reformat(format="rgb24", **size).to_ndarray())
             if len(frames) == n:
                 break
         if last is None:
-            raise DataError(f"{path}: no decodable video frames")
+            raise DataError(f"{path}: no decodable video frames", "bad media")
         while len(frames) < n:  # targets past the last frame's time
             frames.append(last.reformat(format="rgb24", **size).to_ndarray())
     return np.stack(frames)
@@ -97,13 +142,23 @@ def decode_audio(path):
     """The first audio stream of an mp4 or wav as float32 mono at 16 kHz."""
     with av.open(str(path)) as container:
         if not container.streams.audio:
-            raise DataError(f"{path}: no audio stream")
+            raise DataError(f"{path}: no audio stream", "bad media")
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        chunks = [r.to_ndarray().reshape(-1) for f in container.decode(audio=0) for r in resampler.resample(f)]
+        chunks = [r.to_ndarray().reshape(-1) for f in _frames(container, container.streams.audio[0])
+                  for r in resampler.resample(f)]
         chunks += [r.to_ndarray().reshape(-1) for r in resampler.resample(None)]
     if not chunks:
-        raise DataError(f"{path}: no decodable audio")
+        raise DataError(f"{path}: no decodable audio", "bad media")
     return np.concatenate(chunks).astype(np.float32)
+
+
+def _frames(container, stream):
+    """The decoded frames of a stream; packets the decoder rejects (a damaged stretch of a file) are passed over."""
+    for packet in container.demux(stream):
+        try:
+            yield from packet.decode()
+        except av.error.InvalidDataError:
+            continue
 
 
 def cached(decode, path, cache_dir, **settings):
@@ -123,42 +178,59 @@ def cached(decode, path, cache_dir, **settings):
 
 class Clips(torch.utils.data.Dataset):
     """One split of an MMSA-layout folder; items hold the text, the label and the decoded media that
-    `modalities` (a subset of 'tav') asks for."""
+    `modalities` (a subset of 'tav') asks for. Every clip's media are decoded (into the cache) up front, so
+    that a bad file stops the run before training, or with on_bad='skip' is skipped and counted."""
 
     def __init__(self, root, split, modalities="tav", fps=2.0, max_frames=32, max_pixels=128 * 28 * 28,
-                 cache_dir="cache", on_missing="error"):
+                 cache_dir="cache", on_bad="error"):
         if not modalities or set(modalities) - set("tav"):
             raise ValueError(f"--modalities must be a non-empty subset of 'tav', not {modalities!r}")
         self.root, self.modalities, self.cache_dir = Path(root), modalities, cache_dir
         self.video_settings = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels)
-        self.rows, self.skipped = [], []  # skipped: (clip id, reason), with on_missing='skip'
-        for r in read_split(root, split):
+        rows, self.skipped = read_split(root, split, on_bad)  # skipped: (clip id, DataError)
+        self.rows = []
+        for r in tqdm(rows, desc=f"decoding {split}", leave=False, disable=modalities == "t" or len(rows) < 50):
             mp4 = self.root / "Raw" / r["video_id"] / f"{r['clip_id']}.mp4"
             wav = mp4.with_suffix(".wav")
             r["video"], r["audio"] = mp4, (wav if wav.exists() else mp4)
-            missing = [r[name] for m, name in (("a", "audio"), ("v", "video"))
-                       if m in modalities and not r[name].exists()]
-            if not missing:
+            try:
+                self.media(r)
                 self.rows.append(r)
-            elif on_missing == "skip":
-                self.skipped.append((f"{r['video_id']}/{r['clip_id']}", f"missing {missing[0]}"))
-            else:
-                raise DataError(f"{missing[0]}: not found (clip {r['video_id']}/{r['clip_id']} of {split!r}, needed "
-                                f"for --modalities {modalities}; --on_missing skip skips such clips)")
+            except DataError as e:
+                e = DataError(f"{e} (clip {r['video_id']}/{r['clip_id']}, {self.root / 'label.csv'} line {r['line']})",
+                              e.kind)
+                if on_bad != "skip":
+                    raise DataError(f"{e}; --on_bad skip skips such clips", e.kind) from None
+                self.skipped.append((f"{r['video_id']}/{r['clip_id']}", e))
         if not self.rows:
-            raise DataError(f"{self.root}: no clip of {split!r} has the files --modalities {modalities} needs")
+            raise DataError(f"{self.root}: no usable clip in {split!r} for --modalities {modalities} "
+                            f"({len(self.skipped)} skipped)")
+        self.empty_transcripts = sum(not r["text"].strip() for r in self.rows)
+
+    def skip_counts(self):
+        return dict(Counter(e.kind for _, e in self.skipped))
+
+    def media(self, r):
+        """The decoded media of a row (through the cache); a missing or undecodable file is a DataError."""
+        item = {}
+        for m, name, decode, settings in (("v", "video", decode_video, self.video_settings),
+                                          ("a", "audio", decode_audio, {})):
+            if m not in self.modalities:
+                continue
+            if not r[name].exists():
+                raise DataError(f"{r[name]}: not found, needed for --modalities {self.modalities}", "missing file")
+            try:
+                item[name] = cached(decode, r[name], self.cache_dir, **settings)
+            except av.error.FFmpegError as e:
+                raise DataError(f"{r[name]}: cannot be decoded ({e})", "bad media") from None
+        return item
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
         r = self.rows[i]
-        item = dict(id=f"{r['video_id']}/{r['clip_id']}", text=r["text"], label=r["label"])
-        if "v" in self.modalities:
-            item["video"] = cached(decode_video, r["video"], self.cache_dir, **self.video_settings)
-        if "a" in self.modalities:
-            item["audio"] = cached(decode_audio, r["audio"], self.cache_dir)
-        return item
+        return dict(id=f"{r['video_id']}/{r['clip_id']}", text=r["text"], label=r["label"], **self.media(r))
 
 
 # ---------------------------------------------------------------------------------- prompts and batches
@@ -167,9 +239,22 @@ def build_prompt(text, modalities):
     """The Qwen chat prompt; what `modalities` leaves out is absent, not blanked."""
     media = ("<|vision_bos|><|VIDEO|><|vision_eos|>" if "v" in modalities else "") + \
             ("<|audio_bos|><|AUDIO|><|audio_eos|>" if "a" in modalities else "")
-    transcript = f'Transcript: "{text}"\n' if "t" in modalities else ""
     return (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
-            f"<|im_start|>user\n{media}{transcript}{QUESTION}<|im_end|>\n<|im_start|>assistant\n")
+            f"<|im_start|>user\n{media}{user_text(text, modalities)}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def user_text(text, modalities="t"):
+    transcript = f'Transcript: "{text}"\n' if "t" in modalities else ""
+    return f"{transcript}{QUESTION}"
+
+
+def text_input(text, tokenizer):
+    """A text-only backbone's input: its chat template around the same question, or without a chat template
+    (an encoder) the transcript alone."""
+    if tokenizer.chat_template is None:
+        return text
+    messages = [dict(role="system", content=SYSTEM), dict(role="user", content=user_text(text))]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 class Collate:
@@ -180,6 +265,17 @@ class Collate:
         self.video_kwargs = dict(fps=fps, size={"shortest_edge": 4 * 28 * 28, "longest_edge": max_pixels})
 
     def __call__(self, items):
+        if hasattr(self.processor, "tokenizer"):  # the Omni processor
+            inputs = self.processor(text=[build_prompt(it["text"], self.modalities) for it in items],
+                                    padding=True, return_tensors="pt", **self.media(items))
+        else:  # a plain tokenizer: a text-only backbone
+            tokenizer = self.processor
+            inputs = tokenizer([text_input(it["text"], tokenizer) for it in items], padding=True,
+                               return_tensors="pt", add_special_tokens=tokenizer.chat_template is None)
+        return dict(inputs=dict(inputs), label=torch.tensor([it["label"] for it in items], dtype=torch.float32),
+                    ids=[it["id"] for it in items])
+
+    def media(self, items):
         media = {}
         if "a" in self.modalities:
             media["audio"] = [it["audio"] for it in items]
@@ -190,21 +286,27 @@ class Collate:
         if "v" in self.modalities:
             media["videos"] = [it["video"] for it in items]
             media["videos_kwargs"] = self.video_kwargs
-        inputs = self.processor(text=[build_prompt(it["text"], self.modalities) for it in items],
-                                padding=True, return_tensors="pt", **media)
-        return dict(inputs=dict(inputs), label=torch.tensor([it["label"] for it in items], dtype=torch.float32),
-                    ids=[it["id"] for it in items])
+        return media
 
 
-def make_loader(cfg, split, processor, batch_size=None, shuffle=False, seed=0, drop_last=False):
-    """A DataLoader over one split of the run `cfg` describes (eval_batch_size unless told otherwise)."""
+def load_clips(cfg, split):
+    """The Clips of one split of the run `cfg` describes, with what was skipped or is odd printed."""
     clips = Clips(data_root(cfg["data"]), split, cfg["modalities"], cfg["fps"], cfg["max_frames"],
-                  cfg["max_pixels"], cfg["cache_dir"], cfg["on_missing"])
+                  cfg["max_pixels"], cfg["cache_dir"], cfg["on_bad"])
     if clips.skipped:
+        counts = ", ".join(f"{k} {n}" for k, n in clips.skip_counts().items())
         print(f"data: skipped {len(clips.skipped)} of {len(clips.skipped) + len(clips)} clips of {split!r} "
-              f"(--on_missing skip), e.g. {clips.skipped[0][0]}: {clips.skipped[0][1]}")
+              f"(--on_bad skip): {counts}; e.g. {clips.skipped[0][1]}")
+    if clips.empty_transcripts:
+        print(f"data: {clips.empty_transcripts} clip(s) of {split!r} with an empty transcript (kept)")
+    return clips
+
+
+def make_loader(cfg, split, processor, batch_size=None, shuffle=False, seed=0, drop_last=False, clips=None):
+    """A DataLoader over one split of the run `cfg` describes (eval_batch_size unless told otherwise), over
+    `clips` when they are loaded already."""
     return torch.utils.data.DataLoader(
-        clips, batch_size=batch_size or cfg["eval_batch_size"], shuffle=shuffle,
+        clips if clips is not None else load_clips(cfg, split), batch_size=batch_size or cfg["eval_batch_size"], shuffle=shuffle,
         generator=torch.Generator().manual_seed(seed), num_workers=cfg["num_workers"], drop_last=drop_last,
         collate_fn=Collate(processor, cfg["modalities"], cfg["fps"], cfg["max_pixels"]))
 
@@ -217,7 +319,7 @@ def to_device(batch, device):
 # ----------------------------------------------------------------------------------------- toy dataset
 
 TOY_CLIPS = 300
-TOY_NOISE = 0.8  # std of each modality's own noise around the label, in label units
+TOY_PARTS = {"t": 1.5, "a": 0.75, "v": 0.75}  # the label is the sum of one part per modality, each uniform in ±this
 TOY_WORDS = {-3: ["horrible", "awful", "dreadful"], -2: ["bad", "poor", "boring"], -1: ["dull", "weak", "bland"],
              0: ["okay", "average", "so so"], 1: ["decent", "pleasant", "fine"], 2: ["good", "great", "lovely"],
              3: ["amazing", "brilliant", "wonderful"]}
@@ -226,8 +328,9 @@ TOY_OPENERS = ["", "honestly ", "i think ", "to be fair ", "well "]
 
 
 def make_toy(root, n=TOY_CLIPS, seed=0):
-    """Write (once) an MMSA-layout dataset of `n` real mp4 clips (H.264 + AAC) in which the transcript's
-    words, the audio's pitch and the video's brightness each carry the label plus independent noise."""
+    """Write (once) an MMSA-layout dataset of `n` real mp4 clips (H.264 + AAC). The label is the sum of three
+    independent parts, carried by the transcript's words, the audio's pitch and the video's brightness; text
+    carries the largest part (as on MOSI), and only all three modalities together determine the label."""
     root = Path(root)
     if (root / "label.csv").exists():
         return root
@@ -235,14 +338,14 @@ def make_toy(root, n=TOY_CLIPS, seed=0):
     rows = []
     for i in range(n):
         video_id, clip_id = f"toy{i // 6:03d}", str(i % 6 + 1)
-        label = round(float(rng.uniform(-3, 3)), 1)
-        s_text, s_audio, s_video = label + rng.normal(0, TOY_NOISE, 3)
-        word = rng.choice(TOY_WORDS[int(np.clip(round(s_text), -3, 3))])
+        part = {m: float(rng.uniform(-half, half)) for m, half in TOY_PARTS.items()}
+        label = round(sum(part.values()), 1)
+        word = rng.choice(TOY_WORDS[round(part["t"] * 3 / TOY_PARTS["t"])])  # 7 word levels over ±1.5
         text = f"{rng.choice(TOY_OPENERS)}{rng.choice(TOY_SUBJECTS)} was {word}"
         path = root / "Raw" / video_id / f"{clip_id}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_clip(path, seconds=float(rng.uniform(1.5, 3.0)), pitch_hz=220 * 2 ** (s_audio / 3),
-                    brightness=128 + 36 * s_video, rng=rng)
+        _write_clip(path, seconds=float(rng.uniform(1.5, 3.0)), pitch_hz=220 * 2 ** (part["a"] / TOY_PARTS["a"]),
+                    brightness=128 + 108 * part["v"] / TOY_PARTS["v"], rng=rng)
         mode = SPLITS[[0, 0, 0, 1, 2][(i // 6) % 5]]  # split by video, as MOSI's folds are
         rows.append([video_id, clip_id, text, label, mode])
     tmp = root / "label.csv.tmp"

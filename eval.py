@@ -1,7 +1,8 @@
 """Evaluate a checkpoint, or a model zero-shot: MMSA metrics, ms per clip, and the train-mean baseline.
 
-    python eval.py --ckpt runs/toy-disc-tav-s0 [--split test] [--out test.json]
+    python eval.py --ckpt runs/toy-disc-tav-s0 [--split test] [--out test.json] [--bootstrap 1000] [--plot]
     python eval.py --model tiny --data toy --readout gen          # zero-shot: no training, no LoRA
+    python eval.py --compare runs/toy-disc-tav-s0 runs/toy-gen-tav-s0 # paired, clip by clip, with a test
 """
 import argparse
 import json
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from data import DataError, data_root, make_loader, read_split, to_device
+from data import CheckpointError, DataError, data_root, make_loader, read_split, to_device
 from readout import build
 
 METRIC_KEYS = ("MAE", "Corr", "Acc2_has0", "F1_has0", "Acc2_non0", "F1_non0", "Acc5", "Acc7")
@@ -79,18 +81,99 @@ def summarize(preds, labels, info, fallback=0.0):
     return out
 
 
+CI_KEYS = ("MAE", "Corr", "Acc2_non0", "Acc7")
+
+
+def bootstrap(preds, labels, n=1000, seed=0):
+    """95% percentile intervals of CI_KEYS over `n` resamplings of the clips with replacement."""
+    idx = np.random.default_rng(seed).integers(0, len(labels), (n, len(labels)))
+    samples = [metrics(preds[i], labels[i]) for i in idx]
+    return {k: [float(np.nanpercentile([s[k] for s in samples], q)) for q in (2.5, 97.5)] for k in CI_KEYS}
+
+
+def paired(preds_a, preds_b, labels, n=10000, seed=0):
+    """A against B on the same clips. d = |error of A| - |error of B| per clip (negative: A is closer):
+    its mean with a bootstrap 95% interval, the p-value of a two-sided paired permutation test (each clip's
+    sign flipped at random, n times), and the shares of clips on which A and B are closer."""
+    d = np.abs(preds_a - labels) - np.abs(preds_b - labels)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), (n, len(d)))].mean(1)
+    null = np.abs((rng.choice([-1.0, 1.0], (n, len(d))) * d).mean(1))
+    return dict(mean_abs_error_diff=float(d.mean()), ci95=[float(np.percentile(means, q)) for q in (2.5, 97.5)],
+                p_value=float((1 + np.sum(null >= abs(d.mean()) - 1e-12)) / (n + 1)), permutations=n,
+                a_closer=float(np.mean(d < 0)), b_closer=float(np.mean(d > 0)), n=len(d))
+
+
 def mean_baseline(cfg, labels):
     """Metrics of always predicting the training-label mean."""
-    train_mean = np.mean([r["label"] for r in read_split(data_root(cfg["data"]), "train")])
+    train_mean = np.mean([r["label"] for r in read_split(data_root(cfg["data"]), "train", on_bad="skip")[0]])
     return metrics(np.full(len(labels), train_mean), labels)
 
 
 def format_table(rows):
-    """rows: {name: metrics dict} -> a markdown table."""
+    """rows: {name: metrics dict} -> a markdown table; a 'ci95' entry puts intervals beside the figures."""
     lines = ["| | " + " | ".join(METRIC_KEYS) + " |", "|---" * (len(METRIC_KEYS) + 1) + "|"]
     for name, m in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in METRIC_KEYS) + " |")
+        ci = m.get("ci95", {})
+        cells = [f"{m[k]:.4f}" + (f" [{ci[k][0]:.3f}, {ci[k][1]:.3f}]" if k in ci else "") for k in METRIC_KEYS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+SEED_COLUMNS = ("MAE", "Corr", "Acc2_non0", "F1_non0", "Acc7")
+
+
+def seed_table(title, results, first="run"):
+    """results: {row name: [test metrics of each seed]} -> markdown, each cell mean ± std (sample std) over seeds."""
+    lines = [f"**{title}**", "", f"| {first} | " + " | ".join(SEED_COLUMNS) + " | n | seeds |",
+             "|---" * (len(SEED_COLUMNS) + 3) + "|"]
+    for name, runs in results.items():
+        cells = []
+        for k in SEED_COLUMNS:
+            values = np.array([r[k] for r in runs])
+            cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(runs) > 1 else f"{values[0]:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {runs[0]['n']} | {len(runs)} |")
+    return "\n".join(lines)
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files, or None after a one-line notice: plots are optional."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        return None
+
+
+def plot_predictions(preds, labels, folder, name):
+    """<folder>/<name>_scatter.png (predicted vs true, identity line, Corr in the title) and
+    <folder>/<name>_confusion.png (7 classes: scores rounded after clipping to [-3, 3]) -> the paths."""
+    plt = pyplot()
+    if plt is None:
+        return []
+    m = metrics(preds, labels)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(labels, preds, s=10, alpha=0.6)
+    ax.plot([-3, 3], [-3, 3], "k--", lw=1)
+    ax.set(xlim=(-3.2, 3.2), ylim=(-3.2, 3.2), xlabel="true score", ylabel="predicted score",
+           title=f"{name}: Corr {m['Corr']:.3f}, MAE {m['MAE']:.3f}, n={len(labels)}")
+    paths = [Path(folder) / f"{name}_scatter.png", Path(folder) / f"{name}_confusion.png"]
+    fig.savefig(paths[0], dpi=120, bbox_inches="tight")
+    classes = [np.round(np.clip(x, -3, 3)).astype(int) + 3 for x in (labels, preds)]
+    counts = np.zeros((7, 7), dtype=int)
+    np.add.at(counts, tuple(classes), 1)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.imshow(counts, cmap="Blues")
+    for (i, j), c in np.ndenumerate(counts):
+        ax.text(j, i, c, ha="center", va="center", fontsize=8, color="white" if c > counts.max() / 2 else "black")
+    ax.set(xticks=range(7), yticks=range(7), xticklabels=range(-3, 4), yticklabels=range(-3, 4),
+           xlabel="predicted class", ylabel="true class", title=f"{name}: Acc7 {m['Acc7']:.3f}")
+    fig.savefig(paths[1], dpi=120, bbox_inches="tight")
+    plt.close("all")
+    return paths
 
 
 def add_run_args(p):
@@ -114,18 +197,23 @@ def add_run_args(p):
     p.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second")
     p.add_argument("--max_frames", type=int, default=32, help="at most this many frames per clip")
     p.add_argument("--max_pixels", type=int, default=128 * 28 * 28, help="frames are resized to fit this many pixels")
-    p.add_argument("--on_missing", default="error", choices=["error", "skip"],
-                   help="a clip without the file a requested modality needs: stop with an error, or skip and count it")
+    p.add_argument("--on_bad", "--on_missing", default="error", choices=["error", "skip"],
+                   help="a bad clip (bad label.csv row; missing, corrupt or streamless media file): stop with an "
+                        "error naming it, or skip it and count it by reason")
     p.add_argument("--cache_dir", default="cache", help="where decoded clips are kept between epochs and runs")
     p.add_argument("--eval_batch_size", type=int, default=8, help="clips per batch when evaluating")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--lora_targets", default=None, help="regex over module names (default: the text decoder's "
-                                                         "q,k,v,o,gate,up,down projections)")
+    p.add_argument("--lora_targets", default=None,
+                   help="regex over module names (default by architecture: the Thinker's text decoder's "
+                        "q,k,v,o,gate,up,down projections; for Llama/Qwen2/Mistral the same; for BERT "
+                        "query,key,value and the dense layers)")
     p.add_argument("--lora_r", type=int, default=None,
                    help="LoRA rank (default: 32, about 0.9%% of the 7B Thinker's parameters; 16 for tiny)")
     p.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale numerator, scale = alpha / r "
                                                                   "(default: 2 r)")
     p.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="let transformers run Python code shipped with --model (only for models you trust)")
     p.add_argument("--seed", type=int, default=0, help="seed of LoRA and head initialisation and data order")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     return p
@@ -136,21 +224,36 @@ def trained_state(readout):
     return {k: v for k, v in readout.state_dict().items() if not k.startswith("backbone.") or "lora_" in k}
 
 
-def load_checkpoint(ckpt, device):
-    """(cfg, readout, processor) rebuilt from a checkpoint folder alone."""
-    ckpt = Path(ckpt)
-    cfg = json.loads((ckpt / "config.json").read_text())
-    readout, processor = build(cfg, device)
-    file = ckpt / "weights.safetensors"
-    weights = load_file(file, device=str(device))
+def read_weights(file, device="cpu"):
+    """Tensors of a safetensors file (never a pickle), or a CheckpointError naming the file."""
+    if not Path(file).is_file():
+        raise CheckpointError(f"{file}: not found")
+    try:
+        return load_file(file, device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a complete safetensors file ({e})") from None
+
+
+def load_weights(readout, weights, file):
+    """Load a checkpoint's tensors into `readout`, after checking that they are exactly the ones it trains."""
     expected = {n: tuple(t.shape) for n, t in trained_state(readout).items()}
     found = {n: tuple(t.shape) for n, t in weights.items()}
     if found != expected:
         wrong = sorted(n for n in expected.keys() | found.keys() if expected.get(n) != found.get(n))
-        raise ValueError(f"{file}: does not fit the run its config.json describes ({len(wrong)} tensors missing, "
-                         f"unexpected or of another shape, e.g. {wrong[0]}: {found.get(wrong[0])} in the file, "
-                         f"{expected.get(wrong[0])} expected)")
+        raise CheckpointError(f"{file}: does not fit the run its config.json describes ({len(wrong)} tensors "
+                              f"missing, unexpected or of another shape, e.g. {wrong[0]}: {found.get(wrong[0])} in "
+                              f"the file, {expected.get(wrong[0])} expected)")
     readout.load_state_dict(weights, strict=False)
+
+
+def load_checkpoint(ckpt, device, trust_remote_code=False):
+    """(cfg, readout, processor) rebuilt from a checkpoint folder alone. Only config.json (validated) and
+    weights.safetensors are read; trust_remote_code comes from the caller, never from the folder."""
+    from train import load_config  # train.py owns the config format (a top-level import would be circular)
+    cfg = {**load_config(ckpt), "trust_remote_code": trust_remote_code}
+    weights = read_weights(Path(ckpt) / "weights.safetensors", device)
+    readout, processor = build(cfg, device)
+    load_weights(readout, weights, Path(ckpt) / "weights.safetensors")
     return cfg, readout, processor
 
 
@@ -169,27 +272,61 @@ def report(name, result, baseline=None):
     print(line)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=None, help="checkpoint folder written by train.py; its config.json then "
-                                                "defines the run and the run flags below are ignored, but --device")
-    p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split to evaluate")
-    p.add_argument("--out", default=None, help="write the results as JSON to this file")
-    add_run_args(p)
-    args = p.parse_args()
-    device = torch.device(args.device)
-    if args.ckpt:
-        cfg, readout, processor = load_checkpoint(args.ckpt, device)
+def run_split(ckpt, args, device):
+    """Evaluate a checkpoint (without one: the gen readout zero-shot) on args.split -> (cfg, name, result,
+    preds with unanswered clips scored as the fallback, labels, clip ids)."""
+    if ckpt:
+        cfg, readout, processor = load_checkpoint(ckpt, device, args.trust_remote_code)
         name = f"{cfg['readout']} ({args.split})"
-    elif args.readout == "disc":
-        raise SystemExit("eval.py: the disc readout's head is trained: pass --ckpt (zero-shot is for --readout gen)")
+    elif args.readout != "gen":
+        raise SystemExit(f"eval.py: the {args.readout} readout's head is trained: pass --ckpt (zero-shot is for "
+                         "--readout gen)")
     else:  # zero-shot: the untrained model, no LoRA
         cfg = vars(args)
         readout, processor = build(cfg, device, lora=False)
         name = f"{cfg['readout']} zero-shot ({args.split})"
-    preds, labels, info = evaluate(readout, make_loader(cfg, args.split, processor), device)
+    loader = make_loader(cfg, args.split, processor)
+    preds, labels, info = evaluate(readout, loader, device)
     result = summarize(preds, labels, info, cfg["parse_fallback"])
-    report(name, result, mean_baseline(cfg, labels))
+    scored = np.where(np.isnan(preds), cfg["parse_fallback"], preds)
+    if args.bootstrap:
+        result["ci95"] = bootstrap(scored, labels, args.bootstrap)
+    if args.plot:
+        plot_predictions(scored, labels, ckpt or ".", args.split)
+    return cfg, name, result, scored, labels, [f"{r['video_id']}/{r['clip_id']}" for r in loader.dataset.rows]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help="checkpoint folder written by train.py; its config.json then "
+                                                "defines the run and the run flags below are ignored, but --device")
+    p.add_argument("--compare", nargs=2, default=None, metavar=("CKPT_A", "CKPT_B"),
+                   help="evaluate two checkpoints on the same clips and test the difference, clip by clip")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split to evaluate")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="95%% intervals for MAE, Corr, Acc2_non0, Acc7 from N resamplings of the clips (seed 0)")
+    p.add_argument("--plot", action="store_true", help="write <split>_scatter.png and <split>_confusion.png into "
+                                                       "the checkpoint folder (needs matplotlib)")
+    p.add_argument("--out", default=None, help="write the results as JSON to this file")
+    add_run_args(p)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if args.compare:
+        (cfg_a, name_a, result_a, preds_a, labels, ids_a), (cfg_b, name_b, result_b, preds_b, _, ids_b) = \
+            [run_split(ckpt, args, device) for ckpt in args.compare]
+        if data_root(cfg_a["data"]).resolve() != data_root(cfg_b["data"]).resolve() or ids_a != ids_b:
+            raise CheckpointError(f"--compare: {args.compare[0]} ({cfg_a['data']}, {len(ids_a)} clips) and "
+                                  f"{args.compare[1]} ({cfg_b['data']}, {len(ids_b)} clips) are not evaluated on the "
+                                  f"same clips of the {args.split!r} split")
+        print(format_table({f"A: {name_a}": result_a, f"B: {name_b}": result_b}))
+        c = paired(preds_a, preds_b, labels)
+        print(f"paired over {c['n']} clips, |error of A| - |error of B|: mean {c['mean_abs_error_diff']:+.4f}, 95% "
+              f"bootstrap CI [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]; permutation test p = {c['p_value']:.4f} "
+              f"({c['permutations']} sign flips); A closer on {c['a_closer']:.1%} of clips, B on {c['b_closer']:.1%}")
+        result = dict(a=dict(ckpt=args.compare[0], **result_a), b=dict(ckpt=args.compare[1], **result_b), paired=c)
+    else:
+        cfg, name, result, _, labels, _ = run_split(args.ckpt, args, device)
+        report(name, result, mean_baseline(cfg, labels))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
 
@@ -197,5 +334,5 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:
+    except (DataError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")

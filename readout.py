@@ -1,4 +1,5 @@
-"""Backbones and readouts: how a number is read out of a (4-bit) Qwen2.5-Omni Thinker.
+"""Backbones and readouts: how a number is read out of a (4-bit) Qwen2.5-Omni Thinker, or of any
+transformers text model (an encoder or a causal LM) given transcripts alone.
 
 A readout is an nn.Module over the backbone with `loss(batch) -> scalar` and
 `predict(batch) -> (preds (B,), info dict)`. A new one is one class and one line in READOUTS.
@@ -10,7 +11,8 @@ import tempfile
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BitsAndBytesConfig, Qwen2_5OmniProcessor, Qwen2_5OmniThinkerForConditionalGeneration
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
+                          Qwen2_5OmniProcessor, Qwen2_5OmniThinkerForConditionalGeneration)
 from transformers.utils import logging as hf_logging
 
 from lora import DEFAULT_TARGETS, add_lora
@@ -22,26 +24,47 @@ hf_logging.disable_progress_bar()
 SKIP_QUANT = ["model.audio_tower", "model.visual", "lm_head"]
 
 
-def load_backbone(name, quant="nf4", device="cpu"):
-    """(Thinker, processor) from a hub id or a local folder; `tiny` is a random Thinker built offline
-    and loaded through the very same path. quant: 'nf4' (double-quantised 4-bit) or 'none'."""
+# Default LoRA targets by config.model_type: every layer's attention and MLP projections.
+DECODER_TARGETS = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
+LORA_TARGETS = {"qwen2_5_omni_thinker": DEFAULT_TARGETS, "llama": DECODER_TARGETS, "qwen2": DECODER_TARGETS,
+                "mistral": DECODER_TARGETS,
+                "bert": r"encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)|"
+                        r"intermediate\.dense|output\.dense)$"}
+THINKER_TYPES = ("qwen2_5_omni", "qwen2_5_omni_thinker")
+
+
+def load_backbone(name, quant="nf4", device="cpu", trust_remote_code=False):
+    """(model, processor) from a hub id or a local folder. A Qwen2.5-Omni Thinker comes with its Omni
+    processor; any other model is text-only and comes with its tokenizer as the processor, loaded as a causal
+    LM when it is one. `tiny` is a random Thinker built offline and loaded through the very same path.
+    quant: 'nf4' (double-quantised 4-bit) or 'none'. trust_remote_code: run Python code shipped with the model."""
     device = torch.device(device)
     if name == "tiny":
         with tempfile.TemporaryDirectory() as folder:
             build_tiny(folder)
             return load_backbone(folder, quant, device)
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    thinker = config.model_type in THINKER_TYPES
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    kwargs = dict(dtype=dtype, device_map={"": device})
+    kwargs = dict(dtype=dtype, device_map={"": device}, trust_remote_code=trust_remote_code)
     if quant == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=SKIP_QUANT)
+            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=SKIP_QUANT if thinker else None)
     elif quant != "none":
         raise ValueError(f"--quant must be 'nf4' or 'none', not {quant!r}")
-    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(name, **kwargs)
-    processor = Qwen2_5OmniProcessor.from_pretrained(name)
-    processor.video_processor.cap_pixels_per_frame = True  # qwen-vl-utils' pixel budget per frame
-    return model, processor
+    if thinker:
+        model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(name, **kwargs)
+        processor = Qwen2_5OmniProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+        processor.video_processor.cap_pixels_per_frame = True  # qwen-vl-utils' pixel budget per frame
+        return model, processor
+    causal = any(a.endswith("ForCausalLM") for a in config.architectures or [])
+    model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(name, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left" if causal else "right",  # left: to generate
+                                              trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
 
 
 def build_tiny(folder, seed=0):
@@ -114,8 +137,8 @@ class Readout(nn.Module):
         self.backbone, self.tokenizer = backbone, tokenizer
 
     def hidden_states(self, inputs):
-        """Last-layer hidden states (B, L, H) from the text model: the LM head is never run."""
-        return self.backbone.model(**inputs, use_cache=False).last_hidden_state
+        """Last-layer hidden states (B, L, H): the model under the LM head (if any); the head is never run."""
+        return getattr(self.backbone, "model", self.backbone)(**inputs, use_cache=False).last_hidden_state
 
     def prepare(self, batches):
         """Called before each evaluation with the training batches (e.g. to refresh statistics)."""
@@ -181,6 +204,9 @@ class Gen(Readout):
 
     def __init__(self, backbone, tokenizer, cfg):
         super().__init__(backbone, tokenizer, cfg)
+        if not backbone.can_generate():
+            raise ValueError(f"--readout gen needs a causal LM; {cfg['model']} is a {backbone.config.model_type} "
+                             "model that cannot generate")
         self.max_new_tokens = cfg["max_new_tokens"]
 
     def with_answers(self, inputs, labels):
@@ -222,7 +248,16 @@ class Gen(Readout):
         return preds, dict(parse_failures=scores.count(None), generated_tokens=int(lengths.sum()))
 
 
-READOUTS = {"disc": Disc, "gen": Gen}
+class Mean(Disc):
+    """Disc with mean pooling: the average last-layer state over the real tokens, not the last token's."""
+
+    def pooled(self, batch):
+        h = self.hidden_states(batch["inputs"])                                # (B, L, H)
+        mask = batch["inputs"]["attention_mask"].unsqueeze(-1).to(h.dtype)     # (B, L, 1)
+        return ((h * mask).sum(1) / mask.sum(1)).float()                       # (B, H)
+
+
+READOUTS = {"disc": Disc, "gen": Gen, "mean": Mean}
 
 
 # A number: optional sign (+, -, or the Unicode minus, replaced first), then 3, 3., 3.5 or .5; not part of a
@@ -250,8 +285,15 @@ def build(cfg, device, lora=True):
     -> (readout, processor)."""
     if cfg["readout"] not in READOUTS:
         raise ValueError(f"--readout must be one of {', '.join(READOUTS)}, not {cfg['readout']!r}")
-    backbone, processor = load_backbone(cfg["model"], cfg["quant"], device)
+    backbone, processor = load_backbone(cfg["model"], cfg["quant"], device, cfg["trust_remote_code"])
+    kind = backbone.config.model_type
+    if kind not in THINKER_TYPES and cfg["modalities"] != "t":
+        raise ValueError(f"{cfg['model']} is a text model ({kind}): only --modalities t is possible")
     if lora:
-        add_lora(backbone, cfg["lora_targets"] or DEFAULT_TARGETS, cfg["lora_r"], cfg["lora_alpha"],
-                 cfg["lora_dropout"])
-    return READOUTS[cfg["readout"]](backbone, processor.tokenizer, cfg), processor
+        targets = cfg["lora_targets"] or LORA_TARGETS.get(kind)
+        if targets is None:
+            raise ValueError(f"no default LoRA targets for a {kind} model: pass --lora_targets REGEX (dotted "
+                             "names of its linear layers, e.g. the attention and MLP projections)")
+        add_lora(backbone, targets, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"])
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return READOUTS[cfg["readout"]](backbone, tokenizer, cfg), processor

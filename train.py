@@ -1,25 +1,31 @@
-"""Train a readout with QLoRA on a (4-bit) Qwen2.5-Omni Thinker; keep the epoch with the best validation MAE.
+"""Train a readout with QLoRA on a (4-bit) Qwen2.5-Omni Thinker or text model; keep the epoch with the best
+validation MAE.
 
     python train.py --model tiny --data toy            # offline, a few minutes on CPU
     python train.py --readout disc --data mosi         # Qwen2.5-Omni-7B on $MSA_DATA/MOSI, one GPU
+    python train.py --model PATH --data DIR --modalities t   # any local text model folder, transcripts only
 
-Writes a checkpoint folder (--out): config.json, weights.safetensors (LoRA and head only), log.jsonl,
-metrics.json (valid and test of the kept epoch, and the train-mean baseline).
+Writes a checkpoint folder (--out): config.json, weights.safetensors (LoRA and head of the best epoch),
+last.safetensors (the end of the latest epoch, with optimizer and random-number states: `--resume DIR`
+continues from it), log.jsonl, metrics.json (valid and test of the kept epoch, and the train-mean baseline).
 """
 import argparse
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
-from data import DataError, make_loader, to_device
-from eval import add_run_args, evaluate, mean_baseline, report, summarize, trained_state
+from data import SPLITS, CheckpointError, DataError, load_clips, make_loader, to_device
+from eval import (add_run_args, evaluate, load_weights, mean_baseline, pyplot, read_weights, report,
+                  seed_table, summarize, trained_state)
 from lora import count_parameters
 from readout import build
 
@@ -37,39 +43,58 @@ def lr_at(step, total, warmup, peak):
 
 
 def train(cfg):
-    """Train the run `cfg` describes (a dict of every flag); returns (checkpoint folder, metrics)."""
+    """Train the run `cfg` describes (a dict of every flag); returns (checkpoint folder, metrics). With
+    cfg['resume'] set, continue from the last.safetensors in cfg['out']."""
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     device = torch.device(cfg["device"])
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
+    clips = {split: load_clips(cfg, split) for split in SPLITS}  # a bad input stops the run before the model loads
     readout, processor = build(cfg, device)
     if cfg["grad_ckpt"]:
         readout.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in readout.parameters() if p.requires_grad]
     cfg["parameters"] = count_parameters(readout)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
     print(f"trainable {cfg['parameters']['trainable']:,} of {cfg['parameters']['total']:,} parameters "
           f"({cfg['parameters']['trainable_pct']:.2f}%)")
 
     train_loader = make_loader(cfg, "train", processor, cfg["batch_size"], shuffle=True, seed=cfg["seed"],
-                               drop_last=True)  # no tiny last batch: a batch norm in a readout needs two clips
-    valid_loader, test_loader = make_loader(cfg, "valid", processor), make_loader(cfg, "test", processor)
+                               drop_last=True, clips=clips["train"])  # drop_last: a batch norm needs two clips
+    valid_loader = make_loader(cfg, "valid", processor, clips=clips["valid"])
+    test_loader = make_loader(cfg, "test", processor, clips=clips["test"])
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     total = cfg["epochs"] * math.ceil(len(train_loader) / cfg["grad_accum"])
     warmup = max(1, round(cfg["warmup_ratio"] * total))
     autocast = dict(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    prepare_loader = make_loader(cfg, "train", processor, cfg["batch_size"], clips=clips["train"])  # for prepare()
 
-    prepare_loader = make_loader(cfg, "train", processor, cfg["batch_size"])  # in order, for Readout.prepare
-    step, best, log = 0, float("inf"), open(out / "log.jsonl", "w")
-    for epoch in range(cfg["epochs"]):
+    if cfg["resume"]:
+        start, step, best = load_last(out / "last.safetensors", readout, optimizer, train_loader)
+        lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
+        log = open(out / "log.jsonl", "w")  # drop what the interrupted epoch logged
+        log.writelines(line + "\n" for line in lines if json.loads(line).get("epoch", 0) <= start)
+        print(f"resuming {out} after epoch {start} (best valid MAE so far {best:.4f})")
+    else:
+        start, step, best = 0, 0, float("inf")
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
+        log = open(out / "log.jsonl", "w")
+        log.write(json.dumps(dict(data={split: dict(clips=len(c), skipped=c.skip_counts(),
+                                                    empty_transcripts=c.empty_transcripts)
+                                        for split, c in clips.items()})) + "\n")
+    for epoch in range(start, cfg["epochs"]):
         readout.train()
-        start, losses = time.time(), []
+        started, losses = time.time(), []
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False, disable=None)
         for i, batch in enumerate(bar):
             with torch.autocast(**autocast):
                 loss = readout.loss(to_device(batch, device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"the training loss is {loss.item()} at epoch {epoch + 1}, batch {i + 1}: stopped. The end of "
+                    f"the last good epoch is in {out / 'last.safetensors'} (continue with --resume {out}, e.g. "
+                    f"after lowering --lr), its best epoch in {out / 'weights.safetensors'}")
             (loss / cfg["grad_accum"]).backward()
             losses.append(loss.item())
             if (i + 1) % cfg["grad_accum"] == 0 or i + 1 == len(train_loader):
@@ -86,20 +111,20 @@ def train(cfg):
         kept = valid["MAE"] < best
         if kept:
             best = valid["MAE"]
-            save_file({k: v.detach().cpu().contiguous() for k, v in trained_state(readout).items()},
-                      out / "weights.safetensors")
+            save_atomically(trained_state(readout), out / "weights.safetensors")
         record = dict(epoch=epoch + 1, step=step, lr=optimizer.param_groups[0]["lr"], train_loss=float(np.mean(losses)),
-                      valid_MAE=valid["MAE"], valid_Corr=valid["Corr"], kept=kept, seconds=time.time() - start)
+                      valid_MAE=valid["MAE"], valid_Corr=valid["Corr"], kept=kept, seconds=time.time() - started)
         unparsed = f"  unparseable {valid['parse_fail_rate']:.0%}" if "parse_fail_rate" in valid else ""
         if unparsed:
             record["valid_parse_fail_rate"] = valid["parse_fail_rate"]
         log.write(json.dumps(record) + "\n")
         log.flush()
+        save_last(out / "last.safetensors", readout, optimizer, train_loader, epoch + 1, step, best)
         print(f"epoch {epoch + 1:3d}  loss {record['train_loss']:.4f}  valid MAE {valid['MAE']:.4f}  "
               f"Corr {valid['Corr']:.4f}{unparsed}{'  *' if kept else ''}  ({record['seconds']:.1f}s)")
     log.close()
 
-    readout.load_state_dict(load_file(out / "weights.safetensors", device=str(device)), strict=False)  # kept epoch
+    load_weights(readout, read_weights(out / "weights.safetensors", device), out / "weights.safetensors")
     result = {}
     for split, loader in (("valid", valid_loader), ("test", test_loader)):
         preds, labels, info = evaluate(readout, loader, device)
@@ -108,10 +133,106 @@ def train(cfg):
     if device.type == "cuda":
         result["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    plot_learning_curve(out)
     report(f"{cfg['readout']} (test)", result["test"], result["test_mean_baseline"])
     print(f"test MAE / train-mean MAE = {result['test']['MAE'] / result['test_mean_baseline']['MAE']:.3f}   "
           f"checkpoint: {out}")
     return out, result
+
+
+def plot_learning_curve(out):
+    """learning_curve.png in the checkpoint folder: training loss and validation MAE per epoch."""
+    plt = pyplot()
+    if plt is None:
+        return
+    log = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "epoch" in r]
+    epochs = [r["epoch"] for r in log]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(epochs, [r["train_loss"] for r in log], "o-", label="training loss")
+    ax.set(xlabel="epoch", ylabel="training loss", title=out.name)
+    right = ax.twinx()
+    right.plot(epochs, [r["valid_MAE"] for r in log], "s-", color="tab:orange", label="validation MAE")
+    right.set_ylabel("validation MAE")
+    fig.legend(loc="upper right", bbox_to_anchor=(0.88, 0.88))
+    fig.savefig(out / "learning_curve.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def save_atomically(tensors, file, metadata=None):
+    """Write a safetensors file elsewhere, then rename it over `file`: a crash leaves the old one whole."""
+    tmp = file.with_name(file.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata)
+    os.replace(tmp, file)
+
+
+def save_last(file, readout, optimizer, loader, epoch, step, best):
+    """Everything needed to continue after `epoch`, in one safetensors file: the trained tensors, the optimizer's
+    state, the random-number states; the numbers and the optimizer's settings go into its JSON metadata."""
+    tensors = {f"model.{k}": v for k, v in trained_state(readout).items()}
+    optim = optimizer.state_dict()
+    for i, state in optim["state"].items():
+        tensors.update({f"optim.{i}.{k}": v for k, v in state.items()})
+    tensors["rng.torch"], tensors["rng.loader"] = torch.get_rng_state(), loader.generator.get_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    numpy_state = np.random.get_state()
+    meta = dict(epoch=epoch, step=step, best=best, param_groups=optim["param_groups"], python=random.getstate(),
+                numpy=[numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]])
+    save_atomically(tensors, file, metadata=dict(train=json.dumps(meta)))
+
+
+def load_last(file, readout, optimizer, loader):
+    """Restore what save_last wrote -> (epoch, step, best valid MAE)."""
+    if not file.is_file():
+        raise CheckpointError(f"{file}: not found (nothing to resume: no epoch of this run has ended)")
+    read_weights(file)  # a clear error for a truncated or foreign file
+    with safe_open(file, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["train"])
+    load_weights(readout, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, file)
+    state = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict(dict(state=state, param_groups=meta["param_groups"]))
+    torch.set_rng_state(tensors["rng.torch"])
+    loader.generator.set_state(tensors["rng.loader"])
+    if "rng.cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    name, keys, *rest = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    return meta["epoch"], meta["step"], meta["best"]
+
+
+def load_config(folder):
+    """A checkpoint's config.json, checked against this code's flags: a missing or unknown key or a value of
+    the wrong type is an error (the file is data; nothing in it is executed)."""
+    file = Path(folder) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: not found ({folder} is not a checkpoint folder written by train.py)")
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file}: not a JSON object")
+    reference = {**parse_args(["--model", "tiny"]), "parameters": {}}
+    problems = [f"unknown key {k!r}" for k in cfg.keys() - reference.keys()]
+    problems += [f"missing key {k!r}" for k in reference.keys() - cfg.keys()]
+    for k in cfg.keys() & reference.keys():
+        want, got = reference[k], cfg[k]
+        ok = (isinstance(got, (str, type(None))) if want is None else
+              isinstance(got, bool) if isinstance(want, bool) else
+              isinstance(got, (int, float)) and not isinstance(got, bool) if isinstance(want, float) else
+              isinstance(got, type(want)) and not isinstance(got, bool))
+        if not ok:
+            problems.append(f"{k!r} is {got!r}, not a {type(want).__name__ if want is not None else 'str or null'}")
+    if problems:
+        raise CheckpointError(f"{file}: {'; '.join(sorted(problems))}")
+    return cfg
 
 
 def parse_args(argv=None):
@@ -127,18 +248,40 @@ def parse_args(argv=None):
     p.add_argument("--warmup_ratio", type=float, default=0.1, help="share of steps with linear warm-up")
     p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm")
     p.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (less memory, slower)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds: one run each in <out>/s<seed>, then a "
+                                                 "table of mean ± std over them (seeds.md, seeds.json)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run in DIR from its last.safetensors; its config.json defines the run")
     cfg = vars(p.parse_args(argv))
     preset = PRESETS["tiny" if cfg["model"] == "tiny" else "pretrained"]
     cfg.update({k: v for k, v in preset.items() if cfg[k] is None})
     cfg["lora_alpha"] = cfg["lora_alpha"] or 2.0 * cfg["lora_r"]
     if cfg["out"] is None:
         name = Path(cfg["data"].replace(":", "")).name
-        cfg["out"] = f"runs/{name}-{cfg['readout']}-{cfg['modalities']}-s{cfg['seed']}"
+        seeds = f"seeds{cfg['seeds'].replace(',', '_')}" if cfg["seeds"] else f"s{cfg['seed']}"
+        cfg["out"] = f"runs/{name}-{cfg['readout']}-{cfg['modalities']}-{seeds}"
     return cfg
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    if cfg["resume"]:  # the folder's config.json defines the run, not the other flags
+        cfg = {**load_config(cfg["resume"]), "resume": cfg["resume"], "out": cfg["resume"]}
+    if not cfg["seeds"]:
+        return train(cfg)
+    out, runs = Path(cfg["out"]), {}
+    for seed in map(int, cfg["seeds"].split(",")):
+        runs[f"s{seed}"] = train({**cfg, "seed": seed, "seeds": None, "out": str(out / f"s{seed}")})[1]["test"]
+    title = f"{cfg['readout']} on {cfg['data']} ({cfg['modalities']}), test split, seeds {cfg['seeds']}"
+    markdown = seed_table(title, {"mean ± std": list(runs.values())}) + "\n\n" + seed_table("each seed", {
+        name: [r] for name, r in runs.items()}, "seed")
+    print(markdown)
+    (out / "seeds.md").write_text(markdown + "\n")
+    (out / "seeds.json").write_text(json.dumps(runs, indent=2))
 
 
 if __name__ == "__main__":
     try:
-        train(parse_args())
-    except DataError as e:
+        main()
+    except (DataError, CheckpointError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")

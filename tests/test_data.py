@@ -30,18 +30,25 @@ def test_toy_dataset_layout_and_determinism(toy_root, tmp_path):
     assert (again / "label.csv").read_text() == (toy_root / "label.csv").read_text()
 
 
-def test_each_toy_modality_carries_the_label(toy_root):
-    """Brightness and pitch track the label (the transcript's words are checked by training)."""
-    rows = data.read_split(toy_root, "train")
-    labels, brightness, pitch = [], [], []
+def test_the_toy_label_is_the_sum_of_what_each_modality_carries(toy_root):
+    """Words, brightness and pitch each track the label in part, and together determine it."""
+    rows, _ = data.read_split(toy_root, "train")
+    level = {w: lv for lv, words in data.TOY_WORDS.items() for w in words}
+    labels, features = [], []
     for r in rows:
         mp4 = toy_root / "Raw" / r["video_id"] / f"{r['clip_id']}.mp4"
-        labels.append(r["label"])
-        brightness.append(data.decode_video(mp4, fps=2, max_frames=4, max_pixels=4096).mean())
         audio = data.decode_audio(mp4)
-        pitch.append(np.argmax(np.abs(np.fft.rfft(audio))) * data.SAMPLE_RATE / audio.size)
-    assert np.corrcoef(labels, brightness)[0, 1] > 0.6
-    assert np.corrcoef(labels, np.log(pitch))[0, 1] > 0.6
+        pitch = np.argmax(np.abs(np.fft.rfft(audio))) * data.SAMPLE_RATE / audio.size
+        word = next(w for w in level if r["text"].endswith(" " + w))
+        features.append([level[word], data.decode_video(mp4, fps=2, max_frames=4, max_pixels=4096).mean(),
+                         np.log(pitch)])
+        labels.append(r["label"])
+    labels, features = np.array(labels), np.array(features)
+    for column in features.T:
+        assert 0.3 < np.corrcoef(labels, column)[0, 1] < 0.9  # each modality alone: a part of the label
+    x = np.c_[features, np.ones(len(labels))]
+    fit = x @ np.linalg.lstsq(x, labels, rcond=None)[0]
+    assert np.abs(fit - labels).mean() < 0.2 * np.abs(labels - labels.mean()).mean()  # all three: nearly all
 
 
 @pytest.mark.parametrize("fps,max_frames", [(2.0, 32), (10.0, 8), (0.5, 32)])
@@ -90,18 +97,121 @@ def test_prompt_leaves_out_what_is_not_requested():
     assert audio_only.startswith("<|im_start|>system\n") and audio_only.endswith("<|im_start|>assistant\n")
 
 
-def test_bad_inputs_name_the_file(tmp_path, toy_root):
-    with pytest.raises(data.DataError, match="label.csv"):
-        data.read_split(tmp_path, "train")
-    (tmp_path / "label.csv").write_text("video_id,clip_id,text,label\nv,1,hi,0.5\n")
-    with pytest.raises(data.DataError, match="missing column.*mode"):
-        data.read_split(tmp_path, "train")
-    (tmp_path / "label.csv").write_text("video_id,clip_id,text,label,mode\nv,1,hi,0.5,train\n")
-    with pytest.raises(data.DataError, match=r"Raw/v/1\.mp4"):
-        data.Clips(tmp_path, "train", "tav")
-    assert len(data.Clips(tmp_path, "train", "t")) == 1  # text alone needs no media files
+def test_modalities_must_be_a_subset_of_tav(toy_root):
+    assert len(data.Clips(toy_root, "train", "t")) == 36  # text alone needs no media files
     with pytest.raises(ValueError, match="--modalities"):
         data.Clips(toy_root, "train", "tx")
+
+
+def write_clip_without(path, stream, seconds=1.0):
+    """An mp4 with only a video or only an audio stream."""
+    with av.open(str(path), "w") as c:
+        if stream == "audio":
+            v = c.add_stream("libx264", rate=10)
+            v.width = v.height = 32
+            v.pix_fmt = "yuv420p"
+            for _ in range(round(seconds * 10)):
+                c.mux(v.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")))
+            c.mux(v.encode())
+        if stream == "video":
+            a = c.add_stream("aac", rate=16000, layout="mono")
+            for start in range(0, round(seconds * 16000), 1024):
+                frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+                frame.sample_rate, frame.pts = 16000, start
+                c.mux(a.encode(frame))
+            c.mux(a.encode())
+
+
+GOOD = "g,1,a good clip,1.0,train\n"
+BAD_INPUTS = {  # name: (label.csv rows after the good one, how to break clip b/1, modalities, message, kind)
+    "empty label": ("b,1,hi,,train\n", None, "t", r"line 3 \(clip b/1\): the label is empty", "bad label"),
+    "label not a number": ("b,1,hi,great,train\n", None, "t", "'great' is not a number", "bad label"),
+    "NaN label": ("b,1,hi,nan,train\n", None, "t", "'nan' is not finite", "bad label"),
+    "infinite label": ("b,1,hi,-inf,train\n", None, "t", "'-inf' is not finite", "bad label"),
+    "label out of range": ("b,1,hi,3.5,train\n", None, "t", r"3.5 is outside \[-3, 3\]", "bad label"),
+    "duplicate id": ("g,1,again,0.0,train\n", None, "t", "line 3 .*also on line 2", "duplicate id"),
+    "short row": ("b,1,hi\n", None, "t", "fewer fields", "bad row"),
+    "transcript not UTF-8": (None, None, "t", "not valid UTF-8", "bad transcript"),
+    "missing mp4": ("b,1,hi,0.5,train\n", "delete", "tav", r"Raw/b/1\.mp4: not found", "missing file"),
+    "corrupt mp4": ("b,1,hi,0.5,train\n", "garbage", "tav", r"Raw/b/1\.mp4: cannot be decoded", "bad media"),
+    "truncated mp4": ("b,1,hi,0.5,train\n", "truncate", "v", r"Raw/b/1\.mp4: cannot be decoded", "bad media"),
+    "no video stream": ("b,1,hi,0.5,train\n", "video", "tv", r"Raw/b/1\.mp4: no video stream", "bad media"),
+    "no audio stream": ("b,1,hi,0.5,train\n", "audio", "ta", r"Raw/b/1\.mp4: no audio stream", "bad media"),
+    "no video frames": ("b,1,hi,0.5,train\n", "zeros", "v", r"Raw/b/1\.mp4: no decodable video frames", "bad media"),
+}
+
+
+def make_bad_dataset(root, toy_root, rows, breakage):
+    """label.csv with a good clip and the given rows; clip b/1 broken as told."""
+    for clip in ("g/1", "b/1"):
+        (root / "Raw" / clip).parent.mkdir(parents=True, exist_ok=True)
+        (root / "Raw" / f"{clip}.mp4").write_bytes(first_clip(toy_root).read_bytes())
+    bad = root / "Raw" / "b" / "1.mp4"
+    if breakage == "delete":
+        bad.unlink()
+    elif breakage == "garbage":
+        bad.write_bytes(os.urandom(5000))
+    elif breakage == "truncate":
+        bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 3])
+    elif breakage == "zeros":  # the streams are there, every packet is zeros: nothing decodes
+        b = bytearray(bad.read_bytes())
+        at = b.find(b"mdat")
+        size = int.from_bytes(b[at - 4:at], "big")
+        b[at + 4:at - 4 + size] = bytes(size - 8)
+        bad.write_bytes(b)
+    elif breakage in ("video", "audio"):
+        write_clip_without(bad, breakage)
+    header = b"video_id,clip_id,text,label,mode\n" + GOOD.encode()
+    body = rows.encode() if rows is not None else b"b,1,caf\xe9 latin-1,0.5,train\n"
+    (root / "label.csv").write_bytes(header + body)
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_each_bad_input_is_a_clear_error_or_a_counted_skip(case, tmp_path, toy_root):
+    rows, breakage, modalities, message, kind = BAD_INPUTS[case]
+    root = tmp_path / "data"
+    make_bad_dataset(root, toy_root, rows, breakage)
+    with pytest.raises(data.DataError, match=message) as error:
+        data.Clips(root, "train", modalities, cache_dir=tmp_path / "cache")
+    assert str(root) in str(error.value) and "--on_bad skip" in str(error.value)
+    clips = data.Clips(root, "train", modalities, cache_dir=tmp_path / "cache", on_bad="skip")
+    assert [it["id"] for it in clips] == ["g/1"] and clips.skip_counts() == {kind: 1}
+
+
+def test_file_level_problems_are_errors_even_when_skipping(tmp_path, toy_root):
+    with pytest.raises(data.DataError, match="label.csv: not found"):
+        data.Clips(tmp_path, "train", "t", on_bad="skip")
+    (tmp_path / "label.csv").write_text("video_id,clip_id,text,label\nv,1,hi,0.5\n")
+    with pytest.raises(data.DataError, match="label.csv: missing column.*mode"):
+        data.Clips(tmp_path, "train", "t", on_bad="skip")
+    (tmp_path / "label.csv").write_text("video_id,clip_id,text,label,mode\nv,1,hi,0.5,train\n")
+    with pytest.raises(data.DataError, match="label.csv: no clips with mode == 'test'"):
+        data.Clips(tmp_path, "test", "t", on_bad="skip")
+    (tmp_path / "label.csv").write_text("video_id,clip_id,text,label,mode\nv,1,hi,7,train\n")
+    with pytest.raises(data.DataError, match="no usable clip in 'train'"):
+        data.Clips(tmp_path, "train", "t", on_bad="skip")
+
+
+def test_what_is_odd_but_usable_is_kept(tmp_path, toy_root):
+    make_bad_dataset(tmp_path, toy_root, "b,1,,0.5,train\n", None)  # an empty transcript: kept, counted
+    clips = data.Clips(tmp_path, "train", "tav", cache_dir=tmp_path / "cache")
+    assert len(clips) == 2 and clips.empty_transcripts == 1
+    # audio at 44.1 kHz stereo beside the mp4 is resampled to 16 kHz mono, not refused
+    t = np.arange(44100 * 2) / 44100
+    soundfile.write(tmp_path / "Raw" / "b" / "1.wav", np.stack([np.sin(2 * np.pi * 300 * t)] * 2, 1), 44100)
+    audio = data.Clips(tmp_path, "train", "a", cache_dir=tmp_path / "cache")[1]["audio"]
+    assert audio.ndim == 1 and abs(audio.size - 2 * data.SAMPLE_RATE) <= 1
+    # a long video is capped at max_frames, whatever its length
+    long = tmp_path / "Raw" / "b" / "1.mp4"
+    with av.open(str(long), "w") as c:
+        v = c.add_stream("libx264", rate=1)
+        v.width = v.height = 16
+        v.pix_fmt = "yuv420p"
+        for _ in range(120):
+            c.mux(v.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")))
+        c.mux(v.encode())
+    clips = data.Clips(tmp_path, "train", "v", max_frames=8, cache_dir=tmp_path / "cache")
+    assert clips[1]["video"].shape[0] == 8
 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -139,8 +249,9 @@ def test_real_clip_without_video_is_an_error_or_a_counted_skip(tmp_path):
     root = SHARED / "mosi_clips"
     with pytest.raises(data.DataError, match=r"03bSnISJMiM/1\.mp4: not found"):
         data.Clips(root, "train", "tav", cache_dir=tmp_path)
-    clips = data.Clips(root, "train", "tav", cache_dir=tmp_path, on_missing="skip")
-    assert len(clips) == 1 and clips.skipped == [("03bSnISJMiM/1", f"missing {root}/Raw/03bSnISJMiM/1.mp4")]
+    clips = data.Clips(root, "train", "tav", cache_dir=tmp_path, on_bad="skip")
+    assert len(clips) == 1 and [c for c, _ in clips.skipped] == ["03bSnISJMiM/1"]
+    assert clips.skip_counts() == {"missing file": 1} and "03bSnISJMiM/1.mp4: not found" in str(clips.skipped[0][1])
     audio_only = data.Clips(root, "train", "ta", cache_dir=tmp_path)  # the wav serves the audio
     assert len(audio_only) == 2 and {it["id"] for it in audio_only} == {"03bSnISJMiM/1", "Oz06ZWiO20M/6"}
     assert all(it["audio"].size > data.SAMPLE_RATE for it in audio_only)

@@ -1,9 +1,13 @@
+import importlib.util
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from eval import METRIC_KEYS, metrics
+from eval import CI_KEYS, METRIC_KEYS, bootstrap, metrics, paired
 
 
 def reference(preds, labels):
@@ -73,3 +77,67 @@ def test_agrees_with_an_independent_implementation(seed):
 def test_constant_predictions_have_no_correlation():
     m = metrics([0.3, 0.3, 0.3], [1.0, -1.0, 2.0])
     assert math.isnan(m["Corr"]) and m["MAE"] == pytest.approx((0.7 + 1.3 + 1.7) / 3)
+
+
+def noisy(n, noise, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.round(rng.uniform(-3, 3, n), 1)
+    return labels + rng.normal(0, noise, n), labels
+
+
+def test_bootstrap_interval_holds_the_estimate_and_narrows_with_more_clips():
+    widths = []
+    for n in (60, 600):
+        preds, labels = noisy(n, 0.8)
+        point, ci = metrics(preds, labels), bootstrap(preds, labels, n=500)
+        for k in CI_KEYS:
+            assert ci[k][0] <= point[k] <= ci[k][1], (n, k)
+        widths.append(ci["MAE"][1] - ci["MAE"][0])
+    assert widths[1] < 0.5 * widths[0]  # about 1/sqrt(10)
+    preds, labels = noisy(60, 0.8)
+    assert bootstrap(preds, labels, n=200) == bootstrap(preds, labels, n=200)  # a fixed seed
+
+
+def test_paired_test_separates_a_better_predictor_from_an_identical_one():
+    good, labels = noisy(100, 0.3)
+    bad = noisy(100, 1.2, seed=1)[0]
+    c = paired(good, bad, labels, n=2000)
+    assert c["p_value"] < 0.01 and c["mean_abs_error_diff"] < 0 and c["ci95"][1] < 0 and c["a_closer"] > 0.6
+    same = paired(good, good.copy(), labels, n=2000)
+    assert same["p_value"] == 1.0 and same["a_closer"] == same["b_closer"] == 0.0
+    close = paired(good, good + np.random.default_rng(2).normal(0, 0.01, 100), labels, n=2000)
+    assert close["p_value"] > 0.05 and close["ci95"][0] < 0 < close["ci95"][1]
+
+
+def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, tmp_path):
+    import shutil
+    from train import train
+    a, _ = train({**make_cfg("--epochs", "1", "--modalities", "t"), "out": str(tmp_path / "a")})
+    b, _ = train({**make_cfg("--epochs", "1", "--modalities", "t", "--seed", "1"), "out": str(tmp_path / "b")})
+    run = [sys.executable, "eval.py", "--device", "cpu"]
+    done = subprocess.run(run + ["--compare", str(a), str(b), "--out", str(tmp_path / "c.json")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert "A: disc (test)" in done.stdout and "permutation test p =" in done.stdout
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["paired"]["n"] == c["a"]["n"] == 12 and 0 < c["paired"]["p_value"] <= 1
+
+    shutil.copytree(toy_root, tmp_path / "other")  # the same clips, but another dataset as far as runs know
+    cfg = json.loads((b / "config.json").read_text())
+    (b / "config.json").write_text(json.dumps({**cfg, "data": str(tmp_path / "other")}))
+    refused = subprocess.run(run + ["--compare", str(a), str(b)], capture_output=True, text=True)
+    assert refused.returncode != 0 and "not evaluated on the same clips" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    done = subprocess.run(run + ["--ckpt", str(a), "--bootstrap", "200", "--plot", "--out", str(tmp_path / "r.json")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ci = json.loads((tmp_path / "r.json").read_text())["ci95"]
+    assert set(ci) == set(CI_KEYS) and "[" in done.stdout
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "plots skipped: matplotlib is not installed" in done.stdout
+        return
+    from PIL import Image
+    for png in ("test_scatter.png", "test_confusion.png", "learning_curve.png"):
+        image = np.asarray(Image.open(a / png).convert("L"), dtype=float)
+        assert image.shape[0] > 200 and image.std() > 10, png  # drawn, not blank

@@ -15,9 +15,10 @@ def test_last_token_index_left_and_right_padding():
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_pooled_state_of_a_padded_batch_equals_each_clip_alone(make_cfg, side):
+@pytest.mark.parametrize("kind", ["disc", "mean"])
+def test_pooled_state_of_a_padded_batch_equals_each_clip_alone(make_cfg, side, kind):
     torch.manual_seed(0)
-    readout, processor = build(make_cfg("--modalities", "t"), torch.device("cpu"))
+    readout, processor = build(make_cfg("--modalities", "t", "--readout", kind), torch.device("cpu"))
     readout.eval()
     texts = [build_prompt(t, "t") for t in ["ok", "the movie was really quite wonderful to watch", "bad"]]
 
@@ -35,6 +36,20 @@ def test_pooled_state_of_a_padded_batch_equals_each_clip_alone(make_cfg, side):
         assert torch.allclose(batch[i], alone[0], atol=1e-5), i
 
 
+def test_mean_readout_averages_the_real_tokens_only(make_cfg):
+    torch.manual_seed(0)
+    readout, processor = build(make_cfg("--modalities", "t", "--readout", "mean"), torch.device("cpu"))
+    readout.eval()
+    inputs = dict(processor(text=[build_prompt(t, "t") for t in ["ok", "the plot was dull"]], padding=True,
+                            return_tensors="pt"))
+    with torch.no_grad():
+        h = readout.hidden_states(inputs)
+        pooled = readout.pooled({"inputs": inputs})
+    for i, row_mask in enumerate(inputs["attention_mask"].bool()):
+        assert torch.allclose(pooled[i], h[i][row_mask].mean(0), atol=1e-5)
+    assert not torch.allclose(pooled[0], h[0].mean(0), atol=1e-3)  # row 0 is padded: padding is left out
+
+
 def test_readout_never_computes_the_lm_head(make_cfg):
     readout, processor = build(make_cfg("--modalities", "t"), torch.device("cpu"))
     calls = []
@@ -42,6 +57,36 @@ def test_readout_never_computes_the_lm_head(make_cfg):
     inputs = processor(text=[build_prompt("fine", "t")], return_tensors="pt")
     readout.predict({"inputs": dict(inputs)})
     assert calls == []
+
+
+def test_a_text_model_gets_4bit_lora_on_its_default_targets(make_cfg, bert_dir):
+    import bitsandbytes as bnb
+    from lora import LoRALinear
+    readout, tokenizer = build(make_cfg("--model", str(bert_dir), "--modalities", "t"), torch.device("cpu"))
+    wrapped = {n: m for n, m in readout.backbone.named_modules() if isinstance(m, LoRALinear)}
+    assert len(wrapped) == 2 * 6  # per layer: query, key, value, attention output, intermediate, output
+    assert all(isinstance(m.base, bnb.nn.Linear4bit) for m in wrapped.values())
+    inputs = dict(tokenizer(["the plot was good", "bad"], padding=True, return_tensors="pt"))
+    assert inputs["attention_mask"][1, -1] == 0  # an encoder's tokenizer pads on the right
+    assert readout.predict({"inputs": inputs})[0].shape == (2,)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--modalities", "ta"), "only --modalities t"),
+    (("--modalities", "t", "--readout", "gen"), "needs a causal LM"),
+])
+def test_a_text_model_refuses_what_it_cannot_do(make_cfg, bert_dir, flags, message):
+    with pytest.raises(ValueError, match=message):
+        build(make_cfg("--model", str(bert_dir), *flags), torch.device("cpu"))
+
+
+def test_an_architecture_without_default_lora_targets_asks_for_them(make_cfg, bert_dir, tmp_path):
+    from transformers import DistilBertConfig, DistilBertModel
+    DistilBertModel(DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=64)).save_pretrained(tmp_path)
+    for f in bert_dir.glob("*.txt"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ValueError, match="pass --lora_targets"):
+        build(make_cfg("--model", str(tmp_path), "--modalities", "t"), torch.device("cpu"))
 
 
 def test_tiny_backbone_is_deterministic():

