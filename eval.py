@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from data import CheckpointError, DataError, data_root, make_loader, read_split, to_device
-from readout import build
+from readout import READOUTS, build
 
 METRIC_KEYS = ("MAE", "Corr", "Acc2_has0", "F1_has0", "Acc2_non0", "F1_non0", "Acc5", "Acc7")
 
@@ -185,8 +185,9 @@ def add_run_args(p):
                    help="'toy' (generated; 'toy:N' for N clips), 'mosi', 'mosei' (under $MSA_DATA, default ./data) "
                         "or a path to an MMSA-layout folder")
     p.add_argument("--modalities", default="tav", help="any non-empty subset of 'tav': text, audio, video")
-    p.add_argument("--readout", default="disc", help="how the score is read out: disc (regression head on the "
-                                                      "last token's hidden state) or gen (generated text, parsed)")
+    p.add_argument("--readout", default="disc", choices=list(READOUTS),
+                   help="how the score is read out: disc (regression head on the last token's hidden state), "
+                        "mean (the same head on the mean over tokens) or gen (generated text, parsed)")
     p.add_argument("--head", default="linear", choices=["linear", "mlp"], help="disc: the regression head")
     p.add_argument("--pool_norm", default="none", choices=["none", "batch"],
                    help="disc: standardise the pooled state (batch statistics in training, training-set ones after)")

@@ -97,8 +97,10 @@ def test_tiny_backbone_is_deterministic():
 
 
 def test_unknown_readout_is_an_error(make_cfg):
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        make_cfg("--readout", "nope")
     with pytest.raises(ValueError, match="--readout must be one of"):
-        build(make_cfg("--readout", "nope"), torch.device("cpu"))
+        build({**make_cfg(), "readout": "nope"}, torch.device("cpu"))
 
 
 PARSE_CASES = [
