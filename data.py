@@ -161,13 +161,14 @@ def _frames(container, stream):
             continue
 
 
-def cached(decode, path, cache_dir, **settings):
-    """`decode(path, **settings)`, stored under `cache_dir`; a changed file (size, mtime) is decoded anew."""
+def cached(decode, path, cache_dir, load=True, **settings):
+    """`decode(path, **settings)`, stored under `cache_dir`; a changed file (size, mtime) is decoded anew.
+    load=False only makes sure the cache holds it (None when it did already)."""
     stat = os.stat(path)
     key = repr((decode.__name__, str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, sorted(settings.items())))
     file = Path(cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
     if file.exists():
-        return np.load(file)
+        return np.load(file) if load else None
     array = decode(path, **settings)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(f"{file.stem}.{os.getpid()}.tmp.npy")  # atomic: workers may race on a key
@@ -194,7 +195,7 @@ class Clips(torch.utils.data.Dataset):
             wav = mp4.with_suffix(".wav")
             r["video"], r["audio"] = mp4, (wav if wav.exists() else mp4)
             try:
-                self.media(r)
+                self.media(r, load=False)  # decode into the cache, or find it there, without reading it back
                 self.rows.append(r)
             except DataError as e:
                 e = DataError(f"{e} (clip {r['video_id']}/{r['clip_id']}, {self.root / 'label.csv'} line {r['line']})",
@@ -210,7 +211,7 @@ class Clips(torch.utils.data.Dataset):
     def skip_counts(self):
         return dict(Counter(e.kind for _, e in self.skipped))
 
-    def media(self, r):
+    def media(self, r, load=True):
         """The decoded media of a row (through the cache); a missing or undecodable file is a DataError."""
         item = {}
         for m, name, decode, settings in (("v", "video", decode_video, self.video_settings),
@@ -220,7 +221,7 @@ class Clips(torch.utils.data.Dataset):
             if not r[name].exists():
                 raise DataError(f"{r[name]}: not found, needed for --modalities {self.modalities}", "missing file")
             try:
-                item[name] = cached(decode, r[name], self.cache_dir, **settings)
+                item[name] = cached(decode, r[name], self.cache_dir, load, **settings)
             except av.error.FFmpegError as e:
                 raise DataError(f"{r[name]}: cannot be decoded ({e})", "bad media") from None
         return item

@@ -185,9 +185,8 @@ def load_last(file, readout, optimizer, loader):
     """Restore what save_last wrote -> (epoch, step, best valid MAE)."""
     if not file.is_file():
         raise CheckpointError(f"{file}: not found (nothing to resume: no epoch of this run has ended)")
-    read_weights(file)  # a clear error for a truncated or foreign file
-    with safe_open(file, framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = read_weights(file)  # a clear error for a truncated or foreign file
+    with safe_open(file, framework="pt") as f:  # the header alone
         meta = json.loads(f.metadata()["train"])
     load_weights(readout, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, file)
     state = {}
