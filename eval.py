@@ -123,15 +123,20 @@ def format_table(rows):
 SEED_COLUMNS = ("MAE", "Corr", "Acc2_non0", "F1_non0", "Acc7")
 
 
-def seed_table(title, results, first="run"):
-    """results: {row name: [test metrics of each seed]} -> markdown, each cell mean ± std (sample std) over seeds."""
-    lines = [f"**{title}**", "", f"| {first} | " + " | ".join(SEED_COLUMNS) + " | n | seeds |",
-             "|---" * (len(SEED_COLUMNS) + 3) + "|"]
+def seed_table(title, results, first="run", extra=()):
+    """results: {row name: [test metrics of each seed]} -> markdown, each cell mean ± std (sample std) over seeds;
+    `extra` columns (e.g. parse_fail_rate, ms_per_clip) show '-' in rows that lack them."""
+    columns = SEED_COLUMNS + tuple(extra)
+    lines = [f"**{title}**", "", f"| {first} | " + " | ".join(columns) + " | n | seeds |",
+             "|---" * (len(columns) + 3) + "|"]
     for name, runs in results.items():
         cells = []
-        for k in SEED_COLUMNS:
-            values = np.array([r[k] for r in runs])
-            cells.append(f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(runs) > 1 else f"{values[0]:.3f}")
+        for k in columns:
+            if k not in runs[0]:
+                cells.append("-")
+                continue
+            values, f = np.array([r[k] for r in runs]), ".1f" if k == "ms_per_clip" else ".3f"
+            cells.append(f"{values.mean():{f}} ± {values.std(ddof=1):{f}}" if len(runs) > 1 else f"{values[0]:{f}}")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {runs[0]['n']} | {len(runs)} |")
     return "\n".join(lines)
 
@@ -179,7 +184,8 @@ def plot_predictions(preds, labels, folder, name):
 def add_run_args(p):
     """The flags that define a run; train.py adds the optimisation ones."""
     p.add_argument("--model", default="Qwen/Qwen2.5-Omni-7B",
-                   help="hub id or local transformers folder of a Qwen2.5-Omni model, or 'tiny' (random, offline)")
+                   help="hub id or local transformers folder (a Qwen2.5-Omni model, or any text model), a .gguf "
+                        "file (a causal LM; needs the gguf package), or 'tiny' (random, offline)")
     p.add_argument("--quant", default="nf4", choices=["nf4", "none"], help="4-bit NF4 weights for the text decoder")
     p.add_argument("--data", default="mosi",
                    help="'toy' (generated; 'toy:N' for N clips), 'mosi', 'mosei' (under $MSA_DATA, default ./data) "

@@ -35,13 +35,7 @@ class LoRALinear(nn.Module):
 def add_lora(model, targets=DEFAULT_TARGETS, r=8, alpha=16, dropout=0.05):
     """Freeze `model` and wrap every linear layer whose dotted name matches the regex `targets`.
     Returns the wrapped names; an empty match is an error, not a silent no-op."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            # On AVX512-BF16 CPUs, an eval-mode forward without grad repacks the 4-bit weight for good,
-            # after which no gradient reaches the input (so none reaches LoRA layers upstream).
-            module.support_avx512bf16_for_cpu = False
+    freeze(model)
     names = [n for n, m in model.named_modules()
              if isinstance(m, (nn.Linear, bnb.nn.Linear4bit)) and re.search(targets, n)]
     if not names:
@@ -53,6 +47,17 @@ def add_lora(model, targets=DEFAULT_TARGETS, r=8, alpha=16, dropout=0.05):
         layer = LoRALinear(base, r, alpha, dropout)
         setattr(owner, child, layer.to(base.weight.device))
     return names
+
+
+def freeze(model):
+    """No gradient for any parameter of `model`, and its 4-bit layers ready to pass gradients to their input."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            # On AVX512-BF16 CPUs, an eval-mode forward without grad repacks the 4-bit weight for good,
+            # after which no gradient reaches the input (so none reaches LoRA layers upstream).
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_state_dict(model):

@@ -15,7 +15,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoToken
                           Qwen2_5OmniProcessor, Qwen2_5OmniThinkerForConditionalGeneration)
 from transformers.utils import logging as hf_logging
 
-from lora import DEFAULT_TARGETS, add_lora
+from lora import DEFAULT_TARGETS, add_lora, bnb
 
 hf_logging.disable_progress_bar()
 
@@ -36,13 +36,18 @@ THINKER_TYPES = ("qwen2_5_omni", "qwen2_5_omni_thinker")
 def load_backbone(name, quant="nf4", device="cpu", trust_remote_code=False):
     """(model, processor) from a hub id or a local folder. A Qwen2.5-Omni Thinker comes with its Omni
     processor; any other model is text-only and comes with its tokenizer as the processor, loaded as a causal
-    LM when it is one. `tiny` is a random Thinker built offline and loaded through the very same path.
+    LM when it is one; a .gguf file is a causal LM. `tiny` is a random Thinker built offline and loaded through
+    the very same path; `random-7b` a 7B-shaped one with random NF4 weights, built in memory (for bench.py).
     quant: 'nf4' (double-quantised 4-bit) or 'none'. trust_remote_code: run Python code shipped with the model."""
     device = torch.device(device)
+    if name == "random-7b":
+        return random_thinker("7b", quant, device)
     if name == "tiny":
         with tempfile.TemporaryDirectory() as folder:
             build_tiny(folder)
             return load_backbone(folder, quant, device)
+    if str(name).endswith(".gguf"):
+        return load_gguf(name, quant, device)
     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     thinker = config.model_type in THINKER_TYPES
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -67,11 +72,51 @@ def load_backbone(name, quant="nf4", device="cpu", trust_remote_code=False):
     return model, tokenizer
 
 
+def load_gguf(path, quant="nf4", device="cpu"):
+    """A causal LM from one llama.cpp GGUF file (dequantised to float by transformers, which needs the `gguf`
+    package), then quantised to NF4 in memory like any other backbone."""
+    import importlib.util
+    import os
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError(f"--model {path}: reading a .gguf file needs the optional package gguf (pip install gguf)")
+    if not os.path.isfile(path):
+        raise ValueError(f"--model {path}: no such file")
+    if quant not in ("nf4", "none"):
+        raise ValueError(f"--quant must be 'nf4' or 'none', not {quant!r}")
+    folder, file = os.path.split(os.path.abspath(path))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return (quantize_nf4(model) if quant == "nf4" else model), tokenizer
+
+
+def quantize_nf4(model, skip=SKIP_QUANT):
+    """Replace, in place, every nn.Linear of an already-loaded model by a double-quantised NF4 Linear4bit on
+    the same device (what BitsAndBytesConfig does at load time), except those under a dotted prefix in `skip`
+    (the LM head, the towers). Embeddings are not linear layers and keep their dtype. Returns the model."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        weight = module.weight.data
+        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                              compute_dtype=weight.dtype, compress_statistics=True, quant_type="nf4",
+                              device="meta")
+        q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4", module=q).to(weight.device)  # .to() quantises
+        if module.bias is not None:
+            q.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    return model
+
+
 def build_tiny(folder, seed=0):
     """Write a random Qwen2.5-Omni Thinker (about 0.4 M parameters) with a byte-level BPE tokenizer and
     the Omni processor into `folder`, deterministically in `seed`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2_5OmniThinkerConfig, Qwen2TokenizerFast, WhisperFeatureExtractor
+    from transformers import Qwen2TokenizerFast, WhisperFeatureExtractor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
@@ -87,22 +132,7 @@ def build_tiny(folder, seed=0):
     bpe.train_from_iterator([TINY_CORPUS], trainer)
     tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    padding_side="left", extra_special_tokens=media)
-    ids = tokenizer.get_vocab()
-    # Gotchas: mrope_section sums to head_dim / 2; the towers' outputs match the text hidden size;
-    # vision_start_token_id is read by the rope code even for text-only input.
-    config = Qwen2_5OmniThinkerConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[4, 6, 6]),
-                         pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
-        audio_config=dict(num_mel_bins=128, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128,
-                          d_model=64, output_dim=64),
-        vision_config=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64,
-                           fullatt_block_indexes=[0]),
-        audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
-        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
-        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
-        user_token_id=ids["<|im_start|>"])
+    config = thinker_config(tokenizer, "tiny")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Qwen2_5OmniThinkerForConditionalGeneration(config)
@@ -110,12 +140,70 @@ def build_tiny(folder, seed=0):
         # normed 64-d state, so no token can be made likely (cross-entropy stays above 5): give it a scale at
         # which a trained LM head works.
         nn.init.normal_(model.lm_head.weight, std=0.5)
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.save_pretrained(folder)
     Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessor(), video_processor=Qwen2VLVideoProcessor(),
                          feature_extractor=WhisperFeatureExtractor(feature_size=128),
                          tokenizer=tokenizer).save_pretrained(folder)
+
+
+# Thinker shapes. "7b" is Qwen2.5-Omni-7B's published Thinker configuration (transformers' default vision
+# config is not: its hidden_size 3584 is the output width; the 7B's vision blocks are 1280 wide).
+THINKER_SHAPES = {
+    "tiny": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, mrope_section=[4, 6, 6], max_position_embeddings=4096),
+                 audio=dict(encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128, d_model=64),
+                 vision=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[0])),
+    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, mrope_section=[16, 24, 24], vocab_size=152064,
+                         max_position_embeddings=32768, tie_word_embeddings=False),
+               audio=dict(encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, d_model=1280),
+               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                           fullatt_block_indexes=[7, 15, 23, 31]))}
+
+
+def thinker_config(tokenizer, shape="tiny"):
+    """A Qwen2_5OmniThinkerConfig of one of THINKER_SHAPES whose special token ids are `tokenizer`'s."""
+    from transformers import Qwen2_5OmniThinkerConfig
+    ids, s = tokenizer.get_vocab(), THINKER_SHAPES[shape]
+    text = {**s["text"]}
+    mrope_section = text.pop("mrope_section")
+    # Gotchas: mrope_section sums to head_dim / 2; the towers' outputs match the text hidden size;
+    # vision_start_token_id is read by the rope code even for text-only input.
+    return Qwen2_5OmniThinkerConfig(
+        text_config=dict(vocab_size=text.pop("vocab_size", len(tokenizer)),
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=mrope_section),
+                         pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], **text),
+        audio_config=dict(num_mel_bins=128, output_dim=text["hidden_size"], **s["audio"]),
+        vision_config=dict(out_hidden_size=text["hidden_size"], **s["vision"]),
+        audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
+        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
+        user_token_id=ids["<|im_start|>"])
+
+
+def random_thinker(shape="7b", quant="nf4", device="cuda", seed=0):
+    """A Thinker of one of THINKER_SHAPES with random weights, its text decoder quantised to NF4 in memory (no
+    checkpoint needed), with the tiny model's processor (whose token ids are valid for it): for benchmarks."""
+    with tempfile.TemporaryDirectory() as folder:
+        build_tiny(folder)
+        processor = Qwen2_5OmniProcessor.from_pretrained(folder)
+    processor.video_processor.cap_pixels_per_frame = True
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    default, device = torch.get_default_dtype(), torch.device(device)
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+            torch.manual_seed(seed)  # the same weights each time: two copies can be compared
+            model = Qwen2_5OmniThinkerForConditionalGeneration(thinker_config(processor.tokenizer, shape))
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config.pad_token_id = model.config.text_config.pad_token_id
+    model.generation_config.eos_token_id = model.config.text_config.eos_token_id
+    if quant == "nf4":
+        quantize_nf4(model)
+    return model.eval(), processor
 
 
 TINY_CORPUS = """system user assistant You are an expert in multimodal sentiment analysis. How positive or
@@ -199,7 +287,7 @@ class Disc(Readout):
 
 class Gen(Readout):
     """Generative readout: the model writes the score as text (greedy decoding), which parse_score reads.
-    Trained with next-token cross-entropy on the answer alone: the label with one decimal, then <|im_end|>.
+    Trained with next-token cross-entropy on the answer alone: the label with one decimal, then the end token.
     An unparseable answer is NaN in preds (eval.py scores it with --parse_fallback and counts it)."""
 
     def __init__(self, backbone, tokenizer, cfg):
@@ -208,13 +296,20 @@ class Gen(Readout):
             raise ValueError(f"--readout gen needs a causal LM; {cfg['model']} is a {backbone.config.model_type} "
                              "model that cannot generate")
         self.max_new_tokens = cfg["max_new_tokens"]
+        # The answer ends with the token that stops generation (<|im_end|> for Qwen and SmolLM2 chat models).
+        eos = backbone.generation_config.eos_token_id
+        self.end_id = eos[0] if isinstance(eos, list) else eos
+        if self.end_id is None:
+            raise ValueError(f"--readout gen: {cfg['model']} has no eos_token_id in its generation config")
 
     def with_answers(self, inputs, labels):
         """Each prompt followed by its answer, left-padded again -> (inputs, targets (B, L)); targets hold
         the answer's token ids where they are to be predicted and -100 (ignored) on prompt and padding."""
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        answers = [self.tokenizer(f"{round(y, 1) + 0.0:.1f}<|im_end|>", add_special_tokens=False,
-                                  return_tensors="pt").input_ids[0].to(ids.device) for y in labels.tolist()]
+        end = ids.new_tensor([self.end_id])
+        answers = [torch.cat([self.tokenizer(f"{round(y, 1) + 0.0:.1f}", add_special_tokens=False,
+                                             return_tensors="pt").input_ids[0].to(ids.device), end])
+                   for y in labels.tolist()]
         rows = [torch.cat([ids[i][mask[i].bool()], a]) for i, a in enumerate(answers)]
         length = max(len(r) for r in rows)
         new_ids = ids.new_full((len(rows), length), self.tokenizer.pad_token_id)

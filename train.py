@@ -70,6 +70,7 @@ def train(cfg):
     autocast = dict(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     prepare_loader = make_loader(cfg, "train", processor, cfg["batch_size"], clips=clips["train"])  # for prepare()
 
+    best_valid = None  # the best epoch's validation metrics, reported as they are (not evaluated again)
     if cfg["resume"]:
         start, step, best = load_last(out / "last.safetensors", readout, optimizer, train_loader)
         lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
@@ -110,7 +111,7 @@ def train(cfg):
         valid = summarize(*evaluate(readout, valid_loader, device), cfg["parse_fallback"])
         kept = valid["MAE"] < best
         if kept:
-            best = valid["MAE"]
+            best, best_valid = valid["MAE"], valid
             save_atomically(trained_state(readout), out / "weights.safetensors")
         record = dict(epoch=epoch + 1, step=step, lr=optimizer.param_groups[0]["lr"], train_loss=float(np.mean(losses)),
                       valid_MAE=valid["MAE"], valid_Corr=valid["Corr"], kept=kept, seconds=time.time() - started)
@@ -125,8 +126,10 @@ def train(cfg):
     log.close()
 
     load_weights(readout, read_weights(out / "weights.safetensors", device), out / "weights.safetensors")
-    result = {}
+    result = {"valid": best_valid} if best_valid else {}  # none: the best epoch was before a --resume
     for split, loader in (("valid", valid_loader), ("test", test_loader)):
+        if split in result:
+            continue
         preds, labels, info = evaluate(readout, loader, device)
         result[split] = summarize(preds, labels, info, cfg["parse_fallback"])
     result["test_mean_baseline"] = mean_baseline(cfg, labels)

@@ -25,3 +25,23 @@ def test_ablation_table_and_test_time_mode(toy_root, tmp_path):
     assert set(results) == {"t", "v", "tv"}  # the subsets of what the model was trained on
     trained = json.loads((tmp_path / "abl" / "tv-s0" / "metrics.json").read_text())["test"]
     assert results["tv"][0]["MAE"] == trained["MAE"]
+
+
+def test_readout_comparison_with_zero_shot_row_and_reuse_of_finished_runs(toy_root, tmp_path):
+    args = ["--model", "tiny", "--data", str(toy_root), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu",
+            "--subsets", "t", "--readouts", "gen0,gen,disc", "--epochs", "1", "--out", str(tmp_path / "cmp")]
+    out = run(*args)
+    results = json.loads((tmp_path / "cmp" / "ablation.json").read_text())["results"]
+    assert list(results) == ["gen0", "gen", "disc"]
+    assert results["gen0"][0]["trainable_pct"] == 0.0 and 0 < results["disc"][0]["trainable_pct"] < 100
+    assert "parse_fail_rate" in results["gen"][0] and "parse_fail_rate" not in results["disc"][0]
+    header = next(line for line in out.splitlines() if line.startswith("| readout"))
+    assert "parse_fail_rate" in header and "ms_per_clip" in header
+    assert "reusing" not in out
+    disc_folder = tmp_path / "cmp" / "disc-t-s0"
+    stamp = (disc_folder / "metrics.json").stat().st_mtime_ns
+    again = run(*args)  # everything is done: nothing is trained or evaluated again
+    assert again.count("reusing") == 3 and (disc_folder / "metrics.json").stat().st_mtime_ns == stamp
+    assert json.loads((tmp_path / "cmp" / "ablation.json").read_text())["results"] == results
+    changed = run(*[a if a != "gen0,gen,disc" else "disc" for a in args], "--lr", "1e-3")
+    assert "reusing" not in changed and (disc_folder / "metrics.json").stat().st_mtime_ns != stamp  # trained again

