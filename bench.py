@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import SAMPLE_RATE, Clips, Collate, make_toy, to_device
+from data import SAMPLE_RATE, Clips, Collate, make_loader, make_toy, to_device
 from eval import add_run_args
 from lora import count_parameters, freeze
 from readout import (LORA_TARGETS, Gen, Qwen2_5OmniThinkerForConditionalGeneration, build,
@@ -79,10 +79,10 @@ def train_step(readout, optimizer, batch):
     optimizer.step()
 
 
-def cache_ratio(processor, modalities, n=24, workdir=None):
+def cache_ratio(processor, modalities, n=24):
     """Data time of a second epoch over the first: the first decodes every mp4 into an empty cache, the
     second reads the decoded arrays back; both run the processor."""
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         root = make_toy(Path(tmp) / "toy", n, seed=1)
         collate = Collate(processor, modalities)
         start = time.perf_counter()
@@ -186,6 +186,39 @@ def bench(cfg):
     return out
 
 
+# ------------------------------------------------------------------------------ a MOSEI-sized data pipeline
+
+def pipeline(cfg, n_text=20000, n_media=200):
+    """Clips per second through reading, decoding and batching (the processor): a generated label.csv of
+    n_text text-only clips, and n_media toy clips with audio and video, first into an empty decoded-input
+    cache, then from the cache, in the main process and with --num_workers worker processes."""
+    processor = build({**cfg, "model": "tiny", "readout": "disc"}, torch.device("cpu"), lora=False)[1]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        text_root = Path(tmp) / "text"
+        text_root.mkdir()
+        words = TRANSCRIPT * 2
+        rows = [f"v{i // 10},{i % 10},{' '.join(words[i % 30:i % 30 + 12])},{(i % 61) / 10 - 3:.1f},train"
+                for i in range(n_text)]
+        (text_root / "label.csv").write_text("video_id,clip_id,text,label,mode\n" + "\n".join(rows) + "\n")
+        start = time.perf_counter()
+        media_root = make_toy(Path(tmp) / "media", n_media, seed=2)
+        out["media_clips_written_s"] = time.perf_counter() - start
+        for name, root, modalities in (("text", text_root, "t"), ("media", media_root, "tav")):
+            for workers in sorted({0, cfg["num_workers"]}):
+                for cache in ("empty cache", "cached"):
+                    if cache == "empty cache" and workers:
+                        continue  # the first pass decodes in the main process (Clips checks every file up front)
+                    run = {**cfg, "modalities": modalities, "num_workers": workers, "cache_dir": str(Path(tmp) / "c")}
+                    start = time.perf_counter()
+                    clips = Clips(root, "train", modalities, cache_dir=run["cache_dir"])
+                    batches = sum(1 for _ in make_loader(run, "train", processor, 8, shuffle=True, clips=clips))
+                    seconds = time.perf_counter() - start
+                    out[f"{name}_{cache.replace(' ', '_')}_workers{workers}"] = dict(
+                        clips=len(clips), batches=batches, seconds=seconds, clips_per_s=len(clips) / seconds)
+    return out
+
+
 # ------------------------------------------------------------------------------ 7B counts, no weights needed
 
 def param_counts(ranks=(8, 16, 32, 64), targets=LORA_TARGETS["qwen2_5_omni_thinker"]):
@@ -248,6 +281,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=10, help="timed calls; the median is reported")
     p.add_argument("--no_cache", dest="cache", action="store_false", help="skip the decoded-input cache check")
     p.add_argument("--params", action="store_true", help="print the 7B Thinker's parameter and LoRA counts, exit")
+    p.add_argument("--pipeline", type=int, default=None, metavar="N",
+                   help="instead: clips per second of the data pipeline on N generated text-only clips and N / 100 "
+                        "toy clips with audio and video (MOSEI: N=20000), with --num_workers workers too")
     p.add_argument("--json", default=None, help="write the results here")
     cfg = vars(p.parse_args(argv))
     cfg["batch_sizes"] = [int(n) for n in cfg["batch_sizes"].split(",")] + [cfg["batch_size"]]
@@ -258,7 +294,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    result = param_counts() if cfg["params"] else bench(cfg)
+    result = param_counts() if cfg["params"] else pipeline(cfg, cfg["pipeline"], cfg["pipeline"] // 100) \
+        if cfg["pipeline"] else bench(cfg)
     if cfg["params"]:
         print(params_table(result))
     else:

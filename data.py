@@ -303,13 +303,40 @@ def load_clips(cfg, split):
     return clips
 
 
-def make_loader(cfg, split, processor, batch_size=None, shuffle=False, seed=0, drop_last=False, clips=None):
+def make_loader(cfg, split, processor, batch_size=None, shuffle=False, seed=0, drop_last=False, clips=None,
+                rank=0, world=1):
     """A DataLoader over one split of the run `cfg` describes (eval_batch_size unless told otherwise), over
-    `clips` when they are loaded already."""
+    `clips` when they are loaded already. With world > 1, this rank's share: shuffled, its part of each global
+    batch (ShardedShuffle, which drops incomplete ones); not shuffled, every world-th clip from the rank-th."""
+    clips = clips if clips is not None else load_clips(cfg, split)
+    batch_size, sampler, generator = batch_size or cfg["eval_batch_size"], None, torch.Generator().manual_seed(seed)
+    if world > 1:
+        sampler = ShardedShuffle(len(clips), batch_size, rank, world, generator) if shuffle else \
+            range(rank, len(clips), world)
+        shuffle = False
     return torch.utils.data.DataLoader(
-        clips if clips is not None else load_clips(cfg, split), batch_size=batch_size or cfg["eval_batch_size"], shuffle=shuffle,
-        generator=torch.Generator().manual_seed(seed), num_workers=cfg["num_workers"], drop_last=drop_last,
-        collate_fn=Collate(processor, cfg["modalities"], cfg["fps"], cfg["max_pixels"]))
+        clips, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
+        num_workers=cfg["num_workers"], drop_last=drop_last, collate_fn=Collate(processor, cfg["modalities"], cfg["fps"], cfg["max_pixels"]))
+
+
+class ShardedShuffle(torch.utils.data.Sampler):
+    """For one of `world` processes (torchrun): the order that DataLoader(shuffle=True, generator=g) gives a
+    single process, cut into global batches of batch_size * world clips, of which this rank takes its own
+    contiguous batch_size. Together the processes see exactly the batches one process would see with the global
+    batch size; incomplete global batches are dropped. The loader must get the same generator."""
+
+    def __init__(self, n, batch_size, rank, world, generator):
+        self.n, self.batch_size, self.rank, self.world, self.generator = n, batch_size, rank, world, generator
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=self.generator).tolist()
+        torch.randperm(self.n, generator=self.generator)  # RandomSampler draws a second one per epoch: so do we
+        size = self.batch_size * self.world
+        for start in range(0, self.n - size + 1, size):
+            yield from perm[start + self.rank * self.batch_size:start + (self.rank + 1) * self.batch_size]
+
+    def __len__(self):
+        return self.n // (self.batch_size * self.world) * self.batch_size
 
 
 def to_device(batch, device):

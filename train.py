@@ -4,6 +4,7 @@ validation MAE.
     python train.py --model tiny --data toy            # offline, a few minutes on CPU
     python train.py --readout disc --data mosi         # Qwen2.5-Omni-7B on $MSA_DATA/MOSI, one GPU
     python train.py --model PATH --data DIR --modalities t   # any local text model folder, transcripts only
+    torchrun --nproc_per_node 4 train.py --data mosei        # data parallel: one process per GPU (gloo on CPU)
 
 Writes a checkpoint folder (--out): config.json, weights.safetensors (LoRA and head of the best epoch),
 last.safetensors (the end of the latest epoch, with optimizer and random-number states: `--resume DIR`
@@ -14,11 +15,13 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -42,9 +45,62 @@ def lr_at(step, total, warmup, peak):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def setup_distributed(cfg):
+    """(rank, world size) under torchrun (WORLD_SIZE > 1): one GPU per process, only rank 0 prints. A plain
+    run sets nothing up: (0, 1). The process group itself is started by start_group()."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if cfg["device"].startswith("cuda"):
+        cfg["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(cfg["device"])
+    if int(os.environ["RANK"]) > 0:
+        sys.stdout = open(os.devnull, "w")
+    return int(os.environ["RANK"]), world
+
+
+def start_group(cfg):
+    """The process group: NCCL on GPUs, gloo on CPU. Started after the model is built, since transformers'
+    save_pretrained (used to build the tiny model) writes on rank 0 only once a group exists."""
+    dist.init_process_group("nccl" if cfg["device"].startswith("cuda") else "gloo")
+
+
+def average_gradients(params, world):
+    """Gradients averaged over the processes, in one all-reduce (what DistributedDataParallel does, without
+    its wrapper, so that any readout's loss() works unchanged)."""
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
+
+
+def evaluate_all(readout, loader, device, world):
+    """evaluate() on this rank's share of a split, gathered in the split's order on every rank."""
+    preds, labels, info = evaluate(readout, loader, device)
+    if world == 1:
+        return preds, labels, info
+    parts = [None] * world
+    dist.all_gather_object(parts, (list(loader.sampler), preds, labels, info))
+    n = sum(len(idx) for idx, *_ in parts)
+    all_preds, all_labels = np.empty(n, dtype=preds.dtype), np.empty(n, dtype=labels.dtype)
+    for idx, p, y, _ in parts:
+        all_preds[idx], all_labels[idx] = p, y
+    infos = [i for *_, i in parts]
+    merged = {k: sum(i[k] for i in infos) for k in infos[0] if k != "ms_per_clip"}
+    merged["ms_per_clip"] = float(np.mean([i["ms_per_clip"] for i in infos]))
+    return all_preds, all_labels, merged
+
+
 def train(cfg):
     """Train the run `cfg` describes (a dict of every flag); returns (checkpoint folder, metrics). With
-    cfg['resume'] set, continue from the last.safetensors in cfg['out']."""
+    cfg['resume'] set, continue from the last.safetensors in cfg['out']. Under torchrun, every process runs
+    this; rank 0 alone writes."""
+    rank, world = setup_distributed(cfg)
+    main = rank == 0
     random.seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
@@ -53,6 +109,8 @@ def train(cfg):
     out.mkdir(parents=True, exist_ok=True)
     clips = {split: load_clips(cfg, split) for split in SPLITS}  # a bad input stops the run before the model loads
     readout, processor = build(cfg, device)
+    if world > 1:
+        start_group(cfg)
     if cfg["grad_ckpt"]:
         readout.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in readout.parameters() if p.requires_grad]
@@ -61,9 +119,11 @@ def train(cfg):
           f"({cfg['parameters']['trainable_pct']:.2f}%)")
 
     train_loader = make_loader(cfg, "train", processor, cfg["batch_size"], shuffle=True, seed=cfg["seed"],
-                               drop_last=True, clips=clips["train"])  # drop_last: a batch norm needs two clips
-    valid_loader = make_loader(cfg, "valid", processor, clips=clips["valid"])
-    test_loader = make_loader(cfg, "test", processor, clips=clips["test"])
+                               drop_last=True, clips=clips["train"], rank=rank, world=world)  # a batch norm needs 2
+    valid_loader = make_loader(cfg, "valid", processor, clips=clips["valid"], rank=rank, world=world)
+    test_loader = make_loader(cfg, "test", processor, clips=clips["test"], rank=rank, world=world)
+    print(f"effective batch: {cfg['batch_size']} clips x {world} process(es) x {cfg['grad_accum']} accumulation "
+          f"steps = {cfg['batch_size'] * world * cfg['grad_accum']} clips per optimizer step")
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     total = cfg["epochs"] * math.ceil(len(train_loader) / cfg["grad_accum"])
     warmup = max(1, round(cfg["warmup_ratio"] * total))
@@ -74,21 +134,24 @@ def train(cfg):
     if cfg["resume"]:
         start, step, best = load_last(out / "last.safetensors", readout, optimizer, train_loader)
         lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
-        log = open(out / "log.jsonl", "w")  # drop what the interrupted epoch logged
+        log = open(out / "log.jsonl" if main else os.devnull, "w")  # drop what the interrupted epoch logged
         log.writelines(line + "\n" for line in lines if json.loads(line).get("epoch", 0) <= start)
         print(f"resuming {out} after epoch {start} (best valid MAE so far {best:.4f})")
     else:
         start, step, best = 0, 0, float("inf")
-        (out / "config.json").write_text(json.dumps(cfg, indent=2))
-        log = open(out / "log.jsonl", "w")
+        if main:
+            (out / "config.json").write_text(json.dumps(cfg, indent=2))
+        log = open(out / "log.jsonl" if main else os.devnull, "w")
         log.write(json.dumps(dict(data={split: dict(clips=len(c), skipped=c.skip_counts(),
                                                     empty_transcripts=c.empty_transcripts)
                                         for split, c in clips.items()})) + "\n")
     for epoch in range(start, cfg["epochs"]):
         readout.train()
-        started, losses = time.time(), []
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False, disable=None)
+        started, losses, waited = time.time(), [], 0.0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False, disable=None if main else True)
+        ready = time.perf_counter()
         for i, batch in enumerate(bar):
+            waited += time.perf_counter() - ready  # the time the loop waited for this batch
             with torch.autocast(**autocast):
                 loss = readout.loss(to_device(batch, device))
             if not torch.isfinite(loss):
@@ -99,6 +162,7 @@ def train(cfg):
             (loss / cfg["grad_accum"]).backward()
             losses.append(loss.item())
             if (i + 1) % cfg["grad_accum"] == 0 or i + 1 == len(train_loader):
+                average_gradients(params, world)
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total, warmup, cfg["lr"])
                 torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
@@ -106,40 +170,50 @@ def train(cfg):
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            ready = time.perf_counter()
         with torch.autocast(**autocast):
             readout.prepare(to_device(b, device) for b in prepare_loader)
-        valid = summarize(*evaluate(readout, valid_loader, device), cfg["parse_fallback"])
+        valid = summarize(*evaluate_all(readout, valid_loader, device, world), cfg["parse_fallback"])
         kept = valid["MAE"] < best
         if kept:
             best, best_valid = valid["MAE"], valid
-            save_atomically(trained_state(readout), out / "weights.safetensors")
+            if main:
+                save_atomically(trained_state(readout), out / "weights.safetensors")
         record = dict(epoch=epoch + 1, step=step, lr=optimizer.param_groups[0]["lr"], train_loss=float(np.mean(losses)),
-                      valid_MAE=valid["MAE"], valid_Corr=valid["Corr"], kept=kept, seconds=time.time() - started)
+                      valid_MAE=valid["MAE"], valid_Corr=valid["Corr"], kept=kept, seconds=time.time() - started,
+                      data_wait_seconds=waited)
         unparsed = f"  unparseable {valid['parse_fail_rate']:.0%}" if "parse_fail_rate" in valid else ""
         if unparsed:
             record["valid_parse_fail_rate"] = valid["parse_fail_rate"]
         log.write(json.dumps(record) + "\n")
         log.flush()
-        save_last(out / "last.safetensors", readout, optimizer, train_loader, epoch + 1, step, best)
+        if main:
+            save_last(out / "last.safetensors", readout, optimizer, train_loader, epoch + 1, step, best)
         print(f"epoch {epoch + 1:3d}  loss {record['train_loss']:.4f}  valid MAE {valid['MAE']:.4f}  "
-              f"Corr {valid['Corr']:.4f}{unparsed}{'  *' if kept else ''}  ({record['seconds']:.1f}s)")
+              f"Corr {valid['Corr']:.4f}{unparsed}{'  *' if kept else ''}  ({record['seconds']:.1f}s, "
+              f"{waited:.1f}s waiting for data)")
     log.close()
 
+    if world > 1:
+        dist.barrier()  # rank 0 has written the best weights
     load_weights(readout, read_weights(out / "weights.safetensors", device), out / "weights.safetensors")
     result = {"valid": best_valid} if best_valid else {}  # none: the best epoch was before a --resume
     for split, loader in (("valid", valid_loader), ("test", test_loader)):
         if split in result:
             continue
-        preds, labels, info = evaluate(readout, loader, device)
+        preds, labels, info = evaluate_all(readout, loader, device, world)
         result[split] = summarize(preds, labels, info, cfg["parse_fallback"])
     result["test_mean_baseline"] = mean_baseline(cfg, labels)
     if device.type == "cuda":
         result["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    plot_learning_curve(out)
+    if main:
+        (out / "metrics.json").write_text(json.dumps(result, indent=2))
+        plot_learning_curve(out)
     report(f"{cfg['readout']} (test)", result["test"], result["test_mean_baseline"])
     print(f"test MAE / train-mean MAE = {result['test']['MAE'] / result['test_mean_baseline']['MAE']:.3f}   "
           f"checkpoint: {out}")
+    if world > 1:
+        dist.destroy_process_group()
     return out, result
 
 

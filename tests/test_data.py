@@ -287,3 +287,23 @@ def test_cache_on_a_real_clip(tmp_path):
         f.write(b"\0")
     data.cached(decode_video, mp4, tmp_path / "cache", **settings)
     assert len(calls) == 3
+
+
+def test_sharded_shuffle_splits_exactly_the_batches_one_process_would_see():
+    import torch
+    from data import ShardedShuffle
+    n, per_rank, world = 23, 3, 2
+
+    def batches(loader, epochs=3):
+        return [[b.tolist() for b in loader] for _ in range(epochs)]
+
+    one = torch.utils.data.DataLoader(range(n), batch_size=per_rank * world, shuffle=True, drop_last=True,
+                                      generator=torch.Generator().manual_seed(5))
+    ranks = []
+    for rank in range(world):
+        g = torch.Generator().manual_seed(5)
+        ranks.append(batches(torch.utils.data.DataLoader(range(n), batch_size=per_rank, generator=g, drop_last=True,
+                                                         sampler=ShardedShuffle(n, per_rank, rank, world, g))))
+    for epoch, expected in enumerate(batches(one)):  # epochs differ, and each global batch is the ranks' together
+        assert [a + b for a, b in zip(ranks[0][epoch], ranks[1][epoch])] == expected
+    assert ranks[0][0] != ranks[0][1]

@@ -293,3 +293,29 @@ def test_a_gguf_model_without_the_gguf_package_is_a_clear_error(monkeypatch, tmp
     if GGUF is not None:
         with pytest.raises(ValueError, match="no such file"):
             load_backbone(str(tmp_path / "model.gguf"))
+
+
+def test_two_processes_with_gloo_match_one_process_with_the_same_global_batch(toy_root, tmp_path):
+    common = ["--model", "tiny", "--data", str(toy_root), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu",
+              "--modalities", "ta", "--epochs", "3", "--lora_dropout", "0", "--grad_accum", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "train.py", *common, "--batch_size", "8", "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "train.py", *common, "--batch_size", "4", "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "4 clips x 2 process(es) x 1 accumulation steps = 8 clips per optimizer step" in two.stdout
+    assert two.stdout.count("test MAE / train-mean MAE") == 1  # rank 0 alone prints
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()[1:]]
+            for run in ("one", "two")]
+    assert [r["step"] for r in logs[1]] == [r["step"] for r in logs[0]] == [4, 8, 12]  # 36 clips, 8 per step
+    for a, b in zip(*logs):
+        assert abs(a["valid_MAE"] - b["valid_MAE"]) < 1e-4 and abs(a["valid_Corr"] - b["valid_Corr"]) < 1e-4
+        assert a["valid_MAE"] != logs[0][0]["valid_MAE"] or a is logs[0][0]  # training moved the model
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two")]
+    for split in ("valid", "test"):
+        assert metrics[0][split]["n"] == metrics[1][split]["n"] == 12  # the whole split, each clip once
+        assert abs(metrics[0][split]["MAE"] - metrics[1][split]["MAE"]) < 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "one", "two"]  # one checkpoint folder each
