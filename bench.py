@@ -191,7 +191,8 @@ def bench(cfg):
 def pipeline(cfg, n_text=20000, n_media=200):
     """Clips per second through reading, decoding and batching (the processor): a generated label.csv of
     n_text text-only clips, and n_media toy clips with audio and video, first into an empty decoded-input
-    cache, then from the cache, in the main process and with --num_workers worker processes."""
+    cache, then from the cache; in the main process, then with --num_workers decoding threads and loader
+    worker processes."""
     processor = build({**cfg, "model": "tiny", "readout": "disc"}, torch.device("cpu"), lora=False)[1]
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -207,11 +208,10 @@ def pipeline(cfg, n_text=20000, n_media=200):
         for name, root, modalities in (("text", text_root, "t"), ("media", media_root, "tav")):
             for workers in sorted({0, cfg["num_workers"]}):
                 for cache in ("empty cache", "cached"):
-                    if cache == "empty cache" and workers:
-                        continue  # the first pass decodes in the main process (Clips checks every file up front)
-                    run = {**cfg, "modalities": modalities, "num_workers": workers, "cache_dir": str(Path(tmp) / "c")}
+                    run = {**cfg, "modalities": modalities, "num_workers": workers,
+                           "cache_dir": str(Path(tmp) / f"cache{workers}")}
                     start = time.perf_counter()
-                    clips = Clips(root, "train", modalities, cache_dir=run["cache_dir"])
+                    clips = Clips(root, "train", modalities, cache_dir=run["cache_dir"], workers=workers)
                     batches = sum(1 for _ in make_loader(run, "train", processor, 8, shuffle=True, clips=clips))
                     seconds = time.perf_counter() - start
                     out[f"{name}_{cache.replace(' ', '_')}_workers{workers}"] = dict(

@@ -8,6 +8,7 @@ import hashlib
 import math
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import av
@@ -179,29 +180,38 @@ def cached(decode, path, cache_dir, load=True, **settings):
 
 class Clips(torch.utils.data.Dataset):
     """One split of an MMSA-layout folder; items hold the text, the label and the decoded media that
-    `modalities` (a subset of 'tav') asks for. Every clip's media are decoded (into the cache) up front, so
-    that a bad file stops the run before training, or with on_bad='skip' is skipped and counted."""
+    `modalities` (a subset of 'tav') asks for. Every clip's media are decoded (into the cache) up front, by
+    `workers` threads, so that a bad file stops the run before training, or with on_bad='skip' is skipped
+    and counted."""
 
     def __init__(self, root, split, modalities="tav", fps=2.0, max_frames=32, max_pixels=128 * 28 * 28,
-                 cache_dir="cache", on_bad="error"):
+                 cache_dir="cache", on_bad="error", workers=0):
         if not modalities or set(modalities) - set("tav"):
             raise ValueError(f"--modalities must be a non-empty subset of 'tav', not {modalities!r}")
         self.root, self.modalities, self.cache_dir = Path(root), modalities, cache_dir
         self.video_settings = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels)
         rows, self.skipped = read_split(root, split, on_bad)  # skipped: (clip id, DataError)
-        self.rows = []
-        for r in tqdm(rows, desc=f"decoding {split}", leave=False, disable=modalities == "t" or len(rows) < 50):
+
+        def check(r):  # decode into the cache, or find it there, without reading it back -> None or the problem
             mp4 = self.root / "Raw" / r["video_id"] / f"{r['clip_id']}.mp4"
             wav = mp4.with_suffix(".wav")
             r["video"], r["audio"] = mp4, (wav if wav.exists() else mp4)
             try:
-                self.media(r, load=False)  # decode into the cache, or find it there, without reading it back
-                self.rows.append(r)
+                self.media(r, load=False)
             except DataError as e:
-                e = DataError(f"{e} (clip {r['video_id']}/{r['clip_id']}, {self.root / 'label.csv'} line {r['line']})",
-                              e.kind)
-                if on_bad != "skip":
-                    raise DataError(f"{e}; --on_bad skip skips such clips", e.kind) from None
+                return DataError(f"{e} (clip {r['video_id']}/{r['clip_id']}, {self.root / 'label.csv'} line "
+                                 f"{r['line']})", e.kind)
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # PyAV decodes without holding the GIL
+            problems = list(tqdm(pool.map(check, rows), total=len(rows), desc=f"decoding {split}", leave=False,
+                                 disable=modalities == "t" or len(rows) < 50))
+        self.rows = []
+        for r, e in zip(rows, problems):
+            if e is None:
+                self.rows.append(r)
+            elif on_bad != "skip":
+                raise DataError(f"{e}; --on_bad skip skips such clips", e.kind) from None
+            else:
                 self.skipped.append((f"{r['video_id']}/{r['clip_id']}", e))
         if not self.rows:
             raise DataError(f"{self.root}: no usable clip in {split!r} for --modalities {modalities} "
@@ -293,7 +303,7 @@ class Collate:
 def load_clips(cfg, split):
     """The Clips of one split of the run `cfg` describes, with what was skipped or is odd printed."""
     clips = Clips(data_root(cfg["data"]), split, cfg["modalities"], cfg["fps"], cfg["max_frames"],
-                  cfg["max_pixels"], cfg["cache_dir"], cfg["on_bad"])
+                  cfg["max_pixels"], cfg["cache_dir"], cfg["on_bad"], cfg["num_workers"])
     if clips.skipped:
         counts = ", ".join(f"{k} {n}" for k, n in clips.skip_counts().items())
         print(f"data: skipped {len(clips.skipped)} of {len(clips.skipped) + len(clips)} clips of {split!r} "
