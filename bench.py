@@ -26,7 +26,7 @@ from data import SAMPLE_RATE, Clips, Collate, make_loader, make_toy, to_device
 from eval import add_run_args
 from lora import count_parameters, freeze
 from readout import (LORA_TARGETS, Gen, Qwen2_5OmniThinkerForConditionalGeneration, build,
-                     thinker_config)
+                     thinker_config, tiny_processor)
 
 TRANSCRIPT = ("i think the movie was really good the acting was great and the plot was fine but honestly the "
               "ending was bad and the soundtrack was okay well it is fine").split()[:30]
@@ -227,12 +227,7 @@ def param_counts(ranks=(8, 16, 32, 64), targets=LORA_TARGETS["qwen2_5_omni_think
     parameters, and packed storage elements (an NF4 weight of n parameters is n / 2 uint8 elements, which is
     what summing numel() over a loaded 4-bit model gives); and, the one reading we found that gives the paper's
     1.14%, LoRA alone over the text decoder's real parameters (embeddings and layers: no towers, no LM head)."""
-    from transformers import AutoTokenizer
-    with tempfile.TemporaryDirectory() as folder:
-        from readout import build_tiny
-        build_tiny(folder)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    config = thinker_config(tokenizer, "7b")
+    config = thinker_config(tiny_processor().tokenizer, "7b")
     with torch.device("meta"):
         model = Qwen2_5OmniThinkerForConditionalGeneration(config)
     inner = model.model

@@ -112,9 +112,9 @@ def quantize_nf4(model, skip=SKIP_QUANT):
     return model
 
 
-def build_tiny(folder, seed=0):
-    """Write a random Qwen2.5-Omni Thinker (about 0.4 M parameters) with a byte-level BPE tokenizer and
-    the Omni processor into `folder`, deterministically in `seed`."""
+def tiny_processor():
+    """The Omni processor of the tiny Thinker: a byte-level BPE tokenizer (512 tokens, the Omni special tokens)
+    trained offline on TINY_CORPUS, Whisper features, the Qwen2-VL image and video processors."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast, WhisperFeatureExtractor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
@@ -132,7 +132,15 @@ def build_tiny(folder, seed=0):
     bpe.train_from_iterator([TINY_CORPUS], trainer)
     tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    padding_side="left", extra_special_tokens=media)
-    config = thinker_config(tokenizer, "tiny")
+    return Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessor(), video_processor=Qwen2VLVideoProcessor(),
+                                feature_extractor=WhisperFeatureExtractor(feature_size=128), tokenizer=tokenizer)
+
+
+def build_tiny(folder, seed=0):
+    """Write a random Qwen2.5-Omni Thinker (about 0.4 M parameters) with the tiny processor into `folder`,
+    deterministically in `seed`."""
+    processor = tiny_processor()
+    config = thinker_config(processor.tokenizer, "tiny")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Qwen2_5OmniThinkerForConditionalGeneration(config)
@@ -143,9 +151,7 @@ def build_tiny(folder, seed=0):
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.save_pretrained(folder)
-    Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessor(), video_processor=Qwen2VLVideoProcessor(),
-                         feature_extractor=WhisperFeatureExtractor(feature_size=128),
-                         tokenizer=tokenizer).save_pretrained(folder)
+    processor.save_pretrained(folder)
 
 
 # Thinker shapes. "7b" is Qwen2.5-Omni-7B's published Thinker configuration (transformers' default vision
@@ -186,9 +192,7 @@ def thinker_config(tokenizer, shape="tiny"):
 def random_thinker(shape="7b", quant="nf4", device="cuda", seed=0):
     """A Thinker of one of THINKER_SHAPES with random weights, its text decoder quantised to NF4 in memory (no
     checkpoint needed), with the tiny model's processor (whose token ids are valid for it): for benchmarks."""
-    with tempfile.TemporaryDirectory() as folder:
-        build_tiny(folder)
-        processor = Qwen2_5OmniProcessor.from_pretrained(folder)
+    processor = tiny_processor()
     processor.video_processor.cap_pixels_per_frame = True
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     default, device = torch.get_default_dtype(), torch.device(device)
