@@ -97,7 +97,7 @@ def finished(cfg):
     if not (folder / "metrics.json").exists() or not (folder / "config.json").exists():
         return None
     done = json.loads((folder / "config.json").read_text())
-    if any(done.get(k) != v for k, v in cfg.items() if k not in ("out", "parameters", "resume")):
+    if any(done.get(k) != v for k, v in cfg.items() if k not in ("out", "parameters", "resume", "cache_processed")):
         return None
     print(f"reusing {folder} (its config.json is this run's)")
     return test_metrics(json.loads((folder / "metrics.json").read_text()), done)

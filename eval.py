@@ -208,6 +208,9 @@ def add_run_args(p):
                    help="a bad clip (bad label.csv row; missing, corrupt or streamless media file): stop with an "
                         "error naming it, or skip it and count it by reason")
     p.add_argument("--cache_dir", default="cache", help="where decoded clips are kept between epochs and runs")
+    p.add_argument("--cache_processed", action="store_true",
+                   help="keep each clip's processor output there too, so that later epochs skip the processor "
+                        "(for video about 4x the disk of the decoded frames)")
     p.add_argument("--eval_batch_size", type=int, default=8, help="clips per batch when evaluating")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--lora_targets", default=None,

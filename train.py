@@ -295,6 +295,7 @@ def load_config(folder):
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{file}: not a JSON object")
+    cfg = {"cache_processed": False, **cfg}  # flags added since the checkpoint was written: their default
     reference = {**parse_args(["--model", "tiny"]), "parameters": {}}
     problems = [f"unknown key {k!r}" for k in cfg.keys() - reference.keys()]
     problems += [f"missing key {k!r}" for k in reference.keys() - cfg.keys()]

@@ -88,6 +88,18 @@ def test_gradient_checkpointing_changes_no_number(make_cfg, tmp_path):
     assert runs[1]["valid"]["MAE"] == pytest.approx(runs[0]["valid"]["MAE"], abs=1e-6)
 
 
+def test_the_processed_cache_changes_no_number_and_is_read_back(make_cfg, tmp_path):
+    runs = [train({**make_cfg("--epochs", "2", "--modalities", "tav", "--batch_size", "4", *flags),
+                   "out": str(tmp_path / str(i))})[1] for i, flags in enumerate([[], ["--cache_processed"]])]
+    assert runs[1]["valid"]["MAE"] == pytest.approx(runs[0]["valid"]["MAE"], abs=1e-6)
+    assert runs[1]["test"]["MAE"] == pytest.approx(runs[0]["test"]["MAE"], abs=1e-6)
+    files = sorted((tmp_path / "cache" / "processed").glob("*.safetensors"))
+    assert len(files) == 60  # one per clip of the three splits, written once in two epochs
+    config = tmp_path / "0" / "config.json"  # as written before the flag existed: it loads, with the default
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "cache_processed"}))
+    assert load_checkpoint(tmp_path / "0", torch.device("cpu"))[0]["cache_processed"] is False
+
+
 def test_a_text_model_trains_and_its_checkpoint_reloads(make_cfg, bert_dir):
     cfg = make_cfg("--model", str(bert_dir), "--modalities", "t", "--readout", "mean", "--epochs", "2",
                    "--lr", "2e-3", "--batch_size", "4", "--grad_accum", "1", "--lora_r", "8")
