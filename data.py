@@ -289,34 +289,37 @@ class Collate:
 
     def __init__(self, processor, modalities, fps=2.0, max_pixels=128 * 28 * 28):
         self.processor, self.modalities = processor, modalities
+        self.tokenizer = getattr(processor, "tokenizer", processor)  # the Omni processor's, or a text backbone's
+        self.omni = self.tokenizer is not processor
         self.video_kwargs = dict(fps=fps, size={"shortest_edge": 4 * 28 * 28, "longest_edge": max_pixels})
 
     def __call__(self, items):
         prompts = [self.prompt(it["text"]) for it in items]
-        if hasattr(self.processor, "tokenizer"):  # the Omni processor
+        if self.omni:
             inputs = self.processor(text=prompts, padding=True, return_tensors="pt", **self.media(items))
-        else:  # a plain tokenizer: a text-only backbone
-            inputs = self.processor(prompts, padding=True, return_tensors="pt",
-                                    add_special_tokens=self.processor.chat_template is None)
-        return dict(inputs=dict(inputs), label=torch.tensor([it["label"] for it in items], dtype=torch.float32),
-                    ids=[it["id"] for it in items])
+        else:
+            inputs = self.tokenizer(prompts, padding=True, return_tensors="pt",
+                                    add_special_tokens=self.tokenizer.chat_template is None)
+        return self.batch(dict(inputs), items)
 
     def prompt(self, text):
-        omni = hasattr(self.processor, "tokenizer")
-        return build_prompt(text, self.modalities) if omni else text_input(text, self.processor)
+        return build_prompt(text, self.modalities) if self.omni else text_input(text, self.tokenizer)
 
     def merge(self, items):
         """A batch of Processed items, as __call__ makes it of the same clips: token rows padded on the tokenizer's
         side, audio features at the end (masked: the audio tower never reads them), the rest concatenated."""
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
         inputs = {}
         for key in items[0]["inputs"]:
             rows = [it["inputs"][key] for it in items]
             if key in ("input_ids", "attention_mask", "token_type_ids", "input_features", "feature_attention_mask"):
-                n, left = max(x.shape[-1] for x in rows), tokenizer.padding_side == "left" and "feature" not in key
-                fill = tokenizer.pad_token_id if key == "input_ids" else 0
+                n, left = max(x.shape[-1] for x in rows), self.tokenizer.padding_side == "left" and "feature" not in key
+                fill = self.tokenizer.pad_token_id if key == "input_ids" else 0
                 rows = [F.pad(x, (n - x.shape[-1], 0) if left else (0, n - x.shape[-1]), value=fill) for x in rows]
             inputs[key] = torch.cat(rows)
+        return self.batch(inputs, items)
+
+    @staticmethod
+    def batch(inputs, items):
         return dict(inputs=inputs, label=torch.tensor([it["label"] for it in items], dtype=torch.float32),
                     ids=[it["id"] for it in items])
 
