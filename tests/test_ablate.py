@@ -45,3 +45,7 @@ def test_readout_comparison_with_zero_shot_row_and_reuse_of_finished_runs(toy_ro
     assert json.loads((tmp_path / "cmp" / "ablation.json").read_text())["results"] == results
     changed = run(*[a if a != "gen0,gen,disc" else "disc" for a in args], "--lr", "1e-3")
     assert "reusing" not in changed and (disc_folder / "metrics.json").stat().st_mtime_ns != stamp  # trained again
+    gen_stamp = (tmp_path / "cmp" / "gen-t-s0" / "metrics.json").stat().st_mtime_ns
+    head_flags = run(*[a if a != "gen0,gen,disc" else "gen" for a in args], "--pool_norm", "batch", "--loss", "l1")
+    assert head_flags.count("reusing") == 1  # gen has no head: its run stands for any head flags
+    assert (tmp_path / "cmp" / "gen-t-s0" / "metrics.json").stat().st_mtime_ns == gen_stamp
