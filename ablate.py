@@ -9,8 +9,8 @@ readout, data, epochs): how well can each subset predict the score? The second e
 trained on all its modalities with some removed at test time: how much does that model lean on each?
 The third varies the readout instead (gen0: the generative readout zero-shot, untrained).
 Any other flag is train.py's. A run whose folder already holds the metrics of the same config is reused,
-not trained again (a gen run whatever the head flags, which it does not use). Writes ablation.md and
-ablation.json under --out.
+not trained again, whatever the flags its readout never reads (Readout.unused_flags: gen has no head).
+Writes ablation.md and ablation.json under --out.
 """
 import argparse
 import json
@@ -25,7 +25,6 @@ from readout import READOUTS, build
 from train import parse_args, train
 
 SUBSETS = ["t", "a", "v", "ta", "tv", "av", "tav"]
-HEAD_FLAGS = ("head", "pool_norm", "loss")  # the disc and mean heads' flags: gen has no head
 
 
 def main():
@@ -99,7 +98,7 @@ def finished(cfg):
     if not (folder / "metrics.json").exists() or not (folder / "config.json").exists():
         return None
     done = json.loads((folder / "config.json").read_text())
-    ignored = {"out", "parameters", "resume", "cache_processed", *(HEAD_FLAGS if cfg["readout"] == "gen" else ())}
+    ignored = {"out", "parameters", "resume", "cache_processed", *READOUTS[cfg["readout"]].unused_flags}
     if any(done.get(k) != v for k, v in cfg.items() if k not in ignored):
         return None
     print(f"reusing {folder} (its config.json is this run's)")

@@ -224,6 +224,8 @@ def last_token_index(attention_mask):
 
 
 class Readout(nn.Module):
+    unused_flags = ()  # run flags this readout never reads: a finished run stands for any value of them
+
     def __init__(self, backbone, tokenizer, cfg):
         super().__init__()
         self.backbone, self.tokenizer = backbone, tokenizer
@@ -293,6 +295,7 @@ class Gen(Readout):
     """Generative readout: the model writes the score as text (greedy decoding), which parse_score reads.
     Trained with next-token cross-entropy on the answer alone: the label with one decimal, then the end token.
     An unparseable answer is NaN in preds (eval.py scores it with --parse_fallback and counts it)."""
+    unused_flags = ("head", "pool_norm", "loss")  # the regression head's
 
     def __init__(self, backbone, tokenizer, cfg):
         super().__init__(backbone, tokenizer, cfg)
