@@ -22,11 +22,49 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import SAMPLE_RATE, Clips, Collate, make_loader, make_toy, to_device
-from eval import add_run_args
-from lora import count_parameters, freeze
-from readout import (LORA_TARGETS, Gen, Qwen2_5OmniThinkerForConditionalGeneration, build,
+from data import SAMPLE_RATE, Clips, collate, make_loader, make_toy, model_inputs, prompt, to_device
+from eval import answer_flags, input_flags, machine_flags, resolve, training_flags
+from lora import add_lora, count_parameters, freeze, quantize_nf4
+from readout import (LORA_TARGETS, READOUTS, SKIP_QUANT, Gen, Qwen2_5OmniThinkerForConditionalGeneration, build,
                      thinker_config, tiny_processor)
+
+# Qwen2.5-Omni-7B's published Thinker configuration (transformers' default vision config is not: its hidden_size
+# 3584 is the output width; the 7B's vision blocks are 1280 wide).
+SEVEN_B = dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, mrope_section=[16, 24, 24], vocab_size=152064,
+                         max_position_embeddings=32768, tie_word_embeddings=False),
+               audio=dict(encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, d_model=1280),
+               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                           fullatt_block_indexes=[7, 15, 23, 31]))
+
+
+def random_thinker(shape, quant="nf4", device="cuda", seed=0):
+    """A Thinker of `shape` (SEVEN_B, readout.TINY) with random weights, its text decoder quantised to NF4 in memory
+    (no checkpoint needed), with the tiny model's processor (whose token ids are valid for it)."""
+    processor = tiny_processor()
+    processor.video_processor.cap_pixels_per_frame = True
+    device = torch.device(device)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+            torch.manual_seed(seed)  # the same weights each time: two copies can be compared
+            model = Qwen2_5OmniThinkerForConditionalGeneration(thinker_config(processor.tokenizer, **shape))
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config.pad_token_id = model.config.text_config.pad_token_id
+    model.generation_config.eos_token_id = model.config.text_config.eos_token_id
+    return (quantize_nf4(model, SKIP_QUANT) if quant == "nf4" else model).eval(), processor
+
+
+def build_readout(cfg, device, lora=True):
+    """readout.build, or for --model random-7b the same readout over a random 7B-shaped Thinker."""
+    if cfg["model"] != "random-7b":
+        return build(cfg, device, lora)
+    backbone, processor = random_thinker(SEVEN_B, cfg["quant"], device)
+    if lora:
+        add_lora(backbone, LORA_TARGETS["qwen2_5_omni_thinker"], cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"])
+    return READOUTS[cfg["readout"]](backbone, processor.tokenizer, cfg), processor
 
 TRANSCRIPT = ("i think the movie was really good the acting was great and the plot was fine but honestly the "
               "ending was bad and the soundtrack was okay well it is fine").split()[:30]
@@ -37,7 +75,7 @@ def mosi_like(n, seed=0, seconds=5.0, fps=2.0, height=360, width=640):
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     return [dict(id=f"bench/{i}", text=" ".join(TRANSCRIPT), label=float(rng.uniform(-3, 3)),
-                 video=rng.integers(0, 256, (int(seconds * fps), height, width, 3), dtype=np.uint8),
+                 videos=rng.integers(0, 256, (int(seconds * fps), height, width, 3), dtype=np.uint8),
                  audio=(0.3 * np.sin(2 * np.pi * 220 * (i + 1) * t)).astype(np.float32)) for i in range(n)]
 
 
@@ -87,15 +125,14 @@ def cache_ratio(processor, modalities, n=24):
     with tempfile.TemporaryDirectory() as tmp:
         root = make_toy(Path(tmp) / "toy", n, seed=1)
         for processed, key in ((False, "decoded_cache"), (True, "cached")):
-            cfg = dict(modalities=modalities, fps=2.0, max_pixels=128 * 28 * 28, eval_batch_size=8, num_workers=0,
-                       cache_dir=str(Path(tmp) / f"cache_{key}"), cache_processed=processed)
+            cfg = dict(eval_batch_size=8, num_workers=0, cache_processed=processed)
             start = time.perf_counter()
-            clips = Clips(root, "train", modalities, cache_dir=cfg["cache_dir"])
+            clips = Clips(root, "train", modalities, cache_dir=str(Path(tmp) / f"cache_{key}"))
             decode = time.perf_counter() - start
             epochs = []
             for _ in range(2):
                 start = time.perf_counter()
-                sum(1 for _ in make_loader(cfg, "train", processor, clips=clips))
+                sum(1 for _ in make_loader(cfg, clips, processor))
                 epochs.append(time.perf_counter() - start)
             out.update({f"{key}_over_first_epoch": epochs[1] / (decode + epochs[0]),
                         f"{key}_first_epoch_data_s": decode + epochs[0], f"{key}_second_epoch_data_s": epochs[1]})
@@ -109,7 +146,7 @@ def peft_comparison(cfg, ours, batch, device, warmup, repeats):
         import peft
     except ImportError:
         return dict(lora_over_peft=None, lora_peft_max_abs_diff=None)
-    theirs, _ = build(cfg, device, lora=False)
+    theirs, _ = build_readout(cfg, device, lora=False)
     freeze(theirs.backbone)
     names = [n.removesuffix(".base") for n, m in ours.backbone.named_modules() if n.endswith(".base")]
     model = peft.get_peft_model(theirs.backbone, peft.LoraConfig(
@@ -138,17 +175,18 @@ def peft_comparison(cfg, ours, batch, device, warmup, repeats):
 def bench(cfg):
     device = torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])
-    disc, processor = build({**cfg, "readout": "disc"}, device)
+    disc, processor = build_readout({**cfg, "readout": "disc"}, device)
     gen = Gen(disc.backbone, disc.tokenizer, cfg)
-    collate = Collate(processor, cfg["modalities"], cfg["fps"], cfg["max_pixels"])
-    clips = mosi_like(max(cfg["batch_sizes"]), cfg["seed"])
+    items = [dict(inputs=model_inputs(processor, prompt(c["text"], cfg["modalities"], processor),
+                                      {k: c[k] for k in ("videos", "audio")}, cfg["fps"], cfg["max_pixels"]),
+                  label=c["label"], id=c["id"]) for c in mosi_like(max(cfg["batch_sizes"]), cfg["seed"])]
 
     def batch_of(n):
-        return to_device(collate(clips[:n]), device)
+        return to_device(collate(items[:n], processor.tokenizer), device)
 
     batch = batch_of(cfg["batch_size"])
     thinker = disc.backbone
-    one = collate(clips[:1])["inputs"]  # what --cache_processed stores per clip
+    one = items[0]["inputs"]  # what --cache_processed stores per clip
     processed_mb = sum(v.numel() * v.element_size() for v in one.values()) / 2 ** 20
     out = dict(model=cfg["model"], device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                batch_size=cfg["batch_size"], sequence_length=batch["inputs"]["input_ids"].shape[1],
@@ -178,7 +216,7 @@ def bench(cfg):
         out["peak_mem_train_mb_by"] = {}
         for ckpt in (False, True):
             if ckpt:
-                thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                thinker.activation_checkpointing_enable({"use_reentrant": False})
             for n in cfg["batch_sizes"]:
                 b = batch_of(n)
                 peak_mb(device, reset=True)
@@ -186,7 +224,7 @@ def bench(cfg):
                 out["peak_mem_train_mb_by"][f"batch{n}_ckpt_{'on' if ckpt else 'off'}"] = dict(
                     peak_mb=peak_mb(device), step_s=step, sequence_length=b["inputs"]["input_ids"].shape[1])
             if ckpt:
-                thinker.gradient_checkpointing_disable()
+                thinker.activation_checkpointing_disable()
     out.update(cache_ratio(processor, cfg["modalities"]) if cfg["cache"] else dict(cached_over_first_epoch=None))
     return out
 
@@ -213,11 +251,11 @@ def pipeline(cfg, n_text=20000, n_media=200):
         for name, root, modalities in (("text", text_root, "t"), ("media", media_root, "tav")):
             for workers in sorted({0, cfg["num_workers"]}):
                 for cache in ("empty cache", "cached"):
-                    run = {**cfg, "modalities": modalities, "num_workers": workers,
-                           "cache_dir": str(Path(tmp) / f"cache{workers}")}
+                    run = {**cfg, "num_workers": workers}
                     start = time.perf_counter()
-                    clips = Clips(root, "train", modalities, cache_dir=run["cache_dir"], workers=workers)
-                    batches = sum(1 for _ in make_loader(run, "train", processor, 8, shuffle=True, clips=clips))
+                    clips = Clips(root, "train", modalities, cache_dir=str(Path(tmp) / f"cache{workers}"),
+                                  workers=workers)
+                    batches = sum(1 for _ in make_loader(run, clips, processor, 8, shuffle=True))
                     seconds = time.perf_counter() - start
                     out[f"{name}_{cache.replace(' ', '_')}_workers{workers}"] = dict(
                         clips=len(clips), batches=batches, seconds=seconds, clips_per_s=len(clips) / seconds)
@@ -232,7 +270,7 @@ def param_counts(ranks=(8, 16, 32, 64), targets=LORA_TARGETS["qwen2_5_omni_think
     parameters, and packed storage elements (an NF4 weight of n parameters is n / 2 uint8 elements, which is
     what summing numel() over a loaded 4-bit model gives); and, the one reading we found that gives the paper's
     1.14%, LoRA alone over the text decoder's real parameters (embeddings and layers: no towers, no LM head)."""
-    config = thinker_config(tiny_processor().tokenizer, "7b")
+    config = thinker_config(tiny_processor().tokenizer, **SEVEN_B)
     with torch.device("meta"):
         model = Qwen2_5OmniThinkerForConditionalGeneration(config)
     inner = model.model
@@ -273,10 +311,10 @@ def params_table(c):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_args(p)
-    p.add_argument("--batch_size", type=int, default=4, help="clips in the fixed batch")
+    for group in (input_flags, training_flags, answer_flags, machine_flags):
+        group(p)
+    p.set_defaults(batch_size=4)  # --batch_size: clips in the fixed batch
     p.add_argument("--batch_sizes", default="1,4", help="GPU: training-step peak memory at these batch sizes")
-    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first")
     p.add_argument("--repeats", type=int, default=10, help="timed calls; the median is reported")
     p.add_argument("--no_cache", dest="cache", action="store_false", help="skip the decoded-input cache check")
@@ -285,10 +323,8 @@ def parse_args(argv=None):
                    help="instead: clips per second of the data pipeline on N generated text-only clips and N / 100 "
                         "toy clips with audio and video (MOSEI: N=20000), with --num_workers workers too")
     p.add_argument("--json", default=None, help="write the results here")
-    cfg = vars(p.parse_args(argv))
+    cfg = resolve(vars(p.parse_args(argv)))  # train.py's presets
     cfg["batch_sizes"] = [int(n) for n in cfg["batch_sizes"].split(",")] + [cfg["batch_size"]]
-    cfg["lora_r"] = cfg["lora_r"] or (16 if cfg["model"] == "tiny" else 32)  # as train.py's presets
-    cfg["lora_alpha"] = cfg["lora_alpha"] or 2.0 * cfg["lora_r"]
     return cfg
 
 

@@ -1,7 +1,7 @@
-"""LoRA by hand: one layer over `nn.Linear` or bitsandbytes' `Linear4bit`, and the helpers around it.
+"""LoRA by hand over `nn.Linear` or bitsandbytes' 4-bit `Linear4bit`, and 4-bit quantisation in memory.
 
-y = base(x) + (alpha / r) * B(A(dropout(x))), with B zero-initialised so that the model equals its base
-at init. The base stays frozen (and 4-bit where it was); only A and B train.
+y = base(x) + (alpha / r) * B(A(dropout(x))), B zero-initialised so that the model equals its base at init.
+The base stays frozen (and 4-bit where it was); only A and B train.
 """
 import logging
 import math
@@ -14,16 +14,13 @@ from torch import nn
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 import bitsandbytes as bnb  # noqa: E402
 
-# The text decoder's attention and MLP projections; the audio and vision towers keep their weights.
-DEFAULT_TARGETS = r"language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
-
 
 class LoRALinear(nn.Module):
     def __init__(self, base, r=8, alpha=16, dropout=0.05):
         super().__init__()
         self.base, self.scaling = base, alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r))
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.dropout = nn.Dropout(dropout)
 
@@ -32,20 +29,19 @@ class LoRALinear(nn.Module):
         return self.base(x) + (self.scaling * delta).to(x.dtype)
 
 
-def add_lora(model, targets=DEFAULT_TARGETS, r=8, alpha=16, dropout=0.05):
-    """Freeze `model` and wrap every linear layer whose dotted name matches the regex `targets`.
-    Returns the wrapped names; an empty match is an error, not a silent no-op."""
+def linear_layers(model, pattern=""):
+    """Dotted names of the linear layers (4-bit ones too: Linear4bit is an nn.Linear) matching a regex."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.search(pattern, n)]
+
+
+def add_lora(model, targets, r=8, alpha=16, dropout=0.05):
+    """Freeze `model` and wrap every linear layer whose dotted name matches the regex `targets` -> their names."""
     freeze(model)
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, bnb.nn.Linear4bit)) and re.search(targets, n)]
+    names = linear_layers(model, targets)
     if not names:
         raise ValueError(f"--lora_targets {targets!r} matches no linear layer of the model")
     for name in names:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        base = getattr(owner, child)
-        layer = LoRALinear(base, r, alpha, dropout)
-        setattr(owner, child, layer.to(base.weight.device))
+        model.set_submodule(name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
     return names
 
 
@@ -60,33 +56,25 @@ def freeze(model):
             module.support_avx512bf16_for_cpu = False
 
 
-def lora_state_dict(model):
-    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
-
-
-def merge_lora(model):
-    """Replace every LoRALinear by one plain float `nn.Linear` holding base + delta (4-bit bases are
-    dequantised first): for deployment or export, not for further QLoRA training."""
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, LoRALinear):
+def quantize_nf4(model, skip=()):
+    """Every nn.Linear not under a dotted prefix in `skip` made a double-quantised NF4 Linear4bit, in place."""
+    for name in linear_layers(model):
+        linear = model.get_submodule(name)
+        if isinstance(linear, bnb.nn.Linear4bit) or any(name == s or name.startswith(s + ".") for s in skip):
             continue
-        base = module.base
-        if isinstance(base, bnb.nn.Linear4bit):
-            weight = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
-        else:
-            weight = base.weight.data.float()
-        merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=weight.device)
-        merged.weight.data = weight + module.scaling * module.lora_B.float() @ module.lora_A.float()
-        if base.bias is not None:
-            merged.bias.data = base.bias.data.float()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, merged)
+        weight = linear.weight.data
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=weight.dtype, compress_statistics=True, quant_type="nf4", device="meta")
+        q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                     module=q).to(weight.device)  # .to() quantises
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        model.set_submodule(name, q)
     return model
 
 
 def count_parameters(model):
-    """Trainable and total parameters, a 4-bit weight counted by its real element count, not by the
-    bytes it is packed into (two weights per byte)."""
+    """Trainable and total parameters, a 4-bit weight counted by its elements, not by the bytes it is packed in."""
     trainable = total = 0
     for p in model.parameters():
         n = p.quant_state.shape.numel() if isinstance(p, bnb.nn.Params4bit) and p.quant_state else p.numel()

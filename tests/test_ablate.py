@@ -7,7 +7,7 @@ def run(*args):
     return subprocess.run([sys.executable, "ablate.py", *args], check=True, capture_output=True, text=True).stdout
 
 
-def test_ablation_table_and_test_time_mode(toy_root, tmp_path):
+def test_ablation_table_over_subsets_and_seeds(toy_root, tmp_path):
     common = ["--model", "tiny", "--data", str(toy_root), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"]
     out = run("--subsets", "t,tv", "--seeds", "0,1", "--epochs", "1", "--out", str(tmp_path / "abl"), *common)
     table = (tmp_path / "abl" / "ablation.md").read_text()
@@ -18,13 +18,6 @@ def test_ablation_table_and_test_time_mode(toy_root, tmp_path):
     results = json.loads((tmp_path / "abl" / "ablation.json").read_text())["results"]
     assert len(results["tv"]) == 2 and results["tv"][0]["n"] == 12
     assert (tmp_path / "abl" / "tv-s1" / "metrics.json").exists()
-
-    out = run("--test_time", "--ckpt", str(tmp_path / "abl" / "tv-s0"), *common)
-    assert "tested with only these modalities" in out
-    results = json.loads((tmp_path / "abl" / "tv-s0" / "ablation_test_time" / "ablation.json").read_text())["results"]
-    assert set(results) == {"t", "v", "tv"}  # the subsets of what the model was trained on
-    trained = json.loads((tmp_path / "abl" / "tv-s0" / "metrics.json").read_text())["test"]
-    assert results["tv"][0]["MAE"] == trained["MAE"]
 
 
 def test_readout_comparison_with_zero_shot_row_and_reuse_of_finished_runs(toy_root, tmp_path):
@@ -40,8 +33,8 @@ def test_readout_comparison_with_zero_shot_row_and_reuse_of_finished_runs(toy_ro
     assert "reusing" not in out
     disc_folder = tmp_path / "cmp" / "disc-t-s0"
     stamp = (disc_folder / "metrics.json").stat().st_mtime_ns
-    again = run(*args)  # everything is done: nothing is trained or evaluated again
-    assert again.count("reusing") == 3 and (disc_folder / "metrics.json").stat().st_mtime_ns == stamp
+    again = run(*args, "--cache_dir", str(tmp_path / "other"), "--eval_batch_size", "2")  # another machine's flags:
+    assert again.count("reusing") == 3 and (disc_folder / "metrics.json").stat().st_mtime_ns == stamp  # the same runs
     assert json.loads((tmp_path / "cmp" / "ablation.json").read_text())["results"] == results
     changed = run(*[a if a != "gen0,gen,disc" else "disc" for a in args], "--lr", "1e-3")
     assert "reusing" not in changed and (disc_folder / "metrics.json").stat().st_mtime_ns != stamp  # trained again

@@ -4,13 +4,13 @@ import torch
 from torch import nn
 
 import bench
-from lora import bnb
-from readout import THINKER_SHAPES, quantize_nf4
+from lora import bnb, quantize_nf4
+from readout import TINY
 
 
 def test_7b_thinker_counts_match_its_published_shapes():
     c = bench.param_counts()
-    t, a, v = (THINKER_SHAPES["7b"][k] for k in ("text", "audio", "vision"))
+    t, a, v = (bench.SEVEN_B[k] for k in ("text", "audio", "vision"))
     h, kv = t["hidden_size"], t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"]
     # One decoder layer: q, k, v (with biases), o, the gated MLP, two RMS norms; then the final norm.
     layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * t["intermediate_size"] + 2 * h
@@ -67,13 +67,12 @@ def test_bench_measures_every_key_on_the_tiny_model(tmp_path):
 
 
 def test_a_random_thinker_is_built_in_memory_with_a_4bit_text_decoder():
-    from readout import random_thinker
-    model, processor = random_thinker("tiny", "nf4", "cpu")
+    model, processor = bench.random_thinker(TINY, "nf4", "cpu")
     layers = model.model.language_model.layers
     assert isinstance(layers[0].mlp.up_proj, bnb.nn.Linear4bit) and type(model.lm_head) is nn.Linear
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.model.visual.modules())
     inputs = processor.tokenizer(["the movie was great"], return_tensors="pt")
     with torch.no_grad():
         h = model.model(**inputs).last_hidden_state
-    assert h.shape == (1, inputs["input_ids"].shape[1], THINKER_SHAPES["tiny"]["text"]["hidden_size"])
+    assert h.shape == (1, inputs["input_ids"].shape[1], TINY["text"]["hidden_size"])
     assert torch.isfinite(h).all()

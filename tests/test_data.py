@@ -36,7 +36,7 @@ def test_the_toy_label_is_the_sum_of_what_each_modality_carries(toy_root):
     level = {w: lv for lv, words in data.TOY_WORDS.items() for w in words}
     labels, features = [], []
     for r in rows:
-        mp4 = toy_root / "Raw" / r["video_id"] / f"{r['clip_id']}.mp4"
+        mp4 = r["mp4"]
         audio = data.decode_audio(mp4)
         pitch = np.argmax(np.abs(np.fft.rfft(audio))) * data.SAMPLE_RATE / audio.size
         word = next(w for w in level if r["text"].endswith(" " + w))
@@ -90,9 +90,11 @@ def test_cache_decodes_once_and_again_after_a_change(toy_root, tmp_path):
 
 
 def test_prompt_leaves_out_what_is_not_requested():
-    full = data.build_prompt("it was fine", "tav")
+    from readout import tiny_processor
+    processor = tiny_processor()
+    full = data.prompt("it was fine", "tav", processor)
     assert "<|VIDEO|>" in full and "<|AUDIO|>" in full and "it was fine" in full
-    audio_only = data.build_prompt("it was fine", "a")
+    audio_only = data.prompt("it was fine", "a", processor)
     assert "<|AUDIO|>" in audio_only and "<|VIDEO|>" not in audio_only and "it was fine" not in audio_only
     assert audio_only.startswith("<|im_start|>system\n") and audio_only.endswith("<|im_start|>assistant\n")
 
@@ -175,7 +177,7 @@ def test_each_bad_input_is_a_clear_error_or_a_counted_skip(case, tmp_path, toy_r
         data.Clips(root, "train", modalities, cache_dir=tmp_path / "cache")
     assert str(root) in str(error.value) and "--on_bad skip" in str(error.value)
     clips = data.Clips(root, "train", modalities, cache_dir=tmp_path / "cache", on_bad="skip")
-    assert [it["id"] for it in clips] == ["g/1"] and clips.skip_counts() == {kind: 1}
+    assert [r["id"] for r in clips.rows] == ["g/1"] and clips.skip_counts() == {kind: 1}
 
 
 def test_file_level_problems_are_errors_even_when_skipping(tmp_path, toy_root):
@@ -199,7 +201,8 @@ def test_what_is_odd_but_usable_is_kept(tmp_path, toy_root):
     # audio at 44.1 kHz stereo beside the mp4 is resampled to 16 kHz mono, not refused
     t = np.arange(44100 * 2) / 44100
     soundfile.write(tmp_path / "Raw" / "b" / "1.wav", np.stack([np.sin(2 * np.pi * 300 * t)] * 2, 1), 44100)
-    audio = data.Clips(tmp_path, "train", "a", cache_dir=tmp_path / "cache")[1]["audio"]
+    clips = data.Clips(tmp_path, "train", "a", cache_dir=tmp_path / "cache")
+    audio = clips.media(clips.rows[1])["audio"]
     assert audio.ndim == 1 and abs(audio.size - 2 * data.SAMPLE_RATE) <= 1
     # a long video is capped at max_frames, whatever its length
     long = tmp_path / "Raw" / "b" / "1.mp4"
@@ -211,7 +214,7 @@ def test_what_is_odd_but_usable_is_kept(tmp_path, toy_root):
             c.mux(v.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")))
         c.mux(v.encode())
     clips = data.Clips(tmp_path, "train", "v", max_frames=8, cache_dir=tmp_path / "cache")
-    assert clips[1]["video"].shape[0] == 8
+    assert clips.media(clips.rows[1])["videos"].shape[0] == 8
 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -253,8 +256,8 @@ def test_real_clip_without_video_is_an_error_or_a_counted_skip(tmp_path):
     assert len(clips) == 1 and [c for c, _ in clips.skipped] == ["03bSnISJMiM/1"]
     assert clips.skip_counts() == {"missing file": 1} and "03bSnISJMiM/1.mp4: not found" in str(clips.skipped[0][1])
     audio_only = data.Clips(root, "train", "ta", cache_dir=tmp_path)  # the wav serves the audio
-    assert len(audio_only) == 2 and {it["id"] for it in audio_only} == {"03bSnISJMiM/1", "Oz06ZWiO20M/6"}
-    assert all(it["audio"].size > data.SAMPLE_RATE for it in audio_only)
+    assert len(audio_only) == 2 and {r["id"] for r in audio_only.rows} == {"03bSnISJMiM/1", "Oz06ZWiO20M/6"}
+    assert all(audio_only.media(r)["audio"].size > data.SAMPLE_RATE for r in audio_only.rows)
 
 
 @real
@@ -264,8 +267,8 @@ def test_real_mosi_transcripts_need_no_raw_folder():
     sizes = {split: len(data.Clips(root, split, "t")) for split in data.SPLITS}
     assert sizes == {"train": 1284, "valid": 229, "test": 686}
     train = data.Clips(root, "train", "t")
-    assert sum(not train[i]["text"] for i in range(len(train))) == 3  # empty transcripts are kept
-    assert all(isinstance(train[i]["id"], str) for i in range(3))
+    assert sum(not r["text"] for r in train.rows) == 3 == train.empty_transcripts  # empty transcripts are kept
+    assert all(isinstance(r["id"], str) for r in train.rows[:3])
 
 
 @real

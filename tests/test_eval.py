@@ -118,7 +118,7 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
     done = subprocess.run(run + ["--compare", str(a), str(b), "--out", str(tmp_path / "c.json")], capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
-    assert "A: disc (test)" in done.stdout and "permutation test p =" in done.stdout
+    assert "A: disc (t, test)" in done.stdout and "permutation test p =" in done.stdout
     c = json.loads((tmp_path / "c.json").read_text())
     assert c["paired"]["n"] == c["a"]["n"] == 12 and 0 < c["paired"]["p_value"] <= 1
 
@@ -138,6 +138,23 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
         assert "plots skipped: matplotlib is not installed" in done.stdout
         return
     from PIL import Image
-    for png in ("test_scatter.png", "test_confusion.png", "learning_curve.png"):
+    for png in ("test_scatter.png", "learning_curve.png"):
         image = np.asarray(Image.open(a / png).convert("L"), dtype=float)
         assert image.shape[0] > 200 and image.std() > 10, png  # drawn, not blank
+
+
+def test_a_checkpoint_is_tested_with_modalities_left_out(make_cfg, tmp_path):
+    from train import train
+    out, result = train(make_cfg("--epochs", "1", "--modalities", "tv"))
+    machine = ["--device", "cpu", "--cache_dir", str(tmp_path / "cache")]
+
+    def test_with(*flags):
+        done = subprocess.run([sys.executable, "eval.py", "--ckpt", str(out), "--out", str(tmp_path / "r.json"),
+                               *machine, *flags], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout, json.loads((tmp_path / "r.json").read_text())
+
+    stdout, text_only = test_with("--modalities", "t")
+    assert "disc (t, test)" in stdout and text_only["n"] == result["test"]["n"]
+    assert text_only["MAE"] != result["test"]["MAE"]  # the model saw no video
+    assert test_with("--modalities", "tv")[1]["MAE"] == test_with()[1]["MAE"] == result["test"]["MAE"]

@@ -4,9 +4,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data import make_loader
-from lora import LoRALinear, add_lora, count_parameters, lora_state_dict, merge_lora
-from readout import build, load_backbone
+from data import load_clips, make_loader
+from lora import LoRALinear, add_lora, count_parameters
+from readout import LORA_TARGETS, build, load_backbone
+
+THINKER = LORA_TARGETS["qwen2_5_omni_thinker"]
 
 
 def linear_4bit(linear):
@@ -49,7 +51,7 @@ def test_backbone_lora_only_lora_and_head_get_gradients(make_cfg):
     cfg = make_cfg("--lora_dropout", "0")
     torch.manual_seed(0)
     readout, processor = build(cfg, torch.device("cpu"))
-    batch = next(iter(make_loader(cfg, "train", processor, batch_size=4)))
+    batch = next(iter(make_loader(cfg, load_clips(cfg, "train"), processor, batch_size=4)))
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in readout.backbone.modules())
     readout.eval()
     readout.predict(batch)  # eval pass first
@@ -65,10 +67,10 @@ def test_backbone_lora_only_lora_and_head_get_gradients(make_cfg):
     assert len(expected) == 2 * 7 * 2 + 2  # A, B for 7 projections in 2 layers; head weight, bias
 
 
-def test_adapter_round_trip_and_merge(tmp_path):
+def test_adapter_round_trip(tmp_path):
     torch.manual_seed(0)
     model, _ = load_backbone("tiny", quant="nf4")
-    add_lora(model, r=4)
+    add_lora(model, THINKER, r=4)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(p, std=0.05)
@@ -76,10 +78,10 @@ def test_adapter_round_trip_and_merge(tmp_path):
     model.eval()
     with torch.no_grad():
         expected = model.model(input_ids=ids).last_hidden_state
-    save_file(lora_state_dict(model), tmp_path / "adapter.safetensors")
+    save_file({k: v for k, v in model.state_dict().items() if "lora_" in k}, tmp_path / "adapter.safetensors")
 
     fresh, _ = load_backbone("tiny", quant="nf4")
-    add_lora(fresh, r=4)
+    add_lora(fresh, THINKER, r=4)
     fresh.eval()
     with torch.no_grad():
         assert not torch.allclose(fresh.model(input_ids=ids).last_hidden_state, expected)
@@ -87,9 +89,6 @@ def test_adapter_round_trip_and_merge(tmp_path):
     assert not unexpected and not [k for k in missing if "lora_" in k]
     with torch.no_grad():
         assert torch.equal(fresh.model(input_ids=ids).last_hidden_state, expected)
-        merged = merge_lora(fresh).model(input_ids=ids).last_hidden_state
-    assert not any(isinstance(m, (LoRALinear, bnb.nn.Linear4bit)) for m in fresh.model.language_model.modules())
-    assert torch.allclose(merged, expected, atol=1e-3)  # dequantised NF4 vs the 4-bit kernel
 
 
 def test_parameter_count_counts_4bit_weights_by_their_real_size():
@@ -97,7 +96,7 @@ def test_parameter_count_counts_4bit_weights_by_their_real_size():
     nf4, _ = load_backbone("tiny", quant="nf4")
     assert count_parameters(nf4)["total"] == count_parameters(full)["total"]
     assert sum(p.numel() for p in nf4.parameters()) < count_parameters(nf4)["total"]  # packed bytes
-    add_lora(nf4, r=4)
+    add_lora(nf4, THINKER, r=4)
     counts = count_parameters(nf4)
     hidden, inter, kv = 64, 128, 32  # tiny text decoder: q,o 64x64; k,v 64x32; gate,up 64x128; down 128x64
     per_layer = 4 * (2 * (hidden + hidden) + 2 * (hidden + kv) + 3 * (hidden + inter))

