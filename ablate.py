@@ -1,21 +1,18 @@
 """Controlled comparisons, everything else fixed: which modalities carry the score, which readout reads it best?
 
     python ablate.py --model tiny --data toy [--subsets t,a,tav] [--seeds 0,1,2]   # train and test each subset
-    python ablate.py --model tiny --data toy --subsets tav --readouts gen0,gen,disc,mean   # each readout
+    python ablate.py --model tiny --data toy --subsets tav --readouts gen0,gen,gen@expected,disc   # each readout
 
-Other flags are train.py's. A finished run with the same run settings is reused (gen0: gen zero-shot). To test
-ONE model with modalities left out instead: eval.py --ckpt RUN --modalities t (or a, ta, ...).
+Other flags are train.py's; a finished run with the same run settings is reused. To test ONE model with modalities
+left out instead: eval.py --ckpt RUN --modalities t (or a, ta, ...).
 """
 import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from data import UserError, load_clips, make_loader
-from eval import Help, evaluate, run_config, save_json, table
-from lora import count_parameters
-from readout import READOUTS, build
+from data import UserError
+from eval import Help, run_config, run_split, save_json, table
+from readout import DECODE, READOUTS
 from train import parse_args, train
 
 COLUMNS = ("MAE", "Corr", "Acc2_non0", "F1_non0", "Acc7")
@@ -25,32 +22,39 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.add_argument("--subsets", default="t,a,v,ta,tv,av,tav", help="comma-separated modality subsets")
     p.add_argument("--seeds", default="0", help="comma-separated seeds: cells are mean ± std over them")
-    p.add_argument("--readouts", default=None, help="comma-separated readouts, gen0 for gen zero-shot (default: "
-                                                     "--readout alone, a row per subset)")
+    p.add_argument("--readouts", default=None, help="comma-separated readouts; gen0: gen zero-shot; gen@RULE, "
+                   "gen0@RULE: read with another --decode rule (default: --readout alone, a row per subset)")
     p.add_argument("--out", default=None, help="folder of the runs and the table "
                                                "(default: runs/<data>-<readout, or 'readouts'>-ablation)")
     args, rest = p.parse_known_args(argv)
     base = parse_args(rest)
     readouts, subsets = (args.readouts or base["readout"]).split(","), args.subsets.split(",")
-    unknown = set(readouts) - set(READOUTS) - {"gen0"}
+    unknown = [r for r in readouts if r.partition("@")[0] not in {*READOUTS, "gen0"} or r.partition("@")[2] not in
+               ("", *DECODE) or "@" in r and not r.startswith("gen")]
     if unknown:
-        raise UserError(f"--readouts: unknown {', '.join(sorted(unknown))} (one of gen0, {', '.join(READOUTS)})")
+        raise UserError(f"--readouts: unknown {', '.join(unknown)} (one of gen0, {', '.join(READOUTS)}; gen and gen0 "
+                        f"with @ and one of {', '.join(DECODE)})")
     name = "readouts" if args.readouts else base["readout"]
     out = Path(args.out or f"runs/{Path(base['data'].replace(':', '')).name}-{name}-ablation")
     rows = {}
     for readout in readouts:
+        kind, _, rule = readout.partition("@")  # gen@expected: the gen runs, read with another decoding rule
         for subset in subsets:
             row = subset if not args.readouts else readout if len(subsets) == 1 else f"{readout} {subset}"
-            cfg = {**base, "readout": readout, "modalities": subset}
-            if readout == "gen0":
-                run = {**cfg, "readout": "gen", "out": str(out / f"gen0-{subset}")}
-                rows[row] = [finished(run) or zero_shot(run)]
+            cfg = {**base, "readout": "gen" if kind == "gen0" else kind, "modalities": subset}
+            if kind == "gen0":  # the untrained model
+                test = evaluated(out / f"{readout}-{subset}.json", {**cfg, "decode": rule or cfg["decode"]})
+                rows[row] = [{**test, "trainable_pct": 0.0}]
                 continue
             rows[row] = []
             for seed in map(int, args.seeds.split(",")):
-                folder = f"{readout}-{subset}-s{seed}" if args.readouts else f"{subset}-s{seed}"
+                folder = f"{kind}-{subset}-s{seed}" if args.readouts else f"{subset}-s{seed}"
                 run = {**cfg, "seed": seed, "out": str(out / folder)}
-                rows[row].append(finished(run) or test_metrics(train(run)[1]))
+                result = finished(run) or test_metrics(train(run)[1])
+                if rule:  # the trained run, read with another decoding rule
+                    result = {**evaluated(out / folder / f"test@{rule}.json", {**run, "decode": rule}, run["out"]),
+                              "trainable_pct": result["trainable_pct"]}
+                rows[row].append(result)
     title = f"Each {'readout' if args.readouts else 'modality subset'}, everything else fixed ({base['data']}, test)"
     columns = COLUMNS + (("parse_fail_rate", "ms_per_clip", "trainable_pct") if args.readouts else ())
     markdown = f"**{title}**\n\n" + table(rows, columns, "readout" if args.readouts else "modalities")
@@ -78,17 +82,16 @@ def finished(cfg):
     return test_metrics(json.loads((folder / "metrics.json").read_text()))
 
 
-def zero_shot(cfg):
-    """The generative readout of the untrained model (no LoRA) on the test split, written to cfg['out'] as a run
-    folder (config.json, metrics.json) -> its test metrics."""
-    device = torch.device(cfg["device"])
-    readout, processor = build(cfg, device, lora=False)
-    loader = make_loader(cfg, load_clips(cfg, "test"), processor)
-    metrics = dict(test=evaluate(readout, loader, device, cfg["parse_fallback"])[0],
-                   parameters={**count_parameters(readout), "trainable": 0, "trainable_pct": 0.0})
-    save_json(Path(cfg["out"]) / "config.json", run_config(cfg))
-    save_json(Path(cfg["out"]) / "metrics.json", metrics)
-    return test_metrics(metrics)
+def evaluated(file, cfg, folder=None):
+    """The test metrics of the run in `folder` read with cfg's decoding rule (no folder: gen zero-shot), kept in
+    `file` with the run settings they come from, and computed again when these differ."""
+    settings = run_config(cfg)
+    if file.exists() and json.loads(file.read_text())["settings"] == settings:
+        print(f"reusing {file}")
+    else:
+        test = run_split(folder, {**cfg, "split": "test", "bootstrap": 0, "plot": False}, given={"decode"})[2]
+        save_json(file, dict(settings=settings, test=test))
+    return json.loads(file.read_text())["test"]
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from data import SAMPLE_RATE, Clips, collate, make_loader, make_toy, model_inputs, prompt, to_device
-from eval import answer_flags, input_flags, machine_flags, resolve, training_flags
+from eval import machine_flags, resolve, run_flags
 from lora import add_lora, count_parameters, freeze, quantize_nf4
 from readout import (LORA_TARGETS, READOUTS, SKIP_QUANT, Gen, Qwen2_5OmniThinkerForConditionalGeneration, build,
                      thinker_config, tiny_processor)
@@ -311,8 +311,8 @@ def params_table(c):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for group in (input_flags, training_flags, answer_flags, machine_flags):
-        group(p)
+    run_flags(p)
+    machine_flags(p)
     p.set_defaults(batch_size=4)  # --batch_size: clips in the fixed batch
     p.add_argument("--batch_sizes", default="1,4", help="GPU: training-step peak memory at these batch sizes")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first")

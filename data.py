@@ -77,10 +77,8 @@ def read_split(root, split, on_bad="error"):
 
 def row_problem(r, first_line):
     """(kind, message) of what is wrong with a label.csv row, or None."""
-    if None in r:
-        return "bad row", "more fields than the header"
-    if None in r.values():
-        return "bad row", "fewer fields than the header"
+    if None in r or None in r.values():
+        return "bad row", "not as many fields as the header"
     if first_line is not None:
         return "duplicate id", f"the clip id is also on line {first_line}"
     if any("\udc80" <= ch <= "\udcff" for ch in r["text"]):
@@ -178,9 +176,8 @@ def cached(decode, path, cache_dir, load=True, **settings):
 
 
 class Clips(torch.utils.data.Dataset):
-    """One split. Every clip's media are decoded into the cache up front, by `workers` threads, so that a bad file
-    stops the run before training (on_bad='skip': is skipped and counted). An item is one clip's model inputs, as
-    `processor` makes them (set by make_loader), or with `processed_key` set, as they are kept in the cache."""
+    """One split, every clip's media decoded into the cache up front by `workers` threads: a bad file stops the run
+    before training (on_bad='skip': is skipped, counted). An item: a clip's model inputs (make_loader sets how)."""
 
     def __init__(self, root, split, modalities="tav", fps=2.0, max_frames=32, max_pixels=128 * 28 * 28,
                  cache_dir="cache", on_bad="error", workers=0):
@@ -212,9 +209,8 @@ class Clips(torch.utils.data.Dataset):
                             f"({len(self.skipped)} skipped)")
         self.empty_transcripts = sum(not r["text"].strip() for r in self.rows)
         if self.skipped:
-            counts = ", ".join(f"{k} {n}" for k, n in self.skip_counts().items())
-            print(f"data: skipped {len(self.skipped)} of {len(self.skipped) + len(self)} clips of {split!r} "
-                  f"(--on_bad skip): {counts}; e.g. {self.skipped[0][1]}")
+            print(f"data: skipped {len(self.skipped)} of {len(self.skipped) + len(self)} clips of {split!r} (--on_bad "
+                  f"skip): {self.skip_counts()}; e.g. {self.skipped[0][1]}")
         if self.empty_transcripts:
             print(f"data: {self.empty_transcripts} clip(s) of {split!r} with an empty transcript (kept)")
 
@@ -269,9 +265,8 @@ def model_inputs(processor, text, media, fps=2.0, max_pixels=128 * 28 * 28):
 
 
 def prompt(text, modalities, processor):
-    """The question about a clip: for the Omni processor, the Qwen chat prompt with the media `modalities` asks
-    for (what it leaves out is absent, not blanked); for a text model's tokenizer, the same question through its
-    chat template (an encoder, which has none, reads the transcript alone)."""
+    """The Qwen chat prompt with the media `modalities` asks for (the others absent, not blanked); for a text model,
+    the same question through its chat template (an encoder, which has none, reads the transcript alone)."""
     question = (f'Transcript: "{text}"\n' if "t" in modalities else "") + QUESTION
     if hasattr(processor, "tokenizer"):
         media = ("<|vision_bos|><|VIDEO|><|vision_eos|>" if "v" in modalities else "") + \

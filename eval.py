@@ -1,6 +1,5 @@
-"""Evaluate a checkpoint, or the gen readout zero-shot: MMSA metrics, ms per clip, the train-mean baseline. A
-checkpoint's config.json defines the run, but for the run flags given here: `--modalities t` tests a tav model
-with text alone, `--data` another dataset.
+"""Evaluate a checkpoint (its config.json defines the run but for the run flags given here, e.g. --modalities t),
+or the gen readout zero-shot: MMSA metrics, ms per clip, the train-mean baseline.
 
     python eval.py --ckpt runs/toy-disc-tav-s0 [--split test] [--bootstrap 1000] [--plot] [--out test.json]
     python eval.py --model tiny --data toy --readout gen              # zero-shot: no training, no LoRA
@@ -21,7 +20,7 @@ from safetensors.torch import load_file, save
 from tqdm import tqdm
 
 from data import SPLITS, UserError, data_root, load_clips, make_loader, read_split, to_device, write_atomically
-from readout import READOUTS, build
+from readout import DECODE, READOUTS, build
 
 METRIC_KEYS = ("MAE", "Corr", "Acc2_has0", "F1_has0", "Acc2_non0", "F1_non0", "Acc5", "Acc7")
 
@@ -32,48 +31,27 @@ class Help(argparse.RawDescriptionHelpFormatter):
         return action.help + (" (default: %(default)s)" if shown else "")
 
 
-def input_flags(p):
-    """What is read and how: the backbone, the data, the modalities, the readout."""
-    p.add_argument("--model", default="Qwen/Qwen2.5-Omni-7B", help="hub id or local folder of a Qwen2.5-Omni model "
-                   "or any text model, a .gguf file (a causal LM; needs the gguf package), or 'tiny' (random, offline)")
+def run_flags(p, training=True):
+    """The flags that define a run (config.json): what is read and how, how gen answers, and how it trains."""
+    p.add_argument("--model", default="Qwen/Qwen2.5-Omni-7B", help="a hub id, a local folder, a .gguf file or 'tiny'")
     p.add_argument("--quant", default="nf4", choices=["nf4", "none"], help="4-bit NF4 weights for the text decoder")
-    p.add_argument("--data", default="mosi", help="'toy' ('toy:N': N clips), 'mosi', 'mosei' (under $MSA_DATA, "
-                                                  "default ./data) or an MMSA-layout folder")
+    p.add_argument("--data", default="mosi", help="'toy' or 'toy:N', 'mosi', 'mosei' (in $MSA_DATA) or a folder")
     p.add_argument("--modalities", default="tav", help="any non-empty subset of 'tav': text, audio, video")
-    p.add_argument("--readout", default="disc", choices=list(READOUTS),
-                   help="; ".join(f"{k}: {(v.__doc__ or '').split('.')[0].split(': ')[-1]}" for k, v in READOUTS.items()))
+    p.add_argument("--readout", default="disc", choices=list(READOUTS), help="; ".join(  # their first sentences
+        f"{k}: {(v.__doc__ or '').split('.')[0].split(': ')[-1]}" for k, v in READOUTS.items()))
     p.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second")
     p.add_argument("--max_frames", type=int, default=32, help="at most this many frames per clip")
     p.add_argument("--max_pixels", type=int, default=128 * 28 * 28, help="each frame resized to fit this many pixels")
-
-
-def answer_flags(p):
-    """How gen's answers are read."""
+    p.add_argument("--decode", default="greedy", choices=DECODE, help="gen: how answers become a prediction")
+    p.add_argument("--samples", type=int, default=8, help="gen, median and mean: answers drawn per clip")
+    p.add_argument("--temperature", type=float, default=1.0, help="gen, median and mean: the sampling temperature")
     p.add_argument("--max_new_tokens", type=int, default=8, help="gen: at most this many tokens are generated")
-    p.add_argument("--parse_fallback", type=float, default=0.0,
-                   help="gen: the score an unparseable answer gets in the headline metrics")
-
-
-def machine_flags(p):
-    """This machine's settings: never saved with a run, always taken from the command line in use."""
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--cache_dir", default="cache", help="decoded clips are kept here between epochs and runs")
-    p.add_argument("--cache_processed", action="store_true", help="keep each clip's processor output there too: "
-                   "later epochs skip the processor (video: about 4x the disk of the decoded frames)")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers; also threads decoding up front")
-    p.add_argument("--eval_batch_size", type=int, default=8, help="clips per batch when evaluating")
-    p.add_argument("--on_bad", default="error", choices=["error", "skip"], help="a bad clip (label.csv row, or a "
-                   "missing, corrupt or streamless media file): stop naming it, or skip it and count it by reason")
-    p.add_argument("--trust_remote_code", action="store_true", help="let transformers run code shipped with --model")
-
-
-def training_flags(p):
-    """How a run trains; unset values take the backbone's preset (PRESETS)."""
-    p.add_argument("--pool_norm", default="none", choices=["none", "batch"], help="disc, mean: standardise the "
-                   "pooled state (batch statistics in training, training-set ones after)")
+    p.add_argument("--parse_fallback", type=float, default=0.0, help="gen: the prediction of an unparseable answer")
+    if not training:  # unset training flags take the backbone's preset (PRESETS)
+        return
+    p.add_argument("--pool_norm", default="none", choices=["none", "batch"], help="disc, mean: standardised states")
     p.add_argument("--loss", default="mse", choices=["mse", "l1"], help="disc, mean: the regression loss")
-    p.add_argument("--lora_targets", default=None, help="regex over module names (default by architecture: the "
-                   "decoder's q,k,v,o,gate,up,down projections; BERT's query,key,value and dense layers)")
+    p.add_argument("--lora_targets", default=None, help="a regex over module names (default: by architecture)")
     p.add_argument("--lora_r", type=int, default=None, help="LoRA rank (default: 16 tiny, 32 otherwise)")
     p.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale = alpha / r (default: 2 r)")
     p.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
@@ -85,6 +63,17 @@ def training_flags(p):
     p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--warmup_ratio", type=float, default=0.1, help="share of steps with linear warm-up")
     p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm")
+
+
+def machine_flags(p):
+    """This machine's settings: never saved with a run, always taken from the command line in use."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--cache_dir", default="cache", help="decoded clips are kept here between epochs and runs")
+    p.add_argument("--cache_processed", action="store_true", help="keep the processor's output too (video: 4x disk)")
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers; also threads decoding up front")
+    p.add_argument("--eval_batch_size", type=int, default=8, help="clips per batch when evaluating")
+    p.add_argument("--on_bad", default="error", choices=["error", "skip"], help="a bad clip: stop or skip it")
+    p.add_argument("--trust_remote_code", action="store_true", help="let transformers run code shipped with --model")
 
 
 # A random tiny model needs more steps at a larger rate than a pretrained one. LoRA r=32 on the 7B Thinker trains
@@ -103,8 +92,7 @@ def resolve(cfg):
 def run_config(cfg=None):
     """The settings that define a run (what config.json holds): of `cfg`, or their defaults for the tiny model."""
     p = argparse.ArgumentParser()
-    for group in (input_flags, training_flags, answer_flags):
-        group(p)
+    run_flags(p)
     defaults = resolve(vars(p.parse_args(["--model", "tiny"])))
     return defaults if cfg is None else {k: cfg[k] for k in defaults}
 
@@ -173,9 +161,8 @@ def load_config(folder):
 
 
 def load_checkpoint(folder, flags, overrides=None):
-    """(cfg, readout, processor) from a checkpoint folder: its config.json (validated) defines the run but for the
-    settings in `overrides`; `flags` (a command line's) give the rest, such as the machine's. Only safetensors are
-    read."""
+    """(cfg, readout, processor) from a checkpoint folder: config.json (validated) but for `overrides`, then `flags`
+    (a command line's) for the rest, such as the machine's settings. Only safetensors files are read."""
     config = load_config(folder)
     cfg = {**flags, **config, **{k: v for k, v in (overrides or {}).items() if k in config}}
     device = torch.device(cfg["device"])
@@ -217,17 +204,19 @@ def evaluate(readout, loader, device, fallback=0.0):
     answered clips. Under torchrun, the ranks' shares are gathered back in the split's order."""
     readout.eval()
     preds, labels, times, info = [], [], [], Counter()
-    for batch in tqdm(loader, desc="evaluating", leave=False):
-        batch = to_device(batch, device)
-        start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            p, extra = readout.predict(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start, len(p)))
-        preds.append(p.float().cpu())
-        labels.append(batch["label"].cpu())
-        info.update(extra)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)  # sampled answers: the same in every evaluation, whatever came before
+        for batch in tqdm(loader, desc="evaluating", leave=False):
+            batch = to_device(batch, device)
+            start = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                p, extra = readout.predict(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start, len(p)))
+            preds.append(p.float().cpu())
+            labels.append(batch["label"].cpu())
+            info.update(extra)
     timed = times[1:] or times
     ms = 1000 * sum(t for t, _ in timed) / sum(n for _, n in timed)
     preds, labels = torch.cat(preds).numpy(), torch.cat(labels).numpy()
@@ -257,9 +246,8 @@ def bootstrap(preds, labels, n=1000, seed=0):
 
 
 def paired(preds_a, preds_b, labels, n=10000, seed=0):
-    """A against B on the same clips. d = |error of A| - |error of B| per clip (negative: A is closer):
-    its mean with a bootstrap 95% interval, the p-value of a two-sided paired permutation test (each clip's
-    sign flipped at random, n times), and the shares of clips on which A and B are closer."""
+    """A against B on the same clips: d = |error of A| - |error of B| per clip, its mean with a bootstrap 95% interval,
+    a two-sided paired permutation test (each clip's sign flipped at random n times), and who is closer how often."""
     d = np.abs(preds_a - labels) - np.abs(preds_b - labels)
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, len(d), (n, len(d)))].mean(1)
@@ -362,9 +350,7 @@ def main(argv=None):
                                                        "checkpoint folder (needs matplotlib)")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     machine_flags(p.add_argument_group("this machine"))
-    run = p.add_argument_group("the run (with --ckpt: only those given replace the run's own)")
-    input_flags(run)
-    answer_flags(run)
+    run_flags(p.add_argument_group("the run (with --ckpt: only those given replace the run's own)"), training=False)
     args = vars(p.parse_args(argv))
     given = {t.partition("=")[0][2:] for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--")}
     if args["compare"]:

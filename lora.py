@@ -75,9 +75,7 @@ def quantize_nf4(model, skip=()):
 
 def count_parameters(model):
     """Trainable and total parameters, a 4-bit weight counted by its elements, not by the bytes it is packed in."""
-    trainable = total = 0
-    for p in model.parameters():
-        n = p.quant_state.shape.numel() if isinstance(p, bnb.nn.Params4bit) and p.quant_state else p.numel()
-        total += n
-        trainable += n if p.requires_grad else 0
+    sizes = [(p.quant_state.shape.numel() if isinstance(p, bnb.nn.Params4bit) and p.quant_state else p.numel(),
+              p.requires_grad) for p in model.parameters()]
+    trainable, total = sum(n for n, grad in sizes if grad), sum(n for n, _ in sizes)
     return dict(trainable=trainable, total=total, trainable_pct=100.0 * trainable / total)

@@ -1,11 +1,12 @@
-"""Backbones and readouts: how a number is read out of a (4-bit) Qwen2.5-Omni Thinker, or of any transformers
-text model given transcripts alone. A readout is an nn.Module with `loss(batch) -> scalar` and
-`predict(batch) -> (preds (B,), info dict)`; a new one is one class and one line in READOUTS."""
+"""Backbones (a 4-bit Qwen2.5-Omni Thinker, or any transformers text model) and readouts: nn.Modules with
+`loss(batch) -> scalar` and `predict(batch) -> (preds (B,), info dict)`. A new one: a class, a line in READOUTS."""
+import functools
 import math
 import os
 import re
 import tempfile
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from huggingface_hub import constants
@@ -69,8 +70,7 @@ def load_backbone(name, quant="nf4", device="cpu", trust_remote_code=False):
 def hub_reachable():
     """Whether the Hugging Face hub (or the mirror HF_ENDPOINT names) answers within 2 s, through any proxy."""
     try:
-        get_session().head(constants.ENDPOINT, timeout=2)
-        return True
+        return get_session().head(constants.ENDPOINT, timeout=2) is not None
     except Exception:  # whatever the reason, only the local cache can serve
         return False
 
@@ -151,6 +151,7 @@ def last_token_index(attention_mask):
 
 
 class Readout(nn.Module):
+    """A subclass defines loss(batch) -> scalar and predict(batch) -> (preds (B,), info dict)."""
     unused_flags = ()  # run flags this readout never reads: a finished run stands for any value of them
 
     def __init__(self, backbone, tokenizer, cfg):
@@ -164,15 +165,10 @@ class Readout(nn.Module):
     def prepare(self, batches):
         """Called before each evaluation with the training batches (e.g. to refresh statistics)."""
 
-    def loss(self, batch):
-        raise NotImplementedError
-
-    def predict(self, batch):
-        raise NotImplementedError
-
 
 class Disc(Readout):
     """Discriminative readout: a linear head on the last non-padding token's hidden state."""
+    unused_flags = ("decode", "samples", "temperature", "max_new_tokens", "parse_fallback")  # gen's
 
     def __init__(self, backbone, tokenizer, cfg):
         super().__init__(backbone, tokenizer, cfg)
@@ -213,7 +209,9 @@ class Disc(Readout):
 
 class Gen(Readout):
     """Generative readout: the model writes the score as text, which parse_score reads (an unparseable answer is NaN).
-    Trained with next-token cross-entropy on the answer alone: the label with one decimal, then the end token."""
+    Trained with cross-entropy on the answer alone (the label with one decimal, then the end token). --decode: greedy;
+    median or mean of the --samples answers drawn that parse; expected: the mean over the answers it is trained to
+    write, weighted by the model's probabilities (never unparseable)."""
     unused_flags = ("pool_norm", "loss")  # the regression head's
 
     def __init__(self, backbone, tokenizer, cfg):
@@ -221,7 +219,8 @@ class Gen(Readout):
         if not backbone.can_generate():
             raise UserError(f"--readout gen needs a causal LM; {cfg['model']} is a {backbone.config.model_type} "
                             "model that cannot generate")
-        self.max_new_tokens = cfg["max_new_tokens"]
+        self.max_new_tokens, self.decode, self.samples, self.temperature = \
+            cfg["max_new_tokens"], cfg["decode"], cfg["samples"], cfg["temperature"]
         eos = backbone.generation_config.eos_token_id  # the answer ends with the token that stops generation
         self.end_id = eos[0] if isinstance(eos, list) else eos
         if self.end_id is None:
@@ -239,12 +238,9 @@ class Gen(Readout):
         answers = [self.answer(y, ids.device) for y in labels.tolist()]
         rows = [torch.cat([ids[i][mask[i].bool()], a]) for i, a in enumerate(answers)]
         targets = [torch.cat([torch.full_like(r[:-len(a)], -100), a]) for r, a in zip(rows, answers)]
-
-        def pad(seqs, value):
-            return pad_sequence(seqs, batch_first=True, padding_value=value, padding_side="left")
-
-        return ({**inputs, "input_ids": pad(rows, self.tokenizer.pad_token_id),
-                 "attention_mask": pad([torch.ones_like(r) for r in rows], 0)}, pad(targets, -100))
+        pad = functools.partial(pad_sequence, batch_first=True, padding_side="left")
+        return ({**inputs, "input_ids": pad(rows, padding_value=self.tokenizer.pad_token_id),
+                 "attention_mask": pad([torch.ones_like(r) for r in rows])}, pad(targets, padding_value=-100))
 
     def token_loss(self, inputs, targets):
         """Cross-entropy of the tokens where targets != -100; the LM head runs on those positions only."""
@@ -257,15 +253,65 @@ class Gen(Readout):
 
     @torch.no_grad()
     def predict(self, batch):
-        inputs = batch["inputs"]
-        out = self.backbone.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        new = out[:, inputs["input_ids"].shape[1]:]  # the generated tokens only: (B, <= max_new_tokens)
+        if self.decode == "expected":
+            values, loglik = self.answer_loglik(batch["inputs"])
+            return loglik.softmax(-1) @ values, dict(parse_failures=0, generated_tokens=0)
+        k = 1 if self.decode == "greedy" else self.samples
+        h, step = self.after_prompt(batch["inputs"], k)
+        eos, tokens = torch.tensor(self.backbone.generation_config.eos_token_id, device=h.device).view(-1), []
+        ended = torch.zeros(len(h), dtype=torch.bool, device=h.device)
+        while len(tokens) < self.max_new_tokens and not ended.all():
+            logits = self.backbone.lm_head(h if not tokens else step(tokens[-1][:, None])[:, -1]).float()
+            token = logits.argmax(-1) if k == 1 else torch.multinomial((logits / self.temperature).softmax(-1), 1)[:, 0]
+            tokens.append(torch.where(ended, self.end_id, token))  # an ended answer is padded with the end token
+            ended |= torch.isin(token, eos)
+        new = torch.stack(tokens, 1)  # (B * k, <= max_new_tokens): clip i's answers are rows i * k to i * k + k - 1
         scores = [parse_score(t) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
-        preds = torch.tensor([math.nan if s is None else s for s in scores])
-        # Tokens generated per clip: up to and including the first end token (rows that end early are padded).
-        ended = torch.isin(new, torch.tensor(self.backbone.generation_config.eos_token_id, device=new.device))
-        lengths = torch.where(ended.any(-1), ended.int().argmax(-1) + 1, new.shape[1])
-        return preds, dict(parse_failures=scores.count(None), generated_tokens=int(lengths.sum()))
+        preds = combine(np.array([math.nan if s is None else s for s in scores]).reshape(-1, k), self.decode)
+        lengths = torch.where(torch.isin(new, eos).any(-1), torch.isin(new, eos).int().argmax(-1) + 1, new.shape[1])
+        return torch.tensor(preds), dict(parse_failures=int(np.isnan(preds).sum()), generated_tokens=int(lengths.sum()))
+
+    def after_prompt(self, inputs, k):
+        """Run the prompt once, keeping k copies of each clip's keys and values -> (the last state (B * k, H), step:
+        tokens (B * k, n) that follow those fed so far -> their states). Row i * k + j is clip i's j-th copy."""
+        model, mask = getattr(self.backbone, "model", self.backbone), inputs["attention_mask"]
+        out = model(**inputs, use_cache=True)
+        out.cache.batch_repeat_interleave(k)
+        # Positions go on from the prompt's: a decoder numbers its padding too; the Thinker numbers real tokens,
+        # then adds the offset its multimodal rope left (rope_deltas).
+        delta = getattr(model, "rope_deltas", None)
+        start = (torch.full_like(mask[:, :1], mask.shape[1]) if delta is None else mask.sum(1, True) + delta)
+        fed = dict(mask=mask.repeat_interleave(k, 0), start=start.repeat_interleave(k, 0))
+
+        def step(ids, real=None):
+            real = torch.ones_like(ids) if real is None else real
+            after = fed["mask"].shape[1] - mask.shape[1]  # tokens fed after the prompt so far
+            positions = fed["start"] + after + torch.arange(ids.shape[1], device=ids.device)
+            fed["mask"] = torch.cat([fed["mask"], real], 1)
+            return model(input_ids=ids, cache=out.cache, use_cache=True, attention_mask=fed["mask"],
+                         position_ids=positions).last_hidden_state
+
+        return out.last_hidden_state[:, -1].repeat_interleave(k, 0), step
+
+    def answer_loglik(self, inputs):
+        """(values (C,), log-likelihoods (B, C)) of the C = 61 answers gen is trained to write, -3.0 to 3.0 by 0.1.
+        The prompt runs once; each answer is scored against its cached keys and values, in one batch."""
+        device, B = inputs["input_ids"].device, inputs["input_ids"].shape[0]
+        values = torch.arange(-30, 31, device=device) / 10
+        answers = [self.answer(v, device) for v in values.tolist()]
+        ids = pad_sequence(answers, batch_first=True, padding_value=self.end_id).repeat(B, 1)  # (B * C, T)
+        real = pad_sequence([torch.ones_like(a) for a in answers], batch_first=True).repeat(B, 1)
+        last, step = self.after_prompt(inputs, len(answers))
+        h = torch.cat([last[:, None], step(ids[:, :-1], real[:, :-1])], 1)  # the state before each answer token
+        logp, keep = torch.zeros(ids.shape, device=device), real.bool()  # the LM head on the answers' tokens only
+        logp[keep] = F.log_softmax(self.backbone.lm_head(h[keep]).float(), -1).gather(-1, ids[keep][:, None])[:, 0]
+        return values, logp.sum(-1).view(B, len(answers))
+
+
+def combine(scores, rule):
+    """(B, k) parsed answers (NaN: unparseable) -> (B,): their median or mean; NaN where none parsed."""
+    reduce = np.mean if rule == "mean" else np.median  # greedy: k = 1
+    return np.array([reduce(row[~np.isnan(row)]) if (~np.isnan(row)).any() else math.nan for row in scores])
 
 
 class Mean(Disc):
@@ -278,6 +324,7 @@ class Mean(Disc):
 
 
 READOUTS = {"disc": Disc, "gen": Gen, "mean": Mean}
+DECODE = ("greedy", "median", "mean", "expected")  # gen's decoding rules
 
 
 # A number: optional sign (+, -, or the Unicode minus, replaced first), then 3, 3., 3.5 or .5; not part of a

@@ -20,9 +20,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from data import SPLITS, UserError, load_clips, make_loader, to_device, write_atomically
-from eval import (Help, answer_flags, evaluate, input_flags, load_config, load_weights, machine_flags, mean_baseline,
-                  read_tensors, report, resolve, run_config, save_json, save_tensors, trained_state,
-                  training_flags)
+from eval import (Help, evaluate, load_config, load_weights, machine_flags, mean_baseline, read_tensors, report,
+                  resolve, run_config, run_flags, save_json, save_tensors, trained_state)
 from lora import count_parameters
 from readout import build
 
@@ -188,8 +187,7 @@ def load_last(file, readout, optimizer, loader):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
-    for group in (input_flags, training_flags, answer_flags):
-        group(p)
+    run_flags(p)
     machine = p.add_argument_group("this machine (not saved with the run; --resume takes them from this command)")
     machine_flags(machine)
     machine.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing: less memory, slower")

@@ -42,3 +42,20 @@ def test_readout_comparison_with_zero_shot_row_and_reuse_of_finished_runs(toy_ro
     head_flags = run(*[a if a != "gen0,gen,disc" else "gen" for a in args], "--pool_norm", "batch", "--loss", "l1")
     assert head_flags.count("reusing") == 1  # gen has no head: its run stands for any head flags
     assert (tmp_path / "cmp" / "gen-t-s0" / "metrics.json").stat().st_mtime_ns == gen_stamp
+
+
+def test_gen_read_with_other_decoding_rules_reuses_the_trained_run(toy_root, tmp_path):
+    args = ["--model", "tiny", "--data", str(toy_root), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu",
+            "--subsets", "t", "--epochs", "1", "--out", str(tmp_path / "cmp"), "--samples", "3"]
+    run(*args, "--readouts", "gen")
+    stamp = (tmp_path / "cmp" / "gen-t-s0" / "metrics.json").stat().st_mtime_ns
+    out = run(*args, "--readouts", "gen,gen@expected,gen@median,gen0@expected")
+    results = json.loads((tmp_path / "cmp" / "ablation.json").read_text())["results"]
+    assert list(results) == ["gen", "gen@expected", "gen@median", "gen0@expected"] and out.count("reusing") == 3
+    assert (tmp_path / "cmp" / "gen-t-s0" / "metrics.json").stat().st_mtime_ns == stamp  # not trained again
+    for rule in ("expected", "median"):
+        assert (tmp_path / "cmp" / "gen-t-s0" / f"test@{rule}.json").exists()
+    assert results["gen@expected"][0]["parse_fail_rate"] == 0.0 and results["gen@expected"][0]["tokens_per_clip"] == 0
+    assert results["gen@expected"][0]["MAE"] != results["gen"][0]["MAE"]
+    assert results["gen0@expected"][0]["trainable_pct"] == 0.0
+    assert json.loads((tmp_path / "cmp" / "gen0@expected-t.json").read_text())["settings"]["decode"] == "expected"

@@ -132,7 +132,7 @@ BAD_INPUTS = {  # name: (label.csv rows after the good one, how to break clip b/
     "infinite label": ("b,1,hi,-inf,train\n", None, "t", "'-inf' is not finite", "bad label"),
     "label out of range": ("b,1,hi,3.5,train\n", None, "t", r"3.5 is outside \[-3, 3\]", "bad label"),
     "duplicate id": ("g,1,again,0.0,train\n", None, "t", "line 3 .*also on line 2", "duplicate id"),
-    "short row": ("b,1,hi\n", None, "t", "fewer fields", "bad row"),
+    "short row": ("b,1,hi\n", None, "t", "not as many fields", "bad row"),
     "transcript not UTF-8": (None, None, "t", "not valid UTF-8", "bad transcript"),
     "missing mp4": ("b,1,hi,0.5,train\n", "delete", "tav", r"Raw/b/1\.mp4: not found", "missing file"),
     "corrupt mp4": ("b,1,hi,0.5,train\n", "garbage", "tav", r"Raw/b/1\.mp4: cannot be decoded", "bad media"),

@@ -1,5 +1,6 @@
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -161,3 +162,80 @@ def test_gen_loss_is_over_the_answer_tokens_only(make_cfg):
     changed = targets.clone()
     changed[1, prompt_pos] = full["input_ids"][1, prompt_pos]
     assert not torch.allclose(readout.token_loss(full, changed), loss)
+
+
+def full_forward_loglik(gen, inputs):
+    """Each of the 61 answers scored by a forward pass of its own over prompt + answer (no cache)."""
+    columns = []
+    for v in [v / 10 for v in range(-30, 31)]:
+        full, targets = gen.with_answers(inputs, torch.full((inputs["input_ids"].shape[0],), v))
+        logp = torch.log_softmax(gen.backbone(**full).logits[:, :-1].float(), -1)
+        kept = targets[:, 1:] != -100
+        columns.append((logp.gather(-1, targets[:, 1:].clamp(min=0)[..., None])[..., 0] * kept).sum(1))
+    return torch.stack(columns, 1)
+
+
+@pytest.mark.parametrize("modalities", ["t", "ta"])
+def test_expected_scores_every_answer_as_separate_forward_passes_would(make_cfg, modalities):
+    from data import load_clips, make_loader
+    cfg = make_cfg("--readout", "gen", "--modalities", modalities, "--decode", "expected")
+    torch.manual_seed(0)
+    gen, processor = build(cfg, torch.device("cpu"), lora=False)
+    gen.eval()
+    batch = next(iter(make_loader(cfg, load_clips(cfg, "valid"), processor, batch_size=3)))
+    assert (batch["inputs"]["attention_mask"] == 0).any()  # left padding: positions must still line up
+    with torch.no_grad():
+        values, loglik = gen.answer_loglik(batch["inputs"])
+        reference = full_forward_loglik(gen, batch["inputs"])
+        preds, info = gen.predict(batch)
+    assert values.tolist() == pytest.approx([v / 10 for v in range(-30, 31)]) and loglik.shape == (3, 61)
+    assert torch.allclose(loglik, reference, atol=1e-4), (loglik - reference).abs().max()
+    probs = loglik.softmax(-1)
+    assert torch.allclose(probs.sum(-1), torch.ones(3)) and torch.allclose(preds.float(), (probs @ values).float())
+    assert info["parse_failures"] == 0 and not preds.isnan().any()
+
+
+def test_expected_on_a_llama_decoder_with_left_padding(make_cfg):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from readout import Gen, tiny_processor
+    tokenizer = tiny_processor().tokenizer
+    torch.manual_seed(0)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=end)).eval()
+    gen = Gen(model, tokenizer, make_cfg("--readout", "gen", "--modalities", "t"))
+    inputs = dict(tokenizer([prompt(t, "t", tokenizer) for t in ["ok", "the plot was dull and long"]],
+                            padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        assert torch.allclose(gen.answer_loglik(inputs)[1], full_forward_loglik(gen, inputs), atol=1e-4)
+
+
+def test_sampled_answers_are_combined_over_those_that_parse():
+    from readout import combine
+    nan = float("nan")
+    scores = np.array([[1.0, nan, 3.0, 2.5], [nan, nan, nan, nan], [-1.0, -2.0, nan, 0.0]])
+    assert combine(scores, "median")[[0, 2]].tolist() == [2.5, -1.0] and np.isnan(combine(scores, "median")[1])
+    assert combine(scores, "mean")[[0, 2]].tolist() == pytest.approx([6.5 / 3, -1.0])
+    assert combine(np.array([[0.7]]), "greedy").tolist() == [0.7]
+
+
+def test_sampling_draws_k_answers_per_clip_from_one_prompt_pass(make_cfg):
+    from data import load_clips, make_loader
+    cfg = make_cfg("--readout", "gen", "--modalities", "t", "--decode", "median", "--samples", "4")
+    torch.manual_seed(0)
+    gen, processor = build(cfg, torch.device("cpu"), lora=False)
+    batch = next(iter(make_loader(cfg, load_clips(cfg, "valid"), processor, batch_size=2)))
+    gen.eval()
+    passes = []
+    gen.backbone.model.register_forward_hook(lambda module, args, kwargs, out: passes.append(kwargs["input_ids"].shape),
+                                             with_kwargs=True)
+    torch.manual_seed(1)
+    preds, info = gen.predict(batch)
+    # 4 answers of at most max_new_tokens for each of the 2 clips: more than one answer could hold
+    assert preds.shape == (2,) and 2 * cfg["max_new_tokens"] < info["generated_tokens"] <= 2 * 4 * cfg["max_new_tokens"]
+    assert passes[0][0] == 2 and all(shape == (8, 1) for shape in passes[1:])  # the prompts ran once
+    torch.manual_seed(1)
+    assert torch.allclose(gen.predict(batch)[0], preds, equal_nan=True)  # the same draws again
+    gen.decode = "greedy"  # the random model's most likely token is never the end token
+    assert gen.predict(batch)[1]["generated_tokens"] == 2 * cfg["max_new_tokens"]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from data import UserError, load_clips, make_loader
+from data import load_clips, make_loader
 from eval import CheckpointError, evaluate, load_checkpoint
-from readout import build, load_backbone
+from readout import build
 from train import lr_at, train
 
 
