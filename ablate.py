@@ -24,16 +24,14 @@ def main(argv=None):
     p.add_argument("--seeds", default="0", help="comma-separated seeds: cells are mean ± std over them")
     p.add_argument("--readouts", default=None, help="comma-separated readouts; gen0: gen zero-shot; gen@RULE, "
                    "gen0@RULE: read with another --decode rule (default: --readout alone, a row per subset)")
-    p.add_argument("--out", default=None, help="folder of the runs and the table "
-                                               "(default: runs/<data>-<readout, or 'readouts'>-ablation)")
+    p.add_argument("--out", help="the folder of the runs and the table (default: runs/DATA-READOUT-ablation)")
     args, rest = p.parse_known_args(argv)
     base = parse_args(rest)
     readouts, subsets = (args.readouts or base["readout"]).split(","), args.subsets.split(",")
-    unknown = [r for r in readouts if r.partition("@")[0] not in {*READOUTS, "gen0"} or r.partition("@")[2] not in
-               ("", *DECODE) or "@" in r and not r.startswith("gen")]
-    if unknown:
-        raise UserError(f"--readouts: unknown {', '.join(unknown)} (one of gen0, {', '.join(READOUTS)}; gen and gen0 "
-                        f"with @ and one of {', '.join(DECODE)})")
+    if any(r.partition("@")[0] not in {*READOUTS, "gen0"} or r.partition("@")[2] not in {"", *DECODE}
+           for r in readouts):
+        raise UserError(f"--readouts {args.readouts}: each of {', '.join(READOUTS)}, gen0, or gen@RULE, gen0@RULE with "
+                        f"RULE one of {', '.join(DECODE)}")
     name = "readouts" if args.readouts else base["readout"]
     out = Path(args.out or f"runs/{Path(base['data'].replace(':', '')).name}-{name}-ablation")
     rows = {}
@@ -43,29 +41,23 @@ def main(argv=None):
             row = subset if not args.readouts else readout if len(subsets) == 1 else f"{readout} {subset}"
             cfg = {**base, "readout": "gen" if kind == "gen0" else kind, "modalities": subset}
             if kind == "gen0":  # the untrained model
-                test = evaluated(out / f"{readout}-{subset}.json", {**cfg, "decode": rule or cfg["decode"]})
-                rows[row] = [{**test, "trainable_pct": 0.0}]
+                rows[row] = [evaluated(out / f"{readout}-{subset}.json", {**cfg, "decode": rule or cfg["decode"]})]
                 continue
             rows[row] = []
             for seed in map(int, args.seeds.split(",")):
                 folder = f"{kind}-{subset}-s{seed}" if args.readouts else f"{subset}-s{seed}"
                 run = {**cfg, "seed": seed, "out": str(out / folder)}
-                result = finished(run) or test_metrics(train(run)[1])
+                result = finished(run) or train(run)[1]["test"]
                 if rule:  # the trained run, read with another decoding rule
-                    result = {**evaluated(out / folder / f"test@{rule}.json", {**run, "decode": rule}, run["out"]),
-                              "trainable_pct": result["trainable_pct"]}
+                    result = evaluated(out / folder / f"test@{rule}.json", {**run, "decode": rule}, run["out"])
                 rows[row].append(result)
     title = f"Each {'readout' if args.readouts else 'modality subset'}, everything else fixed ({base['data']}, test)"
-    columns = COLUMNS + (("parse_fail_rate", "ms_per_clip", "trainable_pct") if args.readouts else ())
+    columns = COLUMNS + (("parse_fail_rate", "ms_per_clip") if args.readouts else ())
     markdown = f"**{title}**\n\n" + table(rows, columns, "readout" if args.readouts else "modalities")
     print(markdown)
     save_json(out / "ablation.json", dict(title=title, results=rows))
     (out / "ablation.md").write_text(markdown + "\n")
     print(f"written: {out / 'ablation.md'}, {out / 'ablation.json'}")
-
-
-def test_metrics(metrics):
-    return {**metrics["test"], "trainable_pct": metrics["parameters"]["trainable_pct"]}
 
 
 def finished(cfg):
@@ -79,7 +71,7 @@ def finished(cfg):
     if done != wanted:
         return None
     print(f"reusing {folder} (its config.json is this run's)")
-    return test_metrics(json.loads((folder / "metrics.json").read_text()))
+    return json.loads((folder / "metrics.json").read_text())["test"]
 
 
 def evaluated(file, cfg, folder=None):

@@ -51,7 +51,7 @@ def read_split(root, split, on_bad="error"):
         raise DataError(f"{path}: not found (an MMSA-layout folder needs label.csv and Raw/<video_id>/<clip_id>.mp4)")
     rows, skipped, seen = [], [], {}
     # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate, so that its row can be named
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:  # -sig: a spreadsheet's BOM
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -180,10 +180,13 @@ class Clips(torch.utils.data.Dataset):
     before training (on_bad='skip': is skipped, counted). An item: a clip's model inputs (make_loader sets how)."""
 
     def __init__(self, root, split, modalities="tav", fps=2.0, max_frames=32, max_pixels=128 * 28 * 28,
-                 cache_dir="cache", on_bad="error", workers=0):
+                 cache_dir="cache", on_bad="error", workers=0, audio_in_video=False):
         if not modalities or set(modalities) - set("tav"):
             raise UserError(f"--modalities must be a non-empty subset of 'tav', not {modalities!r}")
+        if audio_in_video and not {"a", "v"} <= set(modalities):
+            raise UserError(f"--audio_in_video needs audio and video, not --modalities {modalities}")
         self.root, self.modalities, self.cache_dir = Path(root), modalities, cache_dir
+        self.audio_in_video = audio_in_video
         self.video = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels)
         rows, self.skipped = read_split(root, split, on_bad)  # skipped: (clip id, DataError)
 
@@ -196,14 +199,11 @@ class Clips(torch.utils.data.Dataset):
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PyAV decodes without holding the GIL
             problems = list(tqdm(pool.map(check, rows), total=len(rows), desc=f"decoding {split}", leave=False,
                                  disable=modalities == "t" or len(rows) < 50))
-        self.rows = []
-        for r, e in zip(rows, problems):
-            if e is None:
-                self.rows.append(r)
-            elif on_bad != "skip":
+        for e in problems:
+            if e is not None and on_bad != "skip":
                 raise DataError(f"{e}; --on_bad skip skips such clips", e.kind) from None
-            else:
-                self.skipped.append((r["id"], e))
+        self.rows = [r for r, e in zip(rows, problems) if e is None]
+        self.skipped += [(r["id"], e) for r, e in zip(rows, problems) if e is not None]
         if not self.rows:
             raise DataError(f"{self.root}: no usable clip in {split!r} for --modalities {modalities} "
                             f"({len(self.skipped)} skipped)")
@@ -238,7 +238,7 @@ class Clips(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         r = self.rows[i]
-        text, file = prompt(r["text"], self.modalities, self.processor), None
+        text, file = prompt(r["text"], self.modalities, self.processor, self.audio_in_video), None
         if self.processed_key:
             media = [r["mp4"].with_suffix(s) for s in (".mp4", ".wav") if r["mp4"].with_suffix(s).exists()]
             file = cache_file(Path(self.cache_dir) / "processed", text, *media, self.video, self.processed_key,
@@ -246,31 +246,34 @@ class Clips(torch.utils.data.Dataset):
         if file and file.exists():
             inputs = safetensors.torch.load(file.read_bytes())
         else:
-            inputs = model_inputs(self.processor, text, self.media(r), self.video["fps"], self.video["max_pixels"])
+            inputs = model_inputs(self.processor, text, self.media(r), self.video["fps"], self.video["max_pixels"],
+                                  self.audio_in_video)
             if file:
                 write_atomically(file, safetensors.torch.save({k: v.contiguous() for k, v in inputs.items()}))
         return dict(inputs=inputs, label=r["label"], id=r["id"])
 
 
-def model_inputs(processor, text, media, fps=2.0, max_pixels=128 * 28 * 28):
+def model_inputs(processor, text, media, fps=2.0, max_pixels=128 * 28 * 28, audio_in_video=False):
     """The processor's output (a batch of 1) for a clip's prompt and decoded media: {'videos': ..., 'audio': ...}."""
     if not hasattr(processor, "tokenizer"):  # a text model's tokenizer: an encoder (no chat template) gets [CLS] etc.
         return dict(processor([text], return_tensors="pt", add_special_tokens=processor.chat_template is None))
     kwargs = {k: [v] for k, v in media.items()}
-    if "audio" in media:  # Whisper features padded to the clip (plus n_fft), not to 30 s: the same features
-        kwargs["audio_kwargs"] = dict(max_length=min(len(media["audio"]) + 480, 30 * SAMPLE_RATE))
+    if audio_in_video:  # Qwen's own layout: the audio goes into the video's placeholder, in 2-s chunks by time
+        kwargs.update(load_audio_from_video=True, audio_from_video_indices=[0])
+    if "audio" in media:  # Whisper features of the whole clip (the extractor's default pads or cuts to 30 s)
+        kwargs["audio_kwargs"] = dict(max_length=len(media["audio"]) + 480)
     if "videos" in media:
         kwargs["videos_kwargs"] = dict(fps=fps, size={"shortest_edge": 4 * 28 * 28, "longest_edge": max_pixels})
     return dict(processor(text=[text], return_tensors="pt", **kwargs))
 
 
-def prompt(text, modalities, processor):
+def prompt(text, modalities, processor, audio_in_video=False):
     """The Qwen chat prompt with the media `modalities` asks for (the others absent, not blanked); for a text model,
     the same question through its chat template (an encoder, which has none, reads the transcript alone)."""
     question = (f'Transcript: "{text}"\n' if "t" in modalities else "") + QUESTION
     if hasattr(processor, "tokenizer"):
         media = ("<|vision_bos|><|VIDEO|><|vision_eos|>" if "v" in modalities else "") + \
-                ("<|audio_bos|><|AUDIO|><|audio_eos|>" if "a" in modalities else "")
+                ("<|audio_bos|><|AUDIO|><|audio_eos|>" if "a" in modalities and not audio_in_video else "")
         return (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
                 f"<|im_start|>user\n{media}{question}<|im_end|>\n<|im_start|>assistant\n")
     if processor.chat_template is None:
@@ -280,8 +283,8 @@ def prompt(text, modalities, processor):
 
 
 def collate(items, tokenizer):
-    """Clips' inputs -> one batch, as the processor makes it: token rows padded on the tokenizer's side, audio
-    features at the end (masked: the audio tower never reads them), the rest concatenated."""
+    """Clips' inputs -> the batch the processor makes: tokens padded on the tokenizer's side, audio features at the
+    end (masked: the audio tower never reads them), the rest concatenated."""
     inputs = {}
     for key in items[0]["inputs"]:
         rows = [it["inputs"][key] for it in items]
@@ -294,9 +297,8 @@ def collate(items, tokenizer):
 
 
 def load_clips(cfg, split):
-    """The Clips of one split of the run `cfg` describes."""
     return Clips(data_root(cfg["data"]), split, cfg["modalities"], cfg["fps"], cfg["max_frames"], cfg["max_pixels"],
-                 cfg["cache_dir"], cfg["on_bad"], cfg["num_workers"])
+                 cfg["cache_dir"], cfg["on_bad"], cfg["num_workers"], cfg["audio_in_video"])
 
 
 def make_loader(cfg, clips, processor, batch_size=None, shuffle=False, seed=0, drop_last=False, rank=0, world=1):
@@ -348,8 +350,8 @@ TOY_OPENERS = ["", "honestly ", "i think ", "to be fair ", "well "]
 
 
 def make_toy(root, n=TOY_CLIPS, seed=0):
-    """Write (once) an MMSA-layout dataset of n real mp4 clips (H.264 + AAC) whose label is the sum of three
-    independent parts carried by the transcript's words, the audio's pitch and the video's brightness."""
+    """Write (once) n real mp4 clips (H.264 + AAC) whose label is the sum of independent parts carried by the
+    transcript's words, the audio's pitch and the video's brightness, and their label.csv."""
     root = Path(root)
     if (root / "label.csv").exists():
         return root

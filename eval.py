@@ -42,6 +42,8 @@ def run_flags(p, training=True):
     p.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second")
     p.add_argument("--max_frames", type=int, default=32, help="at most this many frames per clip")
     p.add_argument("--max_pixels", type=int, default=128 * 28 * 28, help="each frame resized to fit this many pixels")
+    p.add_argument("--audio_in_video", action=argparse.BooleanOptionalAction, default=False,
+                   help="with audio and video: Qwen's own prompt, the audio in the video's place in 2-s chunks")
     p.add_argument("--decode", default="greedy", choices=DECODE, help="gen: how answers become a prediction")
     p.add_argument("--samples", type=int, default=8, help="gen, median and mean: answers drawn per clip")
     p.add_argument("--temperature", type=float, default=1.0, help="gen, median and mean: the sampling temperature")
@@ -76,14 +78,12 @@ def machine_flags(p):
     p.add_argument("--trust_remote_code", action="store_true", help="let transformers run code shipped with --model")
 
 
-# A random tiny model needs more steps at a larger rate than a pretrained one. LoRA r=32 on the 7B Thinker trains
-# 80.7 M of its 8.93 B parameters (0.90%).
+# A random tiny model needs more steps at a larger rate. LoRA r=32 trains 0.90% of the 7B Thinker's parameters.
 PRESETS = {"tiny": dict(epochs=30, lr=2e-3, batch_size=8, grad_accum=1, lora_r=16),
            "pretrained": dict(epochs=5, lr=1e-4, batch_size=4, grad_accum=4, lora_r=32)}
 
 
 def resolve(cfg):
-    """Unset training flags take the backbone's preset."""
     cfg.update({k: v for k, v in PRESETS["tiny" if cfg["model"] == "tiny" else "pretrained"].items() if cfg[k] is None})
     cfg["lora_alpha"] = cfg["lora_alpha"] or 2.0 * cfg["lora_r"]
     return cfg
@@ -95,10 +95,6 @@ def run_config(cfg=None):
     run_flags(p)
     defaults = resolve(vars(p.parse_args(["--model", "tiny"])))
     return defaults if cfg is None else {k: cfg[k] for k in defaults}
-
-
-class CheckpointError(UserError):
-    """A missing, corrupt or foreign checkpoint file; the message names it."""
 
 
 def trained_state(readout):
@@ -115,13 +111,13 @@ def save_json(file, value):
 
 
 def read_tensors(file, device="cpu"):
-    """Tensors of a safetensors file (never a pickle), or a CheckpointError naming the file."""
+    """Tensors of a safetensors file (never a pickle), or a UserError naming the file."""
     if not Path(file).is_file():
-        raise CheckpointError(f"{file}: not found")
+        raise UserError(f"{file}: not found")
     try:
         return load_file(file, device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: not a complete safetensors file ({e})") from None
+        raise UserError(f"{file}: not a complete safetensors file ({e})") from None
 
 
 def load_weights(readout, weights, file):
@@ -130,24 +126,23 @@ def load_weights(readout, weights, file):
     found = {n: tuple(t.shape) for n, t in weights.items()}
     if found != expected:
         wrong = sorted(n for n in expected.keys() | found.keys() if expected.get(n) != found.get(n))
-        raise CheckpointError(f"{file}: does not fit the run its config.json describes ({len(wrong)} tensors missing, "
+        raise UserError(f"{file}: does not fit the run its config.json describes ({len(wrong)} tensors missing, "
                               f"unexpected or of another shape, e.g. {wrong[0]}: {found.get(wrong[0])} in the file, "
                               f"{expected.get(wrong[0])} expected)")
     readout.load_state_dict(weights, strict=False)
 
 
 def load_config(folder):
-    """A checkpoint's config.json, checked against this code's run settings: a missing or unknown key or a
-    value of the wrong type is an error (the file is data; nothing in it is executed)."""
+    """A checkpoint's config.json, checked key by key and type by type against this code's run settings."""
     file = Path(folder) / "config.json"
     if not file.is_file():
-        raise CheckpointError(f"{file}: not found ({folder} is not a checkpoint folder written by train.py)")
+        raise UserError(f"{file}: not found ({folder} is not a checkpoint folder written by train.py)")
     try:
         cfg = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+        raise UserError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
-        raise CheckpointError(f"{file}: not a JSON object")
+        raise UserError(f"{file}: not a JSON object")
     reference = run_config()
     problems = [f"unknown key {k!r}" for k in cfg.keys() - reference.keys()]
     problems += [f"missing key {k!r}" for k in reference.keys() - cfg.keys()]
@@ -156,7 +151,7 @@ def load_config(folder):
         if not (got is want or (want, got) in ((type(None), str), (float, int))):
             problems.append(f"{k!r} is {cfg[k]!r}, not a {'str or null' if reference[k] is None else want.__name__}")
     if problems:
-        raise CheckpointError(f"{file}: {'; '.join(sorted(problems))}")
+        raise UserError(f"{file}: {'; '.join(sorted(problems))}")
     return cfg
 
 
@@ -264,8 +259,7 @@ def mean_baseline(cfg, labels):
 
 
 def table(rows, columns=METRIC_KEYS, first="run"):
-    """rows: {name: [metrics of each seed]} -> markdown. A cell is the one value (with its 95% interval where
-    there is one) or the mean ± sample std over seeds; '-' where a row lacks the column."""
+    """{name: [metrics of each seed]} -> markdown: one value (and its 95% interval) or mean ± sample std; '-': none."""
     lines = [f"| {first} | " + " | ".join(columns) + " | n | seeds |", "|---" * (len(columns) + 3) + "|"]
     for name, runs in rows.items():
         cells = []
@@ -290,36 +284,33 @@ def report(name, result, baseline):
 
 
 def plot(preds, labels, folder, split):
-    """<split>_scatter.png (predicted vs true) and, for a training run, learning_curve.png (training loss and
-    validation MAE per epoch, the kept epoch marked) in `folder`."""
+    """<split>_scatter.png and, for a training run, learning_curve.png (the kept epoch marked) in `folder`."""
     try:
         import matplotlib.pyplot as plt
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install matplotlib)")
         return
-    m, folder = metrics(preds, labels), Path(folder)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.scatter(labels, preds, s=10, alpha=0.6)
+    ax.plot(labels, preds, ".", alpha=0.6, label=f"Corr {metrics(preds, labels)['Corr']:.3f}")
     ax.plot([-3, 3], [-3, 3], "k--", lw=1)
-    ax.set(xlim=(-3.2, 3.2), ylim=(-3.2, 3.2), xlabel="true score", ylabel="predicted score",
-           title=f"{split}: Corr {m['Corr']:.3f}, MAE {m['MAE']:.3f}, n={len(labels)}")
-    fig.savefig(folder / f"{split}_scatter.png", dpi=120, bbox_inches="tight")
-    if (folder / "log.jsonl").exists():
-        log = [r for r in map(json.loads, (folder / "log.jsonl").read_text().splitlines()) if "epoch" in r]
-        kept = json.loads((folder / "metrics.json").read_text())["kept_epoch"]
+    ax.set(xlabel="true score", ylabel="predicted score", title=f"{split}, {len(labels)} clips")
+    ax.legend()
+    fig.savefig(Path(folder) / f"{split}_scatter.png", dpi=120, bbox_inches="tight")
+    if (Path(folder) / "log.jsonl").exists():
+        log = [r for r in map(json.loads, (Path(folder) / "log.jsonl").read_text().splitlines()) if "epoch" in r]
+        kept = json.loads((Path(folder) / "metrics.json").read_text())["kept_epoch"]
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot([r["epoch"] for r in log], [r["train_loss"] for r in log], "o-", label="training loss")
         ax.plot([r["epoch"] for r in log], [r["valid"]["MAE"] for r in log], "s-", label="validation MAE")
         ax.axvline(kept, color="k", ls=":", label=f"kept epoch ({kept})")
-        ax.set(xlabel="epoch", title=folder.name)
+        ax.set(xlabel="epoch", title=Path(folder).name)
         ax.legend()
-        fig.savefig(folder / "learning_curve.png", dpi=120, bbox_inches="tight")
+        fig.savefig(Path(folder) / "learning_curve.png", dpi=120, bbox_inches="tight")
     plt.close("all")
 
 
 def run_split(folder, args, given):
-    """Evaluate a checkpoint (without one: gen zero-shot) on args['split'] -> (cfg, name, result, preds with
-    unanswered clips scored as the fallback, labels, clip ids). `given`: the flags on the command line."""
+    """A checkpoint (None: gen zero-shot) on args['split'] -> (cfg, name, result, preds, labels, clip ids)."""
     if folder:
         cfg, readout, processor = load_checkpoint(folder, args, {k: args[k] for k in given})
         name = f"{cfg['readout']} ({cfg['modalities']}, {args['split']})"
@@ -341,13 +332,10 @@ def run_split(folder, args, given):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help, allow_abbrev=False)
     p.add_argument("--ckpt", default=None, help="a checkpoint folder written by train.py")
-    p.add_argument("--compare", nargs=2, default=None, metavar=("CKPT_A", "CKPT_B"),
-                   help="evaluate two checkpoints on the same clips and test the difference, clip by clip")
+    p.add_argument("--compare", nargs=2, metavar=("CKPT_A", "CKPT_B"), help="two checkpoints, tested clip by clip")
     p.add_argument("--split", default="test", choices=SPLITS, help="the split to evaluate")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
-                   help="95%% intervals of MAE, Corr, Acc2_non0, Acc7 from N resamplings of the clips (seed 0)")
-    p.add_argument("--plot", action="store_true", help="scatter plot and learning curve as PNG files in the "
-                                                       "checkpoint folder (needs matplotlib)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N", help="95%% intervals from N resamplings of clips")
+    p.add_argument("--plot", action="store_true", help="scatter plot and learning curve PNGs (needs matplotlib)")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     machine_flags(p.add_argument_group("this machine"))
     run_flags(p.add_argument_group("the run (with --ckpt: only those given replace the run's own)"), training=False)
@@ -357,7 +345,7 @@ def main(argv=None):
         (cfg_a, name_a, result_a, preds_a, labels, ids_a), (cfg_b, name_b, result_b, preds_b, _, ids_b) = \
             [run_split(folder, args, given) for folder in args["compare"]]
         if data_root(cfg_a["data"]).resolve() != data_root(cfg_b["data"]).resolve() or ids_a != ids_b:
-            raise CheckpointError(f"--compare: {args['compare'][0]} ({cfg_a['data']}, {len(ids_a)} clips) and "
+            raise UserError(f"--compare: {args['compare'][0]} ({cfg_a['data']}, {len(ids_a)} clips) and "
                                   f"{args['compare'][1]} ({cfg_b['data']}, {len(ids_b)} clips) are not evaluated on "
                                   f"the same clips of the {args['split']!r} split")
         print(table({f"A: {name_a}": [result_a], f"B: {name_b}": [result_b]}))

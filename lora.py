@@ -1,8 +1,5 @@
-"""LoRA by hand over `nn.Linear` or bitsandbytes' 4-bit `Linear4bit`, and 4-bit quantisation in memory.
-
-y = base(x) + (alpha / r) * B(A(dropout(x))), B zero-initialised so that the model equals its base at init.
-The base stays frozen (and 4-bit where it was); only A and B train.
-"""
+"""LoRA by hand over `nn.Linear` or bitsandbytes' 4-bit `Linear4bit`, and 4-bit quantisation in memory:
+y = base(x) + (alpha / r) * B(A(dropout(x))), B zero at init (the base model exactly); only A and B train."""
 import logging
 import math
 import re
@@ -29,15 +26,10 @@ class LoRALinear(nn.Module):
         return self.base(x) + (self.scaling * delta).to(x.dtype)
 
 
-def linear_layers(model, pattern=""):
-    """Dotted names of the linear layers (4-bit ones too: Linear4bit is an nn.Linear) matching a regex."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.search(pattern, n)]
-
-
 def add_lora(model, targets, r=8, alpha=16, dropout=0.05):
     """Freeze `model` and wrap every linear layer whose dotted name matches the regex `targets` -> their names."""
     freeze(model)
-    names = linear_layers(model, targets)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.search(targets, n)]  # 4-bit too
     if not names:
         raise ValueError(f"--lora_targets {targets!r} matches no linear layer of the model")
     for name in names:
@@ -58,9 +50,9 @@ def freeze(model):
 
 def quantize_nf4(model, skip=()):
     """Every nn.Linear not under a dotted prefix in `skip` made a double-quantised NF4 Linear4bit, in place."""
-    for name in linear_layers(model):
+    for name in [n for n, m in model.named_modules() if type(m) is nn.Linear]:
         linear = model.get_submodule(name)
-        if isinstance(linear, bnb.nn.Linear4bit) or any(name == s or name.startswith(s + ".") for s in skip):
+        if any(name == s or name.startswith(s + ".") for s in skip):
             continue
         weight = linear.weight.data
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,

@@ -61,8 +61,8 @@ def load_backbone(name, quant="nf4", device="cpu", trust_remote_code=False):
         model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(folder, **source, **load)
         tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left" if causal else "right", **source)
     except (OSError, ValueError, ImportError) as e:  # not found, not a model, gated, a package missing
-        raise UserError(f"--model {name}: cannot be loaded ({str(e).strip().splitlines()[0]}); --model takes a hub "
-                        "id, a local model folder, a .gguf file, or 'tiny' to run offline") from None
+        raise UserError(f"--model {name}: cannot be loaded ({str(e).strip().partition(chr(10))[0]}); --model takes a "
+                        "hub id, a local model folder, a .gguf file, or 'tiny' to run offline") from None
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # left padding: a causal LM generates
     return (quantize_nf4(model, SKIP_QUANT) if quant == "nf4" and "gguf_file" in source else model), tokenizer
 
@@ -70,9 +70,10 @@ def load_backbone(name, quant="nf4", device="cpu", trust_remote_code=False):
 def hub_reachable():
     """Whether the Hugging Face hub (or the mirror HF_ENDPOINT names) answers within 2 s, through any proxy."""
     try:
-        return get_session().head(constants.ENDPOINT, timeout=2) is not None
+        get_session().head(constants.ENDPOINT, timeout=2)
     except Exception:  # whatever the reason, only the local cache can serve
         return False
+    return True
 
 
 def tiny_processor():
@@ -121,9 +122,8 @@ TINY = dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2
 
 
 def thinker_config(tokenizer, text, audio, vision):
-    """A Qwen2_5OmniThinkerConfig of these text, audio and vision shapes, with `tokenizer`'s special token ids.
-    Gotchas: mrope_section sums to head_dim / 2; the towers' outputs have the text hidden size;
-    vision_start_token_id is read by the rope code even for text-only input."""
+    """A Qwen2_5OmniThinkerConfig of these shapes and `tokenizer`'s special tokens. Gotchas: mrope_section sums to
+    head_dim / 2; the towers' outputs have the text width; vision_start_token_id is read even for text alone."""
     ids, text = tokenizer.get_vocab(), dict(text)
     rope = dict(rope_type="default", rope_theta=1e6, mrope_section=text.pop("mrope_section"))
     return Qwen2_5OmniThinkerConfig(
@@ -156,11 +156,13 @@ class Readout(nn.Module):
 
     def __init__(self, backbone, tokenizer, cfg):
         super().__init__()
-        self.backbone, self.tokenizer = backbone, tokenizer
+        self.backbone, self.tokenizer, self.cfg = backbone, tokenizer, cfg
+        self.model_kwargs = dict(use_audio_in_video=True) if cfg["audio_in_video"] else {}  # for the rope positions
 
     def hidden_states(self, inputs):
         """Last-layer hidden states (B, L, H): the model under the LM head, which is never run."""
-        return getattr(self.backbone, "model", self.backbone)(**inputs, use_cache=False).last_hidden_state
+        model = getattr(self.backbone, "model", self.backbone)
+        return model(**inputs, **self.model_kwargs, use_cache=False).last_hidden_state
 
     def prepare(self, batches):
         """Called before each evaluation with the training batches (e.g. to refresh statistics)."""
@@ -219,8 +221,6 @@ class Gen(Readout):
         if not backbone.can_generate():
             raise UserError(f"--readout gen needs a causal LM; {cfg['model']} is a {backbone.config.model_type} "
                             "model that cannot generate")
-        self.max_new_tokens, self.decode, self.samples, self.temperature = \
-            cfg["max_new_tokens"], cfg["decode"], cfg["samples"], cfg["temperature"]
         eos = backbone.generation_config.eos_token_id  # the answer ends with the token that stops generation
         self.end_id = eos[0] if isinstance(eos, list) else eos
         if self.end_id is None:
@@ -253,29 +253,29 @@ class Gen(Readout):
 
     @torch.no_grad()
     def predict(self, batch):
-        if self.decode == "expected":
+        rule = self.cfg["decode"]
+        if rule == "expected":
             values, loglik = self.answer_loglik(batch["inputs"])
             return loglik.softmax(-1) @ values, dict(parse_failures=0, generated_tokens=0)
-        k = 1 if self.decode == "greedy" else self.samples
+        k = 1 if rule == "greedy" else self.cfg["samples"]
         h, step = self.after_prompt(batch["inputs"], k)
         eos, tokens = torch.tensor(self.backbone.generation_config.eos_token_id, device=h.device).view(-1), []
-        ended = torch.zeros(len(h), dtype=torch.bool, device=h.device)
-        while len(tokens) < self.max_new_tokens and not ended.all():
+        ended, generated = torch.zeros(len(h), dtype=torch.bool, device=h.device), 0
+        while len(tokens) < self.cfg["max_new_tokens"] and not ended.all():
             logits = self.backbone.lm_head(h if not tokens else step(tokens[-1][:, None])[:, -1]).float()
-            token = logits.argmax(-1) if k == 1 else torch.multinomial((logits / self.temperature).softmax(-1), 1)[:, 0]
+            token = logits.argmax(-1) if k == 1 else (logits / self.cfg["temperature"]).softmax(-1).multinomial(1)[:, 0]
             tokens.append(torch.where(ended, self.end_id, token))  # an ended answer is padded with the end token
-            ended |= torch.isin(token, eos)
+            generated, ended = generated + int((~ended).sum()), ended | torch.isin(token, eos)
         new = torch.stack(tokens, 1)  # (B * k, <= max_new_tokens): clip i's answers are rows i * k to i * k + k - 1
         scores = [parse_score(t) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
-        preds = combine(np.array([math.nan if s is None else s for s in scores]).reshape(-1, k), self.decode)
-        lengths = torch.where(torch.isin(new, eos).any(-1), torch.isin(new, eos).int().argmax(-1) + 1, new.shape[1])
-        return torch.tensor(preds), dict(parse_failures=int(np.isnan(preds).sum()), generated_tokens=int(lengths.sum()))
+        preds = combine(np.array([math.nan if s is None else s for s in scores]).reshape(-1, k), rule)
+        return torch.tensor(preds), dict(parse_failures=int(np.isnan(preds).sum()), generated_tokens=generated)
 
     def after_prompt(self, inputs, k):
         """Run the prompt once, keeping k copies of each clip's keys and values -> (the last state (B * k, H), step:
         tokens (B * k, n) that follow those fed so far -> their states). Row i * k + j is clip i's j-th copy."""
         model, mask = getattr(self.backbone, "model", self.backbone), inputs["attention_mask"]
-        out = model(**inputs, use_cache=True)
+        out = model(**inputs, **self.model_kwargs, use_cache=True)
         out.cache.batch_repeat_interleave(k)
         # Positions go on from the prompt's: a decoder numbers its padding too; the Thinker numbers real tokens,
         # then adds the offset its multimodal rope left (rope_deltas).
@@ -337,8 +337,8 @@ SCALE = re.compile(r"-\s*3(?:\.0+)?\s*(?:to|and|-|–|—|\.\.\.?|,)\s*\+?3(?:\.
 
 
 def parse_score(text):
-    """The score in a generated text, clipped to [-3, 3], or None. The number after the last cue word
-    (score, sentiment, rating, answer) wins, else the first number. Never raises on a string."""
+    """The score in a text, clipped to [-3, 3], or None: the number after the last cue word (score, sentiment,
+    rating, answer), else the first number. Never raises on a string."""
     text = SCALE.sub(" ", text.replace("\u2212", "-"))
     cued = CUED.findall(text)
     number = cued[-1] if cued else next(iter(re.findall(NUMBER, text)), None)
@@ -346,8 +346,7 @@ def parse_score(text):
 
 
 def build(cfg, device, lora=True):
-    """The run a config describes: backbone, LoRA over it (lora=False: none, zero-shot), readout on top
-    -> (readout, processor)."""
+    """(readout, processor) of the run `cfg` describes: backbone, LoRA over it (lora=False: none), readout."""
     backbone, processor = load_backbone(cfg["model"], cfg["quant"], device, cfg["trust_remote_code"])
     kind = backbone.config.model_type
     if kind not in THINKER_TYPES and cfg["modalities"] != "t":

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,8 +35,7 @@ def lr_at(step, total, warmup, peak):
 
 
 def train(cfg):
-    """Train the run `cfg` describes (every flag) -> (checkpoint folder, metrics). cfg['resume']: continue from
-    the folder's last.safetensors. Under torchrun every process runs this; rank 0 alone writes."""
+    """Train the run `cfg` describes -> (folder, metrics). Under torchrun every process runs it; rank 0 writes."""
     rank, world = distributed(cfg)
     torch.manual_seed(cfg["seed"])
     device, out = torch.device(cfg["device"]), Path(cfg["out"])
@@ -47,6 +47,11 @@ def train(cfg):
         readout.backbone.activation_checkpointing_enable({"use_reentrant": False})
     counts = count_parameters(readout)
     print(f"trainable {counts['trainable']:,} of {counts['total']:,} parameters ({counts['trainable_pct']:.2f}%)")
+    # float32: the weights (4 bytes a value) and last.safetensors (with AdamW's two moments, 12), twice while replaced
+    need = 28 * counts["trainable"] + 2 ** 20
+    free = shutil.disk_usage(next(p for p in [out, *out.parents] if p.exists())).free
+    if need > free:
+        raise UserError(f"{out}: the checkpoint files need about {need / 2 ** 20:.1f} MiB, {free / 2 ** 20:.1f} free")
     loader = make_loader(cfg, clips["train"], processor, cfg["batch_size"], shuffle=True, seed=cfg["seed"],
                          drop_last=True, rank=rank, world=world)  # drop_last: a batch norm needs two clips
     valid = make_loader(cfg, clips["valid"], processor, rank=rank, world=world)
@@ -95,10 +100,8 @@ def train_epoch(readout, loader, optimizer, cfg, epoch, step, world):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = readout.loss(to_device(batch, device))
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the training loss is {loss.item()} at epoch {epoch}, batch {i + 1}: stopped. The end of the last "
-                f"good epoch is in {cfg['out']}/last.safetensors (continue with --resume {cfg['out']}, e.g. after "
-                f"lowering --lr), its best epoch in {cfg['out']}/weights.safetensors")
+            raise FloatingPointError(f"the training loss is {loss.item()} at epoch {epoch}, batch {i + 1}: stopped; "
+                                     f"--resume {cfg['out']} continues after the last good epoch (lower --lr?)")
         (loss / cfg["grad_accum"]).backward()
         losses.append(loss.item())
         if (i + 1) % cfg["grad_accum"] == 0 or i + 1 == len(loader):
@@ -153,8 +156,7 @@ def distributed(cfg):
 
 
 def save_last(file, readout, optimizer, loader, epoch, step):
-    """Everything needed to continue after `epoch`, in one safetensors file: the trained tensors, the optimizer's
-    state, the random-number states; the epoch, step and optimizer settings in its JSON metadata."""
+    """What continuing after `epoch` needs: trained tensors, optimizer state, random states; the rest as metadata."""
     tensors = {f"model.{k}": v for k, v in trained_state(readout).items()}
     state = optimizer.state_dict()
     tensors.update({f"optim.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()})
@@ -166,15 +168,13 @@ def save_last(file, readout, optimizer, loader, epoch, step):
 
 def load_last(file, readout, optimizer, loader):
     """Restore what save_last wrote -> (epoch, step)."""
-    if not file.is_file():
-        raise UserError(f"{file}: not found (nothing to resume: no epoch of this run has ended)")
-    tensors = read_tensors(file)  # a clear error for a truncated or foreign file
+    tensors = read_tensors(file)  # a clear error for a missing, truncated or foreign file
     with safe_open(file, framework="pt") as f:
         meta = json.loads(f.metadata()["train"])
     load_weights(readout, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, file)
     state = {}
     for k, v in tensors.items():
-        if k.startswith("optim."):
+        if k.startswith("optim."):  # optim.<parameter index>.<state name>
             _, i, name = k.split(".", 2)
             state.setdefault(int(i), {})[name] = v
     optimizer.load_state_dict(dict(state=state, param_groups=meta["param_groups"]))

@@ -310,3 +310,83 @@ def test_sharded_shuffle_splits_exactly_the_batches_one_process_would_see():
     for epoch, expected in enumerate(batches(one)):  # epochs differ, and each global batch is the ranks' together
         assert [a + b for a, b in zip(ranks[0][epoch], ranks[1][epoch])] == expected
     assert ranks[0][0] != ranks[0][1]
+
+
+def test_a_spreadsheet_saved_label_csv_reads_like_a_plain_one(tmp_path):
+    rows = ('video_id,clip_id,text,label,mode\r\n'
+            'v,1,"commas, ""quotes"" and a\r\nline break",1.5,train\r\n'
+            'v,2,plain,-0.5,train\r\n')
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "label.csv").write_bytes(rows.encode())
+    (tmp_path / "bom").mkdir()
+    (tmp_path / "bom" / "label.csv").write_bytes(b"\xef\xbb\xbf" + rows.encode())  # as spreadsheet programs save it
+    plain, with_bom = (data.read_split(tmp_path / name, "train")[0] for name in ("plain", "bom"))
+    texts = ['commas, "quotes" and a\r\nline break', "plain"]
+    assert [r["text"] for r in with_bom] == [r["text"] for r in plain] == texts
+    assert [r["label"] for r in with_bom] == [1.5, -0.5] and [r["id"] for r in with_bom] == ["v/1", "v/2"]
+
+
+def test_long_audio_reaches_the_model_whole():
+    import torch
+    from readout import load_backbone
+    model, processor = load_backbone("tiny", quant="none")
+    wave = (0.3 * np.sin(2 * np.pi * 220 * np.arange(40 * data.SAMPLE_RATE) / data.SAMPLE_RATE)).astype(np.float32)
+    text = data.prompt("a long clip", "ta", processor)
+    whole = data.model_inputs(processor, text, {"audio": wave})
+    audio_tokens = (whole["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>")).sum()
+    assert whole["feature_attention_mask"].sum() == 4000 and audio_tokens == 1000  # 40 s: 100 frames, 25 tokens a s
+    cut = processor(text=[text], audio=[wave], return_tensors="pt", audio_kwargs=dict(max_length=30 * data.SAMPLE_RATE))
+    assert cut["feature_attention_mask"].sum() == 3000  # what the extractor does by default
+    assert torch.equal(whole["input_features"][..., :2990], cut["input_features"][..., :2990])  # the first 30 s
+    with torch.no_grad():
+        h = model.model(**whole).last_hidden_state
+    assert h.shape[1] == whole["input_ids"].shape[1] and torch.isfinite(h).all()
+
+
+def tmpfs(folder, size):
+    """A small file system at `folder` (root only), or skip."""
+    folder.mkdir()
+    if os.geteuid() != 0 or os.system(f"mount -t tmpfs -o size={size} tmpfs {folder} 2>/dev/null") != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    return folder
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_previous_file_whole(tmp_path):
+    disk = tmpfs(tmp_path / "disk", "64k")
+    try:
+        data.write_atomically(disk / "last.safetensors", b"old")
+        with pytest.raises(data.UserError, match=f"{disk}: cannot write last.safetensors \\(No space left on device"):
+            data.write_atomically(disk / "last.safetensors", bytes(200_000))
+        assert (disk / "last.safetensors").read_bytes() == b"old" and os.listdir(disk) == ["last.safetensors"]
+    finally:
+        os.system(f"umount {disk}")
+
+
+def test_audio_in_video_interleaves_the_clips_audio_with_its_video(toy_root, tmp_path):
+    from readout import tiny_processor
+    processor = tiny_processor()
+    with pytest.raises(data.UserError, match="--audio_in_video needs audio and video"):
+        data.Clips(toy_root, "valid", "ta", cache_dir=tmp_path, audio_in_video=True)
+    clips = data.Clips(toy_root, "valid", "tav", cache_dir=tmp_path, audio_in_video=True)
+    text = data.prompt(clips.rows[0]["text"], "tav", processor, audio_in_video=True)
+    assert "<|AUDIO|>" not in text and text.count("<|VIDEO|>") == 1  # the audio goes into the video's place
+    inputs = data.model_inputs(processor, text, clips.media(clips.rows[0]), audio_in_video=True)
+    tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    runs = [t for i, t in enumerate(tokens) if i == 0 or t != tokens[i - 1]]  # each run of a token once
+    start = runs.index("<|vision_bos|>")
+    assert runs[start:start + 4] == ["<|vision_bos|>", "<|audio_bos|>", "<|VIDEO|>", "<|AUDIO|>"]
+    assert runs[runs.index("<|audio_eos|>") + 1] == "<|vision_eos|>" and "video_second_per_grid" in inputs
+
+
+@real
+def test_a_real_mosi_clip_with_audio_in_video_goes_through_the_thinker(tmp_path):
+    import torch
+    from readout import load_backbone
+    model, processor = load_backbone("tiny", quant="none")
+    clips = data.Clips(SHARED / "mosi_clips", "train", "tav", cache_dir=tmp_path, on_bad="skip", audio_in_video=True)
+    cfg = dict(eval_batch_size=1, num_workers=0, cache_processed=False)
+    batch = next(iter(data.make_loader(cfg, clips, processor)))
+    assert batch["ids"] == ["Oz06ZWiO20M/6"] and "<|AUDIO|>" not in data.prompt("", "tav", processor, True)
+    with torch.no_grad():
+        h = model.model(**batch["inputs"], use_audio_in_video=True).last_hidden_state
+    assert h.shape[1] == batch["inputs"]["input_ids"].shape[1] and torch.isfinite(h).all()

@@ -83,7 +83,8 @@ def test_a_text_model_refuses_what_it_cannot_do(make_cfg, bert_dir, flags, messa
 
 def test_an_architecture_without_default_lora_targets_asks_for_them(make_cfg, bert_dir, tmp_path):
     from transformers import DistilBertConfig, DistilBertModel
-    DistilBertModel(DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=64)).save_pretrained(tmp_path)
+    config = DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    DistilBertModel(config).save_pretrained(tmp_path)
     for f in bert_dir.glob("*.txt"):
         (tmp_path / f.name).write_bytes(f.read_bytes())
     with pytest.raises(ValueError, match="pass --lora_targets"):
@@ -237,5 +238,5 @@ def test_sampling_draws_k_answers_per_clip_from_one_prompt_pass(make_cfg):
     assert passes[0][0] == 2 and all(shape == (8, 1) for shape in passes[1:])  # the prompts ran once
     torch.manual_seed(1)
     assert torch.allclose(gen.predict(batch)[0], preds, equal_nan=True)  # the same draws again
-    gen.decode = "greedy"  # the random model's most likely token is never the end token
+    gen.cfg["decode"] = "greedy"  # the random model's most likely token is never the end token
     assert gen.predict(batch)[1]["generated_tokens"] == 2 * cfg["max_new_tokens"]

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from data import load_clips, make_loader
-from eval import CheckpointError, evaluate, load_checkpoint
+from data import UserError, load_clips, make_loader
+from eval import evaluate, load_checkpoint
 from readout import build
 from train import lr_at, train
 
@@ -69,7 +69,7 @@ def test_checkpoint_with_other_weights_is_refused(make_cfg, tmp_path):
     out, _ = train(make_cfg("--epochs", "1", "--modalities", "t"))
     cfg = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**cfg, "lora_r": 4}))
-    with pytest.raises(CheckpointError, match="weights.safetensors: does not fit"):
+    with pytest.raises(UserError, match="weights.safetensors: does not fit"):
         load_checkpoint(out, make_cfg())
 
 
@@ -204,17 +204,17 @@ def checkpoint(make_cfg):
 def test_config_json_is_validated(checkpoint, make_cfg, change, message):
     cfg = json.loads((checkpoint / "config.json").read_text())
     (checkpoint / "config.json").write_text(json.dumps(change(cfg)))
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(UserError, match=message):
         load_checkpoint(checkpoint, make_cfg())
 
 
 def test_corrupt_or_partial_checkpoints_are_clear_errors(checkpoint, make_cfg):
     weights = checkpoint / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="weights.safetensors: not a complete safetensors file"):
+    with pytest.raises(UserError, match="weights.safetensors: not a complete safetensors file"):
         load_checkpoint(checkpoint, make_cfg())
     (checkpoint / "config.json").unlink()
-    with pytest.raises(CheckpointError, match="config.json: not found"):
+    with pytest.raises(UserError, match="config.json: not found"):
         load_checkpoint(checkpoint, make_cfg())
     result = subprocess.run([sys.executable, "eval.py", "--ckpt", str(checkpoint)], capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr and "config.json: not found" in result.stderr
@@ -233,7 +233,7 @@ def test_a_planted_pickle_is_never_executed(checkpoint, make_cfg):
         (checkpoint / name).write_bytes(pickle.dumps(Planted()))
     load_checkpoint(checkpoint, make_cfg())
     (checkpoint / "weights.safetensors").write_bytes(pickle.dumps(Planted()))
-    with pytest.raises(CheckpointError, match="not a complete safetensors file"):
+    with pytest.raises(UserError, match="not a complete safetensors file"):
         load_checkpoint(checkpoint, make_cfg())
     subprocess.run([sys.executable, "train.py", "--resume", str(checkpoint)], capture_output=True)
     assert not MARKER.exists()
@@ -337,3 +337,39 @@ def test_two_processes_with_gloo_match_one_process_with_the_same_global_batch(to
         assert metrics[0][split]["n"] == metrics[1][split]["n"] == 12  # the whole split, each clip once
         assert abs(metrics[0][split]["MAE"] - metrics[1][split]["MAE"]) < 1e-4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "one", "two"]  # one checkpoint folder each
+
+
+def test_a_disk_too_small_for_the_checkpoints_stops_the_run_before_training(make_cfg, tmp_path, monkeypatch):
+    from test_data import tmpfs
+    import train as train_module
+    disk = tmpfs(tmp_path / "disk", "64k")
+    try:
+        monkeypatch.setattr(train_module, "train_epoch", lambda *a: pytest.fail("training started"))
+        with pytest.raises(UserError, match=r"disk/run: the checkpoint files need about 1\.\d MiB, 0\.1 free"):
+            train({**make_cfg("--modalities", "t"), "out": str(disk / "run")})
+        assert os.listdir(disk) == []
+    finally:
+        os.system(f"umount {disk}")
+
+
+def test_audio_in_video_trains_and_its_checkpoint_reproduces(make_cfg, tmp_path):
+    out, result = train(make_cfg("--epochs", "4", "--modalities", "tav", "--audio_in_video"))
+    assert result["test"]["MAE"] < result["test_mean_baseline"]["MAE"]
+    done = subprocess.run([sys.executable, "eval.py", "--ckpt", str(out), "--out", str(tmp_path / "r.json"),
+                           "--device", "cpu", "--cache_dir", str(tmp_path / "cache")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["MAE"] == result["test"]["MAE"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--modalities", "xyz"], "--modalities must be a non-empty subset of 'tav', not 'xyz'"),
+    (["--model", "BERT", "--modalities", "ta"], "is a text model (bert): only --modalities t is possible"),
+    (["--model", "BERT", "--modalities", "t", "--readout", "gen"], "--readout gen needs a causal LM"),
+])
+def test_a_bad_flag_combination_is_one_line(flags, message, toy_root, bert_dir, tmp_path):
+    flags = [str(bert_dir) if f == "BERT" else f for f in flags]
+    done = subprocess.run([sys.executable, "train.py", "--model", "tiny", "--data", str(toy_root), *flags,
+                           "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and message in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
