@@ -127,8 +127,8 @@ def load_weights(readout, weights, file):
     if found != expected:
         wrong = sorted(n for n in expected.keys() | found.keys() if expected.get(n) != found.get(n))
         raise UserError(f"{file}: does not fit the run its config.json describes ({len(wrong)} tensors missing, "
-                              f"unexpected or of another shape, e.g. {wrong[0]}: {found.get(wrong[0])} in the file, "
-                              f"{expected.get(wrong[0])} expected)")
+                        f"unexpected or of another shape, e.g. {wrong[0]}: {found.get(wrong[0])} in the file, "
+                        f"{expected.get(wrong[0])} expected)")
     readout.load_state_dict(weights, strict=False)
 
 
@@ -340,14 +340,15 @@ def main(argv=None):
     machine_flags(p.add_argument_group("this machine"))
     run_flags(p.add_argument_group("the run (with --ckpt: only those given replace the run's own)"), training=False)
     args = vars(p.parse_args(argv))
-    given = {t.partition("=")[0][2:] for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--")}
+    given = {t.partition("=")[0][2:].removeprefix("no-") for t in (sys.argv[1:] if argv is None else argv)
+             if t.startswith("--")}
     if args["compare"]:
         (cfg_a, name_a, result_a, preds_a, labels, ids_a), (cfg_b, name_b, result_b, preds_b, _, ids_b) = \
             [run_split(folder, args, given) for folder in args["compare"]]
         if data_root(cfg_a["data"]).resolve() != data_root(cfg_b["data"]).resolve() or ids_a != ids_b:
             raise UserError(f"--compare: {args['compare'][0]} ({cfg_a['data']}, {len(ids_a)} clips) and "
-                                  f"{args['compare'][1]} ({cfg_b['data']}, {len(ids_b)} clips) are not evaluated on "
-                                  f"the same clips of the {args['split']!r} split")
+                            f"{args['compare'][1]} ({cfg_b['data']}, {len(ids_b)} clips) are not evaluated on the "
+                            f"same clips of the {args['split']!r} split")
         print(table({f"A: {name_a}": [result_a], f"B: {name_b}": [result_b]}))
         c = paired(preds_a, preds_b, labels)
         print(f"paired over {c['n']} clips, |error of A| - |error of B|: mean {c['mean_abs_error_diff']:+.4f}, 95% "

@@ -43,8 +43,7 @@ def freeze(model):
         p.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            # On AVX512-BF16 CPUs, an eval-mode forward without grad repacks the 4-bit weight for good,
-            # after which no gradient reaches the input (so none reaches LoRA layers upstream).
+            # On AVX512-BF16 CPUs an eval forward without grad repacks the weight for good: no input gradient after
             module.support_avx512bf16_for_cpu = False
 
 
