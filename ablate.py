@@ -3,8 +3,7 @@
     python ablate.py --model tiny --data toy [--subsets t,a,tav] [--seeds 0,1,2]   # train and test each subset
     python ablate.py --model tiny --data toy --subsets tav --readouts gen0,gen,gen@expected,disc   # each readout
 
-Other flags are train.py's; a finished run with the same run settings is reused. To test ONE model with modalities
-left out instead: eval.py --ckpt RUN --modalities t (or a, ta, ...).
+Other flags are train.py's; finished runs are reused. ONE model without some modalities: eval.py --modalities.
 """
 import argparse
 import json

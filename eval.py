@@ -194,9 +194,8 @@ def metrics(preds, labels):
 
 @torch.no_grad()
 def evaluate(readout, loader, device, fallback=0.0):
-    """A split -> (result, preds, labels), an unanswered clip (NaN) predicted as `fallback`. result: the metrics, n,
-    ms per clip (the first batch, a warm-up, left out), and for gen the parse failures and the metrics over the
-    answered clips. Under torchrun, the ranks' shares are gathered back in the split's order."""
+    """A split -> (result: metrics, n, ms per clip (the first batch left out), gen's parse failures and metrics over
+    answered clips; preds, an unanswered one as `fallback`; labels). Under torchrun, all ranks' clips in order."""
     readout.eval()
     preds, labels, times, info = [], [], [], Counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

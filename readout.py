@@ -106,8 +106,7 @@ def build_tiny(folder, seed=0):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = Qwen2_5OmniThinkerForConditionalGeneration(config)
-        # At the default init scale (0.02) the LM head's logits over the normed 64-d state stay within about
-        # +-1.3 of each other, so no token can be made likely: a trained LM head needs a larger scale.
+        # At the default scale (0.02) its logits over the 64-d state stay within +-1.3: no token could be likely.
         nn.init.normal_(model.lm_head.weight, std=0.5)
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
@@ -177,9 +176,8 @@ class Disc(Readout):
         hidden = backbone.config.get_text_config().hidden_size
         self.head = nn.Linear(hidden, 1, device=backbone.device)
         self.loss_fn = dict(mse=F.mse_loss, l1=F.l1_loss)[cfg["loss"]]
-        # pool_norm 'batch': the pooled states can vary across clips by a few percent of their norm (audio-only
-        # prompts on the tiny model), too little for the head to see; standardise them with batch statistics
-        # in training and with training-set statistics, recomputed by prepare(), when predicting.
+        # pool_norm 'batch': pooled states that vary across clips by a few percent of their norm are too alike for
+        # the head; standardise them with batch statistics in training, training-set ones (prepare()) after.
         self.norm = nn.BatchNorm1d(hidden, affine=False, momentum=None, device=backbone.device) \
             if cfg["pool_norm"] == "batch" else nn.Identity()
 
@@ -211,9 +209,8 @@ class Disc(Readout):
 
 class Gen(Readout):
     """Generative readout: the model writes the score as text, which parse_score reads (an unparseable answer is NaN).
-    Trained with cross-entropy on the answer alone (the label with one decimal, then the end token). --decode: greedy;
-    median or mean of the --samples answers drawn that parse; expected: the mean over the answers it is trained to
-    write, weighted by the model's probabilities (never unparseable)."""
+    Trained with cross-entropy on the answer (the label with one decimal, then the end token). --decode: greedy, the
+    median or mean of --samples answers that parse, or the expected answer under the model's probabilities."""
     unused_flags = ("pool_norm", "loss")  # the regression head's
 
     def __init__(self, backbone, tokenizer, cfg):
@@ -232,8 +229,7 @@ class Gen(Readout):
         return torch.tensor([*ids, self.end_id], device=device)
 
     def with_answers(self, inputs, labels):
-        """Each prompt followed by its answer, left-padded again -> (inputs, targets (B, L)); targets hold
-        the answer's token ids where they are to be predicted and -100 (ignored) on prompt and padding."""
+        """Each prompt followed by its answer, left-padded again -> (inputs, targets: the answer's ids, else -100)."""
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         answers = [self.answer(y, ids.device) for y in labels.tolist()]
         rows = [torch.cat([ids[i][mask[i].bool()], a]) for i, a in enumerate(answers)]
@@ -273,21 +269,22 @@ class Gen(Readout):
 
     def after_prompt(self, inputs, k):
         """Run the prompt once, keeping k copies of each clip's keys and values -> (the last state (B * k, H), step:
-        tokens (B * k, n) that follow those fed so far -> their states). Row i * k + j is clip i's j-th copy."""
+        tokens (rows, n) after those fed so far -> their states; `rows`: which row each continues (default: its own)."""
         model, mask = getattr(self.backbone, "model", self.backbone), inputs["attention_mask"]
         out = model(**inputs, **self.model_kwargs, use_cache=True)
         out.cache.batch_repeat_interleave(k)
-        # Positions go on from the prompt's: a decoder numbers its padding too; the Thinker numbers real tokens,
-        # then adds the offset its multimodal rope left (rope_deltas).
+        # Positions go on: a decoder numbers its padding; the Thinker, real tokens plus its rope's offset (rope_deltas)
         delta = getattr(model, "rope_deltas", None)
         start = (torch.full_like(mask[:, :1], mask.shape[1]) if delta is None else mask.sum(1, True) + delta)
         fed = dict(mask=mask.repeat_interleave(k, 0), start=start.repeat_interleave(k, 0))
 
-        def step(ids, real=None):
-            real = torch.ones_like(ids) if real is None else real
+        def step(ids, rows=None):
+            if rows is not None:
+                out.cache.batch_select_indices(rows)
+                fed.update(mask=fed["mask"][rows], start=fed["start"][rows])
             after = fed["mask"].shape[1] - mask.shape[1]  # tokens fed after the prompt so far
             positions = fed["start"] + after + torch.arange(ids.shape[1], device=ids.device)
-            fed["mask"] = torch.cat([fed["mask"], real], 1)
+            fed["mask"] = torch.cat([fed["mask"], torch.ones_like(ids)], 1)
             return model(input_ids=ids, cache=out.cache, use_cache=True, attention_mask=fed["mask"],
                          position_ids=positions).last_hidden_state
 
@@ -295,17 +292,23 @@ class Gen(Readout):
 
     def answer_loglik(self, inputs):
         """(values (C,), log-likelihoods (B, C)) of the C = 61 answers gen is trained to write, -3.0 to 3.0 by 0.1.
-        The prompt runs once; each answer is scored against its cached keys and values, in one batch."""
+        The prompt runs once; then each prefix the answers share is fed once, level by level, on cached keys."""
         device, B = inputs["input_ids"].device, inputs["input_ids"].shape[0]
         values = torch.arange(-30, 31, device=device) / 10
-        answers = [self.answer(v, device) for v in values.tolist()]
-        ids = pad_sequence(answers, batch_first=True, padding_value=self.end_id).repeat(B, 1)  # (B * C, T)
-        real = pad_sequence([torch.ones_like(a) for a in answers], batch_first=True).repeat(B, 1)
-        last, step = self.after_prompt(inputs, len(answers))
-        h = torch.cat([last[:, None], step(ids[:, :-1], real[:, :-1])], 1)  # the state before each answer token
-        logp, keep = torch.zeros(ids.shape, device=device), real.bool()  # the LM head on the answers' tokens only
-        logp[keep] = F.log_softmax(self.backbone.lm_head(h[keep]).float(), -1).gather(-1, ids[keep][:, None])[:, 0]
-        return values, logp.sum(-1).view(B, len(answers))
+        answers = [tuple(self.answer(v, device).tolist()) for v in values.tolist()]
+        h, step = self.after_prompt(inputs, 1)
+        loglik, level = torch.zeros(B, len(answers), device=device), [()]  # level: the prefixes whose states h holds
+        for depth in range(max(map(len, answers))):
+            logp = F.log_softmax(self.backbone.lm_head(h).float(), -1).view(B, len(level), -1)
+            for c, a in enumerate(answers):
+                if depth < len(a):
+                    loglik[:, c] += logp[:, level.index(a[:depth]), a[depth]]
+            nodes = sorted({a[:depth + 1] for a in answers if len(a) > depth + 1})
+            if nodes:  # each next prefix continues its parent's row
+                rows = [b * len(level) + level.index(n[:-1]) for b in range(B) for n in nodes]
+                h = step(torch.tensor([n[-1] for n in nodes] * B, device=device)[:, None], rows)[:, -1]
+            level = nodes
+        return values, loglik
 
 
 def combine(scores, rule):

@@ -1,5 +1,4 @@
-"""Train a readout with QLoRA and keep the epoch with the best validation MAE. The checkpoint folder (--out)
-appears after the first epoch; --resume continues it after its last finished epoch.
+"""Train a readout with QLoRA, keep the epoch with the best validation MAE; --resume continues a stopped run.
 
     python train.py --model tiny --data toy                  # offline, about 2 minutes on 2 CPU cores
     python train.py --readout disc --data mosi               # Qwen2.5-Omni-7B on $MSA_DATA/MOSI, one GPU
