@@ -271,11 +271,11 @@ class Gen(Readout):
         """Run the prompt once, keeping k copies of each clip's keys and values -> (the last state (B * k, H), step:
         tokens (rows, n) after those fed so far -> their states; `rows`: which row each continues (default: its own)."""
         model, mask = getattr(self.backbone, "model", self.backbone), inputs["attention_mask"]
-        out = model(**inputs, **self.model_kwargs, use_cache=True)
+        # Real tokens are numbered from 0 past the padding, as generate() does (the Thinker numbers them itself)
+        numbered = {} if hasattr(model, "rope_deltas") else dict(position_ids=mask.cumsum(1) - 1)
+        out = model(**inputs, **self.model_kwargs, **numbered, use_cache=True)
         out.cache.batch_repeat_interleave(k)
-        # Positions go on: a decoder numbers its padding; the Thinker, real tokens plus its rope's offset (rope_deltas)
-        delta = getattr(model, "rope_deltas", None)
-        start = (torch.full_like(mask[:, :1], mask.shape[1]) if delta is None else mask.sum(1, True) + delta)
+        start = mask.sum(1, True) + getattr(model, "rope_deltas", 0)  # the Thinker's rope offset for what follows
         fed = dict(mask=mask.repeat_interleave(k, 0), start=start.repeat_interleave(k, 0))
 
         def step(ids, rows=None):
