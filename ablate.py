@@ -14,9 +14,6 @@ from eval import Help, run_config, run_split, save_json, table
 from readout import DECODE, READOUTS
 from train import parse_args, train
 
-COLUMNS = ("MAE", "Corr", "Acc2_non0", "F1_non0", "Acc7")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     p.add_argument("--subsets", default="t,a,v,ta,tv,av,tav", help="comma-separated modality subsets")
@@ -51,7 +48,8 @@ def main(argv=None):
                     result = evaluated(out / folder / f"test@{rule}.json", {**run, "decode": rule}, run["out"])
                 rows[row].append(result)
     title = f"Each {'readout' if args.readouts else 'modality subset'}, everything else fixed ({base['data']}, test)"
-    columns = COLUMNS + (("parse_fail_rate", "ms_per_clip") if args.readouts else ())
+    gen_columns = ("parse_fail_rate", "ms_per_clip") if args.readouts else ()
+    columns = ("MAE", "Corr", "Acc2_non0", "F1_non0", "Acc7") + gen_columns
     markdown = f"**{title}**\n\n" + table(rows, columns, "readout" if args.readouts else "modalities")
     print(markdown)
     save_json(out / "ablation.json", dict(title=title, results=rows))

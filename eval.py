@@ -229,14 +229,11 @@ def evaluate(readout, loader, device, fallback=0.0):
     return result, np.where(failed, fallback, preds), labels
 
 
-CI_KEYS = ("MAE", "Corr", "Acc2_non0", "Acc7")
-
-
-def bootstrap(preds, labels, n=1000, seed=0):
-    """95% percentile intervals of CI_KEYS over `n` resamplings of the clips with replacement."""
+def bootstrap(preds, labels, n=1000, seed=0, keys=("MAE", "Corr", "Acc2_non0", "Acc7")):
+    """95% percentile intervals of the metrics `keys` over `n` resamplings of the clips with replacement."""
     idx = np.random.default_rng(seed).integers(0, len(labels), (n, len(labels)))
     samples = [metrics(preds[i], labels[i]) for i in idx]
-    return {k: [float(np.nanpercentile([s[k] for s in samples], q)) for q in (2.5, 97.5)] for k in CI_KEYS}
+    return {k: [float(np.nanpercentile([s[k] for s in samples], q)) for q in (2.5, 97.5)] for k in keys}
 
 
 def paired(preds_a, preds_b, labels, n=10000, seed=0):

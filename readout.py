@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import constants
 from huggingface_hub.utils import get_session
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
-                          Qwen2_5OmniProcessor, Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration)
+                          Qwen2_5OmniProcessor, Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration,
+                          Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, WhisperFeatureExtractor)
 from transformers.utils import logging as hf_logging
 
 from data import UserError
@@ -79,11 +81,6 @@ def hub_reachable():
 def tiny_processor():
     """The Omni processor of the tiny Thinker: a byte-level BPE tokenizer (512 tokens, the Omni special tokens)
     trained offline on TINY_CORPUS, Whisper features, the Qwen2-VL image and video processors."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast, WhisperFeatureExtractor
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
     media = dict(image_token="<|IMAGE|>", video_token="<|VIDEO|>", audio_token="<|AUDIO|>",
                  vision_bos_token="<|vision_bos|>", vision_eos_token="<|vision_eos|>",
                  audio_bos_token="<|audio_bos|>", audio_eos_token="<|audio_eos|>")
@@ -249,23 +246,31 @@ class Gen(Readout):
 
     @torch.no_grad()
     def predict(self, batch):
-        rule = self.cfg["decode"]
+        rule, inputs = self.cfg["decode"], batch["inputs"]
         if rule == "expected":
-            values, loglik = self.answer_loglik(batch["inputs"])
+            values, loglik = self.answer_loglik(inputs)
             return loglik.softmax(-1) @ values, dict(parse_failures=0, generated_tokens=0)
         k = 1 if rule == "greedy" else self.cfg["samples"]
-        h, step = self.after_prompt(batch["inputs"], k)
-        eos, tokens = torch.tensor(self.backbone.generation_config.eos_token_id, device=h.device).view(-1), []
-        ended, generated = torch.zeros(len(h), dtype=torch.bool, device=h.device), 0
-        while len(tokens) < self.cfg["max_new_tokens"] and not ended.all():
-            logits = self.backbone.lm_head(h if not tokens else step(tokens[-1][:, None])[:, -1]).float()
-            token = logits.argmax(-1) if k == 1 else (logits / self.cfg["temperature"]).softmax(-1).multinomial(1)[:, 0]
-            tokens.append(torch.where(ended, self.end_id, token))  # an ended answer is padded with the end token
-            generated, ended = generated + int((~ended).sum()), ended | torch.isin(token, eos)
-        new = torch.stack(tokens, 1)  # (B * k, <= max_new_tokens): clip i's answers are rows i * k to i * k + k - 1
+        new = self.sample(inputs, k) if k > 1 else self.backbone.generate(  # greedy: as generate() does it
+            **inputs, **self.model_kwargs, max_new_tokens=self.cfg["max_new_tokens"], do_sample=False
+        )[:, inputs["input_ids"].shape[1]:]  # (B * k, <= max_new_tokens): clip i's answers: rows i * k to i * k + k-1
         scores = [parse_score(t) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
         preds = combine(np.array([math.nan if s is None else s for s in scores]).reshape(-1, k), rule)
-        return torch.tensor(preds), dict(parse_failures=int(np.isnan(preds).sum()), generated_tokens=generated)
+        ended = torch.isin(new, torch.tensor(self.backbone.generation_config.eos_token_id, device=new.device))
+        generated = torch.where(ended.any(-1), ended.int().argmax(-1) + 1, new.shape[1]).sum()  # up to the end token
+        return torch.tensor(preds), dict(parse_failures=int(np.isnan(preds).sum()), generated_tokens=int(generated))
+
+    def sample(self, inputs, k):
+        """k answers per clip, drawn at --temperature from one run of the prompt -> their tokens (B * k, T)."""
+        h, step = self.after_prompt(inputs, k)
+        eos, tokens = torch.tensor(self.backbone.generation_config.eos_token_id, device=h.device).view(-1), []
+        ended = torch.zeros(len(h), dtype=torch.bool, device=h.device)
+        while len(tokens) < self.cfg["max_new_tokens"] and not ended.all():
+            logits = self.backbone.lm_head(h if not tokens else step(tokens[-1][:, None])[:, -1]).float()
+            token = (logits / self.cfg["temperature"]).softmax(-1).multinomial(1)[:, 0]
+            tokens.append(torch.where(ended, self.end_id, token))  # an ended answer is padded with the end token
+            ended |= torch.isin(token, eos)
+        return torch.stack(tokens, 1)
 
     def after_prompt(self, inputs, k):
         """Run the prompt once, keeping k copies of each clip's keys and values -> (the last state (B * k, H), step:
