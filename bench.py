@@ -1,10 +1,11 @@
 """Speed and memory, every comparison side by side in one process: the discriminative readout against the bare
 text-model forward, the full forward (LM head), the generative readout and peft's LoRA; the decoded-input cache;
-and the Qwen2.5-Omni-7B Thinker's parameter and LoRA counts.
+and the Qwen2.5-Omni-7B Thinker's parameter and LoRA counts; trained disc and gen runs, gen read with each rule.
 
     python bench.py --model tiny --json bench.json                     # CPU, about a minute
     python bench.py --params                                           # 7B counts on the meta device, no weights
     python bench.py --model random-7b --device cuda --json bench.json  # GPU: 7B-shaped Thinker, random NF4 weights
+    python bench.py --rules runs/x/disc-t-s0 runs/x/gen-t-s0 --clips 64  # ms per clip, gen with each --decode rule
 
 The fixed batch is MOSI-like: 5 s of video at 2 fps, its audio, 30 words of transcript. Times are medians over
 --repeats after --warmup calls, the compared calls interleaved within each repeat.
@@ -17,15 +18,16 @@ import resource
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data import SAMPLE_RATE, Clips, collate, make_loader, make_toy, model_inputs, prompt, to_device
-from eval import machine_flags, resolve, run_flags
+from data import SAMPLE_RATE, Clips, collate, load_clips, make_loader, make_toy, model_inputs, prompt, to_device
+from eval import load_checkpoint, machine_flags, resolve, run_flags
 from lora import add_lora, count_parameters, freeze, quantize_nf4
-from readout import (LORA_TARGETS, READOUTS, SKIP_QUANT, Gen, Qwen2_5OmniThinkerForConditionalGeneration, build,
+from readout import (DECODE, LORA_TARGETS, READOUTS, SKIP_QUANT, Gen, Qwen2_5OmniThinkerForConditionalGeneration, build,
                      thinker_config, tiny_processor)
 
 # Qwen2.5-Omni-7B's published Thinker configuration (transformers' default vision config is not: its hidden_size
@@ -264,6 +266,28 @@ def pipeline(cfg, n_text=20000, n_media=200):
 
 # ------------------------------------------------------------------------------ 7B counts, no weights needed
 
+def rule_times(cfg, disc, gen):
+    """Milliseconds per clip of a trained disc run and of a trained gen run read with each decoding rule, the calls
+    interleaved batch by batch over the first --clips test clips in this one process; each also over disc's."""
+    (run, d, processor), (_, g, _) = (load_checkpoint(folder, cfg) for folder in (disc, gen))
+    d.eval(), g.eval(), torch.manual_seed(0)
+    clips, device, total = load_clips(run, "test"), torch.device(run["device"]), Counter()
+    clips.rows = clips.rows[:cfg["clips"]]
+
+    def read(rule):  # gen's predict with this rule, on the batch of the moment
+        def fn():
+            g.cfg["decode"] = rule
+            return g.predict(batch)
+        return fn
+
+    for i, batch in enumerate(make_loader(run, clips, processor)):
+        batch = to_device(batch, device)
+        total.update(timed({"disc": lambda: d.predict(batch), **{f"gen@{r}": read(r) for r in DECODE}}, device,
+                           warmup=int(i == 0), repeats=1))
+    ms = {name: 1000 * t / len(clips) for name, t in total.items()}
+    return dict(clips=len(clips), ms_per_clip=ms, over_disc={name: t / ms["disc"] for name, t in ms.items()})
+
+
 def param_counts(ranks=(8, 16, 32, 64), targets=LORA_TARGETS["qwen2_5_omni_thinker"]):
     """The Qwen2.5-Omni-7B Thinker built on the meta device: parameters per part, LoRA parameters at each rank
     for the default targets, and the trainable share (LoRA + a linear head) under two conventions: real
@@ -322,6 +346,9 @@ def parse_args(argv=None):
     p.add_argument("--pipeline", type=int, default=None, metavar="N",
                    help="instead: clips per second of the data pipeline on N generated text-only clips and N / 100 "
                         "toy clips with audio and video (MOSEI: N=20000), with --num_workers workers too")
+    p.add_argument("--rules", nargs=2, default=None, metavar=("DISC", "GEN"),
+                   help="instead: ms per clip of two trained runs' readouts, gen with each --decode rule")
+    p.add_argument("--clips", type=int, default=64, help="--rules: on this many test clips")
     p.add_argument("--json", default=None, help="write the results here")
     cfg = resolve(vars(p.parse_args(argv)))  # train.py's presets
     cfg["batch_sizes"] = [int(n) for n in cfg["batch_sizes"].split(",")] + [cfg["batch_size"]]
@@ -331,7 +358,7 @@ def parse_args(argv=None):
 def main(argv=None):
     cfg = parse_args(argv)
     result = param_counts() if cfg["params"] else pipeline(cfg, cfg["pipeline"], cfg["pipeline"] // 100) \
-        if cfg["pipeline"] else bench(cfg)
+        if cfg["pipeline"] else rule_times(cfg, *cfg["rules"]) if cfg["rules"] else bench(cfg)
     if cfg["params"]:
         print(params_table(result))
     else:

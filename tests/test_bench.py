@@ -5,7 +5,8 @@ from torch import nn
 
 import bench
 from lora import bnb, quantize_nf4
-from readout import TINY
+from readout import DECODE, TINY
+from train import train
 
 
 def test_7b_thinker_counts_match_its_published_shapes():
@@ -76,3 +77,11 @@ def test_a_random_thinker_is_built_in_memory_with_a_4bit_text_decoder():
         h = model.model(**inputs).last_hidden_state
     assert h.shape == (1, inputs["input_ids"].shape[1], TINY["text"]["hidden_size"])
     assert torch.isfinite(h).all()
+
+
+def test_rule_times_reads_both_runs_with_every_rule_on_the_first_clips(make_cfg, tmp_path):
+    runs = [train({**make_cfg("--epochs", "1", "--modalities", "t", "--readout", r), "out": str(tmp_path / r)})[0]
+            for r in ("disc", "gen")]
+    out = bench.rule_times({**make_cfg(), "clips": 5, "eval_batch_size": 2}, *runs)
+    assert out["clips"] == 5 and set(out["ms_per_clip"]) == {"disc", *(f"gen@{r}" for r in DECODE)}
+    assert all(t > 0 for t in out["ms_per_clip"].values()) and out["over_disc"]["disc"] == 1.0
