@@ -67,6 +67,8 @@ def test_same_seed_same_metrics_on_cpu(make_cfg, tmp_path):
 
 def test_checkpoint_with_other_weights_is_refused(make_cfg, tmp_path):
     out, _ = train(make_cfg("--epochs", "1", "--modalities", "t"))
+    modes = {f.name: f.stat().st_mode for f in out.iterdir()}  # safetensors as readable as the JSON files
+    assert modes["weights.safetensors"] == modes["last.safetensors"] == modes["config.json"], modes
     cfg = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**cfg, "lora_r": 4}))
     with pytest.raises(UserError, match="weights.safetensors: does not fit"):
