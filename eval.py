@@ -309,13 +309,13 @@ def run_split(folder, args, given):
     """A checkpoint (None: gen zero-shot) on args['split'] -> (cfg, name, result, preds, labels, clip ids)."""
     if folder:
         cfg, readout, processor = load_checkpoint(folder, args, {k: args[k] for k in given})
-        name = f"{cfg['readout']} ({cfg['modalities']}, {args['split']})"
     elif args["readout"] != "gen":
         raise UserError(f"the {args['readout']} readout has a trained head: pass --ckpt (zero-shot is for gen)")
     else:  # zero-shot: the untrained model, no LoRA
         cfg = {**run_config(), **args}
         readout, processor = build(cfg, torch.device(cfg["device"]), lora=False)
-        name = f"gen zero-shot ({args['split']})"
+    rule = f"@{cfg['decode']}" if cfg["readout"] == "gen" else ""  # how gen's answers became predictions
+    name = f"{cfg['readout']}{rule}{'' if folder else ' zero-shot'} ({cfg['modalities']}, {args['split']})"
     loader = make_loader(cfg, load_clips(cfg, args["split"]), processor)
     result, preds, labels = evaluate(readout, loader, torch.device(cfg["device"]), cfg["parse_fallback"])
     if args["bootstrap"]:

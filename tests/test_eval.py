@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from eval import METRIC_KEYS, bootstrap, metrics, paired
+from eval import METRIC_KEYS, bootstrap, metrics, paired, run_split
 
 
 def reference(preds, labels):
@@ -158,3 +158,10 @@ def test_a_checkpoint_is_tested_with_modalities_left_out(make_cfg, tmp_path):
     assert "disc (t, test)" in stdout and text_only["n"] == result["test"]["n"]
     assert text_only["MAE"] != result["test"]["MAE"]  # the model saw no video
     assert test_with("--modalities", "tv")[1]["MAE"] == test_with()[1]["MAE"] == result["test"]["MAE"]
+
+
+def test_a_row_names_gen_with_its_decoding_rule(make_cfg):
+    args = {**make_cfg("--modalities", "t", "--readout", "gen", "--decode", "expected"),
+            "split": "test", "bootstrap": 0, "plot": False}
+    cfg, name, result = run_split(None, args, given=set())[:3]
+    assert name == "gen@expected zero-shot (t, test)" and result["parse_failures"] == 0  # expected always answers
