@@ -27,8 +27,8 @@ import torch
 from data import SAMPLE_RATE, Clips, collate, load_clips, make_loader, make_toy, model_inputs, prompt, to_device
 from eval import load_checkpoint, machine_flags, resolve, run_flags
 from lora import add_lora, count_parameters, freeze, quantize_nf4
-from readout import (DECODE, LORA_TARGETS, READOUTS, SKIP_QUANT, Gen, Qwen2_5OmniThinkerForConditionalGeneration, build,
-                     thinker_config, tiny_processor)
+from readout import (DECODE, LORA_TARGETS, READOUTS, SKIP_QUANT, Gen, Qwen2_5OmniThinkerForConditionalGeneration,
+                     build, thinker_config, tiny_processor)
 
 # Qwen2.5-Omni-7B's published Thinker configuration (transformers' default vision config is not: its hidden_size
 # 3584 is the output width; the 7B's vision blocks are 1280 wide).
@@ -264,13 +264,13 @@ def pipeline(cfg, n_text=20000, n_media=200):
     return out
 
 
-# ------------------------------------------------------------------------------ 7B counts, no weights needed
-
 def rule_times(cfg, disc, gen):
     """Milliseconds per clip of a trained disc run and of a trained gen run read with each decoding rule, the calls
     interleaved batch by batch over the first --clips test clips in this one process; each also over disc's."""
     (run, d, processor), (_, g, _) = (load_checkpoint(folder, cfg) for folder in (disc, gen))
-    d.eval(), g.eval(), torch.manual_seed(0)
+    d.eval()
+    g.eval()
+    torch.manual_seed(0)
     clips, device, total = load_clips(run, "test"), torch.device(run["device"]), Counter()
     clips.rows = clips.rows[:cfg["clips"]]
 
@@ -287,6 +287,8 @@ def rule_times(cfg, disc, gen):
     ms = {name: 1000 * t / len(clips) for name, t in total.items()}
     return dict(clips=len(clips), ms_per_clip=ms, over_disc={name: t / ms["disc"] for name, t in ms.items()})
 
+
+# ------------------------------------------------------------------------------ 7B counts, no weights needed
 
 def param_counts(ranks=(8, 16, 32, 64), targets=LORA_TARGETS["qwen2_5_omni_thinker"]):
     """The Qwen2.5-Omni-7B Thinker built on the meta device: parameters per part, LoRA parameters at each rank
