@@ -5,6 +5,7 @@
 
 Other flags are train.py's; finished runs are reused. ONE model without some modalities: eval.py --modalities.
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -14,30 +15,57 @@ from eval import Help, run_config, run_split, save_json, table
 from readout import DECODE, READOUTS
 from train import parse_args, train
 
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
-    p.add_argument("--subsets", default="t,a,v,ta,tv,av,tav", help="comma-separated modality subsets")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds: cells are mean ± std over them")
-    p.add_argument("--readouts", default=None, help="comma-separated readouts; gen0: gen zero-shot; gen@RULE, "
-                   "gen0@RULE: read with another --decode rule (default: --readout alone, a row per subset)")
-    p.add_argument("--out", help="the folder of the runs and the table (default: runs/DATA-READOUT-ablation)")
+    p.add_argument(
+        "--subsets", default="t,a,v,ta,tv,av,tav", help="comma-separated modality subsets"
+    )
+    p.add_argument(
+        "--seeds", default="0", help="comma-separated seeds: cells are mean ± std over them"
+    )
+    p.add_argument(
+        "--readouts",
+        default=None,
+        help="comma-separated readouts; gen0: gen zero-shot; gen@RULE, "
+        "gen0@RULE: read with another --decode rule (default: --readout alone, a row per subset)",
+    )
+    p.add_argument(
+        "--out", help="the folder of the runs and the table (default: runs/DATA-READOUT-ablation)"
+    )
     args, rest = p.parse_known_args(argv)
     base = parse_args(rest)
     readouts, subsets = (args.readouts or base["readout"]).split(","), args.subsets.split(",")
-    if any(r.partition("@")[0] not in {*READOUTS, "gen0"} or r.partition("@")[2] not in {"", *DECODE}
-           for r in readouts):
-        raise UserError(f"--readouts {args.readouts}: each of {', '.join(READOUTS)}, gen0, or gen@RULE, gen0@RULE with "
-                        f"RULE one of {', '.join(DECODE)}")
+    if any(
+        r.partition("@")[0] not in {*READOUTS, "gen0"} or r.partition("@")[2] not in {"", *DECODE}
+        for r in readouts
+    ):
+        raise UserError(
+            f"--readouts {args.readouts}: each of {', '.join(READOUTS)}, gen0, or gen@RULE, gen0@RULE with "
+            f"RULE one of {', '.join(DECODE)}"
+        )
     name = "readouts" if args.readouts else base["readout"]
     out = Path(args.out or f"runs/{Path(base['data'].replace(':', '')).name}-{name}-ablation")
     rows = {}
     for readout in readouts:
-        kind, _, rule = readout.partition("@")  # gen@expected: the gen runs, read with another decoding rule
+        kind, _, rule = readout.partition(
+            "@"
+        )  # gen@expected: the gen runs, read with another decoding rule
         for subset in subsets:
-            row = subset if not args.readouts else readout if len(subsets) == 1 else f"{readout} {subset}"
+            row = (
+                subset
+                if not args.readouts
+                else readout
+                if len(subsets) == 1
+                else f"{readout} {subset}"
+            )
             cfg = {**base, "readout": "gen" if kind == "gen0" else kind, "modalities": subset}
             if kind == "gen0":  # the untrained model
-                rows[row] = [evaluated(out / f"{readout}-{subset}.json", {**cfg, "decode": rule or cfg["decode"]})]
+                rows[row] = [
+                    evaluated(
+                        out / f"{readout}-{subset}.json", {**cfg, "decode": rule or cfg["decode"]}
+                    )
+                ]
                 continue
             rows[row] = []
             for seed in map(int, args.seeds.split(",")):
@@ -45,12 +73,16 @@ def main(argv=None):
                 run = {**cfg, "seed": seed, "out": str(out / folder)}
                 result = finished(run) or train(run)[1]["test"]
                 if rule:  # the trained run, read with another decoding rule
-                    result = evaluated(out / folder / f"test@{rule}.json", {**run, "decode": rule}, run["out"])
+                    result = evaluated(
+                        out / folder / f"test@{rule}.json", {**run, "decode": rule}, run["out"]
+                    )
                 rows[row].append(result)
     title = f"Each {'readout' if args.readouts else 'modality subset'}, everything else fixed ({base['data']}, test)"
     gen_columns = ("parse_fail_rate", "ms_per_clip") if args.readouts else ()
     columns = ("MAE", "Corr", "Acc2_non0", "F1_non0", "Acc7") + gen_columns
-    markdown = f"**{title}**\n\n" + table(rows, columns, "readout" if args.readouts else "modalities")
+    markdown = f"**{title}**\n\n" + table(
+        rows, columns, "readout" if args.readouts else "modalities"
+    )
     print(markdown)
     save_json(out / "ablation.json", dict(title=title, results=rows))
     (out / "ablation.md").write_text(markdown + "\n")
@@ -63,8 +95,10 @@ def finished(cfg):
     if not (folder / "metrics.json").exists() or not (folder / "config.json").exists():
         return None
     unused = READOUTS[cfg["readout"]].unused_flags
-    done, wanted = (({k: v for k, v in c.items() if k not in unused})
-                    for c in (json.loads((folder / "config.json").read_text()), run_config(cfg)))
+    done, wanted = (
+        ({k: v for k, v in c.items() if k not in unused})
+        for c in (json.loads((folder / "config.json").read_text()), run_config(cfg))
+    )
     if done != wanted:
         return None
     print(f"reusing {folder} (its config.json is this run's)")
@@ -78,7 +112,9 @@ def evaluated(file, cfg, folder=None):
     if file.exists() and json.loads(file.read_text())["settings"] == settings:
         print(f"reusing {file}")
     else:
-        test = run_split(folder, {**cfg, "split": "test", "bootstrap": 0, "plot": False}, given={"decode"})[2]
+        test = run_split(
+            folder, {**cfg, "split": "test", "bootstrap": 0, "plot": False}, given={"decode"}
+        )[2]
         save_json(file, dict(settings=settings, test=test))
     return json.loads(file.read_text())["test"]
 
@@ -87,4 +123,4 @@ if __name__ == "__main__":
     try:
         main()
     except (UserError, FloatingPointError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None

@@ -10,6 +10,7 @@ and the Qwen2.5-Omni-7B Thinker's parameter and LoRA counts; trained disc and ge
 The fixed batch is MOSI-like: 5 s of video at 2 fps, its audio, 30 words of transcript. Times are medians over
 --repeats after --warmup calls, the compared calls interleaved within each repeat.
 """
+
 import argparse
 import gc
 import json
@@ -24,20 +25,54 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import SAMPLE_RATE, Clips, collate, load_clips, make_loader, make_toy, model_inputs, prompt, to_device
+from data import (
+    SAMPLE_RATE,
+    Clips,
+    collate,
+    load_clips,
+    make_loader,
+    make_toy,
+    model_inputs,
+    prompt,
+    to_device,
+)
 from eval import load_checkpoint, machine_flags, resolve, run_flags
 from lora import add_lora, count_parameters, freeze, quantize_nf4
-from readout import (DECODE, LORA_TARGETS, READOUTS, SKIP_QUANT, Gen, Qwen2_5OmniThinkerForConditionalGeneration,
-                     build, thinker_config, tiny_processor)
+from readout import (
+    DECODE,
+    LORA_TARGETS,
+    READOUTS,
+    SKIP_QUANT,
+    Gen,
+    Qwen2_5OmniThinkerForConditionalGeneration,
+    build,
+    thinker_config,
+    tiny_processor,
+)
 
 # Qwen2.5-Omni-7B's published Thinker configuration (transformers' default vision config is not: its hidden_size
 # 3584 is the output width; the 7B's vision blocks are 1280 wide).
-SEVEN_B = dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, mrope_section=[16, 24, 24], vocab_size=152064,
-                         max_position_embeddings=32768, tie_word_embeddings=False),
-               audio=dict(encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, d_model=1280),
-               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                           fullatt_block_indexes=[7, 15, 23, 31]))
+SEVEN_B = dict(
+    text=dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        mrope_section=[16, 24, 24],
+        vocab_size=152064,
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
+    ),
+    audio=dict(encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, d_model=1280),
+    vision=dict(
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        fullatt_block_indexes=[7, 15, 23, 31],
+    ),
+)
 
 
 def random_thinker(shape, quant="nf4", device="cuda", seed=0):
@@ -51,7 +86,9 @@ def random_thinker(shape, quant="nf4", device="cuda", seed=0):
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
             torch.manual_seed(seed)  # the same weights each time: two copies can be compared
-            model = Qwen2_5OmniThinkerForConditionalGeneration(thinker_config(processor.tokenizer, **shape))
+            model = Qwen2_5OmniThinkerForConditionalGeneration(
+                thinker_config(processor.tokenizer, **shape)
+            )
     finally:
         torch.set_default_dtype(default)
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id
@@ -65,20 +102,65 @@ def build_readout(cfg, device, lora=True):
         return build(cfg, device, lora)
     backbone, processor = random_thinker(SEVEN_B, cfg["quant"], device)
     if lora:
-        add_lora(backbone, LORA_TARGETS["qwen2_5_omni_thinker"], cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"])
+        add_lora(
+            backbone,
+            LORA_TARGETS["qwen2_5_omni_thinker"],
+            cfg["lora_r"],
+            cfg["lora_alpha"],
+            cfg["lora_dropout"],
+        )
     return READOUTS[cfg["readout"]](backbone, processor.tokenizer, cfg), processor
 
-TRANSCRIPT = ("i think the movie was really good the acting was great and the plot was fine but honestly the "
-              "ending was bad and the soundtrack was okay well it is fine").split()[:30]
+
+TRANSCRIPT = [
+    "i",
+    "think",
+    "the",
+    "movie",
+    "was",
+    "really",
+    "good",
+    "the",
+    "acting",
+    "was",
+    "great",
+    "and",
+    "the",
+    "plot",
+    "was",
+    "fine",
+    "but",
+    "honestly",
+    "the",
+    "ending",
+    "was",
+    "bad",
+    "and",
+    "the",
+    "soundtrack",
+    "was",
+    "okay",
+    "well",
+    "it",
+    "is",
+    "fine",
+][:30]
 
 
 def mosi_like(n, seed=0, seconds=5.0, fps=2.0, height=360, width=640):
     """n clips shaped like a MOSI clip: frames (T, H, W, 3) uint8, 16 kHz audio, a 30-word transcript."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
-    return [dict(id=f"bench/{i}", text=" ".join(TRANSCRIPT), label=float(rng.uniform(-3, 3)),
-                 videos=rng.integers(0, 256, (int(seconds * fps), height, width, 3), dtype=np.uint8),
-                 audio=(0.3 * np.sin(2 * np.pi * 220 * (i + 1) * t)).astype(np.float32)) for i in range(n)]
+    return [
+        dict(
+            id=f"bench/{i}",
+            text=" ".join(TRANSCRIPT),
+            label=float(rng.uniform(-3, 3)),
+            videos=rng.integers(0, 256, (int(seconds * fps), height, width, 3), dtype=np.uint8),
+            audio=(0.3 * np.sin(2 * np.pi * 220 * (i + 1) * t)).astype(np.float32),
+        )
+        for i in range(n)
+    ]
 
 
 def sync(device):
@@ -109,7 +191,7 @@ def peak_mb(device, reset=False):
         if reset:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.max_memory_allocated() / 2 ** 20
+        return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -136,8 +218,13 @@ def cache_ratio(processor, modalities, n=24):
                 start = time.perf_counter()
                 sum(1 for _ in make_loader(cfg, clips, processor))
                 epochs.append(time.perf_counter() - start)
-            out.update({f"{key}_over_first_epoch": epochs[1] / (decode + epochs[0]),
-                        f"{key}_first_epoch_data_s": decode + epochs[0], f"{key}_second_epoch_data_s": epochs[1]})
+            out.update(
+                {
+                    f"{key}_over_first_epoch": epochs[1] / (decode + epochs[0]),
+                    f"{key}_first_epoch_data_s": decode + epochs[0],
+                    f"{key}_second_epoch_data_s": epochs[1],
+                }
+            )
     return out
 
 
@@ -150,9 +237,18 @@ def peft_comparison(cfg, ours, batch, device, warmup, repeats):
         return dict(lora_over_peft=None, lora_peft_max_abs_diff=None)
     theirs, _ = build_readout(cfg, device, lora=False)
     freeze(theirs.backbone)
-    names = [n.removesuffix(".base") for n, m in ours.backbone.named_modules() if n.endswith(".base")]
-    model = peft.get_peft_model(theirs.backbone, peft.LoraConfig(
-        r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"], target_modules=names))
+    names = [
+        n.removesuffix(".base") for n, m in ours.backbone.named_modules() if n.endswith(".base")
+    ]
+    model = peft.get_peft_model(
+        theirs.backbone,
+        peft.LoraConfig(
+            r=cfg["lora_r"],
+            lora_alpha=cfg["lora_alpha"],
+            lora_dropout=cfg["lora_dropout"],
+            target_modules=names,
+        ),
+    )
     theirs.backbone = model.base_model.model
     theirs.head.load_state_dict(ours.head.state_dict())
     with torch.no_grad():
@@ -164,14 +260,31 @@ def peft_comparison(cfg, ours, batch, device, warmup, repeats):
         ours.eval(), theirs.eval()
         mine = ours(batch)
         diff = (mine - theirs(batch)).abs().max().item()
-        repeat = (mine - ours(batch)).abs().max().item()  # the same model twice: the floor of any difference
+        repeat = (
+            (mine - ours(batch)).abs().max().item()
+        )  # the same model twice: the floor of any difference
     ours.train(), theirs.train()
-    optimizers = [torch.optim.AdamW([p for p in r.parameters() if p.requires_grad], lr=1e-4) for r in (ours, theirs)]
-    t = timed({"ours": lambda: train_step(ours, optimizers[0], batch),
-               "peft": lambda: train_step(theirs, optimizers[1], batch)}, device, warmup, repeats)
-    return dict(lora_over_peft=t["ours"] / t["peft"], lora_peft_max_abs_diff=diff, ours_twice_max_abs_diff=repeat,
-                train_step_ms_ours=1e3 * t["ours"], train_step_ms_peft=1e3 * t["peft"],
-                peft_version=peft.__version__)
+    optimizers = [
+        torch.optim.AdamW([p for p in r.parameters() if p.requires_grad], lr=1e-4)
+        for r in (ours, theirs)
+    ]
+    t = timed(
+        {
+            "ours": lambda: train_step(ours, optimizers[0], batch),
+            "peft": lambda: train_step(theirs, optimizers[1], batch),
+        },
+        device,
+        warmup,
+        repeats,
+    )
+    return dict(
+        lora_over_peft=t["ours"] / t["peft"],
+        lora_peft_max_abs_diff=diff,
+        ours_twice_max_abs_diff=repeat,
+        train_step_ms_ours=1e3 * t["ours"],
+        train_step_ms_peft=1e3 * t["peft"],
+        peft_version=peft.__version__,
+    )
 
 
 def bench(cfg):
@@ -179,9 +292,20 @@ def bench(cfg):
     torch.manual_seed(cfg["seed"])
     disc, processor = build_readout({**cfg, "readout": "disc"}, device)
     gen = Gen(disc.backbone, disc.tokenizer, cfg)
-    items = [dict(inputs=model_inputs(processor, prompt(c["text"], cfg["modalities"], processor),
-                                      {k: c[k] for k in ("videos", "audio")}, cfg["fps"], cfg["max_pixels"]),
-                  label=c["label"], id=c["id"]) for c in mosi_like(max(cfg["batch_sizes"]), cfg["seed"])]
+    items = [
+        dict(
+            inputs=model_inputs(
+                processor,
+                prompt(c["text"], cfg["modalities"], processor),
+                {k: c[k] for k in ("videos", "audio")},
+                cfg["fps"],
+                cfg["max_pixels"],
+            ),
+            label=c["label"],
+            id=c["id"],
+        )
+        for c in mosi_like(max(cfg["batch_sizes"]), cfg["seed"])
+    ]
 
     def batch_of(n):
         return to_device(collate(items[:n], processor.tokenizer), device)
@@ -189,24 +313,40 @@ def bench(cfg):
     batch = batch_of(cfg["batch_size"])
     thinker = disc.backbone
     one = items[0]["inputs"]  # what --cache_processed stores per clip
-    processed_mb = sum(v.numel() * v.element_size() for v in one.values()) / 2 ** 20
-    out = dict(model=cfg["model"], device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               batch_size=cfg["batch_size"], sequence_length=batch["inputs"]["input_ids"].shape[1],
-               parameters=count_parameters(disc), processed_mb_per_clip=processed_mb)
+    processed_mb = sum(v.numel() * v.element_size() for v in one.values()) / 2**20
+    out = dict(
+        model=cfg["model"],
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        batch_size=cfg["batch_size"],
+        sequence_length=batch["inputs"]["input_ids"].shape[1],
+        parameters=count_parameters(disc),
+        processed_mb_per_clip=processed_mb,
+    )
     peak_mb(device, reset=True)
     disc.eval()
     with torch.no_grad():
-        t = timed({"forward": lambda: thinker.model(**batch["inputs"], use_cache=False),
-                   "disc": lambda: disc.predict(batch),
-                   "full": lambda: thinker(**batch["inputs"], use_cache=False),
-                   "gen": lambda: gen.predict(batch)}, device, cfg["warmup"], cfg["repeats"])
+        t = timed(
+            {
+                "forward": lambda: thinker.model(**batch["inputs"], use_cache=False),
+                "disc": lambda: disc.predict(batch),
+                "full": lambda: thinker(**batch["inputs"], use_cache=False),
+                "gen": lambda: gen.predict(batch),
+            },
+            device,
+            cfg["warmup"],
+            cfg["repeats"],
+        )
         generated = gen.predict(batch)[1]["generated_tokens"] / cfg["batch_size"]
         peak_mb(device, reset=True)
         timed({"disc": lambda: disc.predict(batch)}, device, 0, 1)
-    out.update(disc_over_forward=t["disc"] / t["forward"], full_forward_over_disc=t["full"] / t["disc"],
-               gen_over_disc=t["gen"] / t["disc"], gen_mean_new_tokens=generated,
-               ms_per_clip={k: 1e3 * v / cfg["batch_size"] for k, v in t.items()},
-               peak_mem_eval_mb=peak_mb(device))
+    out.update(
+        disc_over_forward=t["disc"] / t["forward"],
+        full_forward_over_disc=t["full"] / t["disc"],
+        gen_over_disc=t["gen"] / t["disc"],
+        gen_mean_new_tokens=generated,
+        ms_per_clip={k: 1e3 * v / cfg["batch_size"] for k, v in t.items()},
+        peak_mem_eval_mb=peak_mb(device),
+    )
     disc.train()
     optimizer = torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=1e-4)
     peak_mb(device, reset=True)
@@ -222,31 +362,47 @@ def bench(cfg):
             for n in cfg["batch_sizes"]:
                 b = batch_of(n)
                 peak_mb(device, reset=True)
-                step = timed({"step": lambda: train_step(disc, optimizer, b)}, device, 1, 2)["step"]
+                step = timed({"step": lambda b=b: train_step(disc, optimizer, b)}, device, 1, 2)[
+                    "step"
+                ]
                 out["peak_mem_train_mb_by"][f"batch{n}_ckpt_{'on' if ckpt else 'off'}"] = dict(
-                    peak_mb=peak_mb(device), step_s=step, sequence_length=b["inputs"]["input_ids"].shape[1])
+                    peak_mb=peak_mb(device),
+                    step_s=step,
+                    sequence_length=b["inputs"]["input_ids"].shape[1],
+                )
             if ckpt:
                 thinker.activation_checkpointing_disable()
-    out.update(cache_ratio(processor, cfg["modalities"]) if cfg["cache"] else dict(cached_over_first_epoch=None))
+    out.update(
+        cache_ratio(processor, cfg["modalities"])
+        if cfg["cache"]
+        else dict(cached_over_first_epoch=None)
+    )
     return out
 
 
 # ------------------------------------------------------------------------------ a MOSEI-sized data pipeline
+
 
 def pipeline(cfg, n_text=20000, n_media=200):
     """Clips per second through reading, decoding and batching (the processor): a generated label.csv of
     n_text text-only clips, and n_media toy clips with audio and video, first into an empty decoded-input
     cache, then from the cache; in the main process, then with --num_workers decoding threads and loader
     worker processes."""
-    processor = build({**cfg, "model": "tiny", "readout": "disc"}, torch.device("cpu"), lora=False)[1]
+    processor = build({**cfg, "model": "tiny", "readout": "disc"}, torch.device("cpu"), lora=False)[
+        1
+    ]
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         text_root = Path(tmp) / "text"
         text_root.mkdir()
         words = TRANSCRIPT * 2
-        rows = [f"v{i // 10},{i % 10},{' '.join(words[i % 30:i % 30 + 12])},{(i % 61) / 10 - 3:.1f},train"
-                for i in range(n_text)]
-        (text_root / "label.csv").write_text("video_id,clip_id,text,label,mode\n" + "\n".join(rows) + "\n")
+        rows = [
+            f"v{i // 10},{i % 10},{' '.join(words[i % 30 : i % 30 + 12])},{(i % 61) / 10 - 3:.1f},train"
+            for i in range(n_text)
+        ]
+        (text_root / "label.csv").write_text(
+            "video_id,clip_id,text,label,mode\n" + "\n".join(rows) + "\n"
+        )
         start = time.perf_counter()
         media_root = make_toy(Path(tmp) / "media", n_media, seed=2)
         out["media_clips_written_s"] = time.perf_counter() - start
@@ -255,12 +411,21 @@ def pipeline(cfg, n_text=20000, n_media=200):
                 for cache in ("empty cache", "cached"):
                     run = {**cfg, "num_workers": workers}
                     start = time.perf_counter()
-                    clips = Clips(root, "train", modalities, cache_dir=str(Path(tmp) / f"cache{workers}"),
-                                  workers=workers)
+                    clips = Clips(
+                        root,
+                        "train",
+                        modalities,
+                        cache_dir=str(Path(tmp) / f"cache{workers}"),
+                        workers=workers,
+                    )
                     batches = sum(1 for _ in make_loader(run, clips, processor, 8, shuffle=True))
                     seconds = time.perf_counter() - start
                     out[f"{name}_{cache.replace(' ', '_')}_workers{workers}"] = dict(
-                        clips=len(clips), batches=batches, seconds=seconds, clips_per_s=len(clips) / seconds)
+                        clips=len(clips),
+                        batches=batches,
+                        seconds=seconds,
+                        clips_per_s=len(clips) / seconds,
+                    )
     return out
 
 
@@ -272,23 +437,36 @@ def rule_times(cfg, disc, gen):
     g.eval()
     torch.manual_seed(0)
     clips, device, total = load_clips(run, "test"), torch.device(run["device"]), Counter()
-    clips.rows = clips.rows[:cfg["clips"]]
+    clips.rows = clips.rows[: cfg["clips"]]
 
     def read(rule):  # gen's predict with this rule, on the batch of the moment
         def fn():
             g.cfg["decode"] = rule
             return g.predict(batch)
+
         return fn
 
     for i, batch in enumerate(make_loader(run, clips, processor)):
         batch = to_device(batch, device)
-        total.update(timed({"disc": lambda: d.predict(batch), **{f"gen@{r}": read(r) for r in DECODE}}, device,
-                           warmup=int(i == 0), repeats=1))
+        total.update(
+            timed(
+                {
+                    "disc": lambda batch=batch: d.predict(batch),
+                    **{f"gen@{r}": read(r) for r in DECODE},
+                },
+                device,
+                warmup=int(i == 0),
+                repeats=1,
+            )
+        )
     ms = {name: 1000 * t / len(clips) for name, t in total.items()}
-    return dict(clips=len(clips), ms_per_clip=ms, over_disc={name: t / ms["disc"] for name, t in ms.items()})
+    return dict(
+        clips=len(clips), ms_per_clip=ms, over_disc={name: t / ms["disc"] for name, t in ms.items()}
+    )
 
 
 # ------------------------------------------------------------------------------ 7B counts, no weights needed
+
 
 def param_counts(ranks=(8, 16, 32, 64), targets=LORA_TARGETS["qwen2_5_omni_thinker"]):
     """The Qwen2.5-Omni-7B Thinker built on the meta device: parameters per part, LoRA parameters at each rank
@@ -300,56 +478,109 @@ def param_counts(ranks=(8, 16, 32, 64), targets=LORA_TARGETS["qwen2_5_omni_think
     with torch.device("meta"):
         model = Qwen2_5OmniThinkerForConditionalGeneration(config)
     inner = model.model
-    parts = {"text decoder (embeddings)": inner.language_model.embed_tokens,
-             "text decoder (layers and norm)": None, "audio tower": inner.audio_tower,
-             "vision tower": inner.visual, "LM head": model.lm_head}
+    parts = {
+        "text decoder (embeddings)": inner.language_model.embed_tokens,
+        "text decoder (layers and norm)": None,
+        "audio tower": inner.audio_tower,
+        "vision tower": inner.visual,
+        "LM head": model.lm_head,
+    }
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items() if m is not None}
     language = sum(p.numel() for p in inner.language_model.parameters())
     counts["text decoder (layers and norm)"] = language - counts["text decoder (embeddings)"]
     total = sum(p.numel() for p in model.parameters())
     # Quantised: every linear layer outside the towers and the LM head (readout.SKIP_QUANT).
-    quantised = sum(m.weight.numel() for n, m in model.named_modules()
-                    if isinstance(m, torch.nn.Linear) and not re.match(r"(model\.(audio_tower|visual)|lm_head)", n))
-    targets_in_out = [(m.in_features, m.out_features) for n, m in model.named_modules()
-                      if isinstance(m, torch.nn.Linear) and re.search(targets, n)]
+    quantised = sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and not re.match(r"(model\.(audio_tower|visual)|lm_head)", n)
+    )
+    targets_in_out = [
+        (m.in_features, m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and re.search(targets, n)
+    ]
     head = config.text_config.hidden_size + 1
     rows = []
     for r in ranks:
         lora = sum(r * (i + o) for i, o in targets_in_out)
-        rows.append(dict(rank=r, lora=lora, trainable=lora + head,
-                         pct_real=100 * (lora + head) / (total + lora + head),
-                         pct_packed=100 * (lora + head) / (total - quantised // 2 + lora + head),
-                         pct_of_text_decoder=100 * lora / language))
-    return dict(parts=counts, total=total, quantised_linear=quantised, lora_layers=len(targets_in_out), ranks=rows)
+        rows.append(
+            dict(
+                rank=r,
+                lora=lora,
+                trainable=lora + head,
+                pct_real=100 * (lora + head) / (total + lora + head),
+                pct_packed=100 * (lora + head) / (total - quantised // 2 + lora + head),
+                pct_of_text_decoder=100 * lora / language,
+            )
+        )
+    return dict(
+        parts=counts,
+        total=total,
+        quantised_linear=quantised,
+        lora_layers=len(targets_in_out),
+        ranks=rows,
+    )
 
 
 def params_table(c):
-    lines = ["| part | parameters |", "|---|---|"] + [f"| {k} | {v:,} |" for k, v in c["parts"].items()]
-    lines += [f"| **total** | **{c['total']:,}** |", "",
-              f"LoRA on the {c['lora_layers']} default target layers, plus a linear head "
-              f"({c['ranks'][0]['trainable'] - c['ranks'][0]['lora']:,}):", "",
-              "| rank | LoRA parameters | trainable % (real parameters) | trainable % (packed 4-bit elements) "
-              "| LoRA % of the text decoder |", "|---|---|---|---|---|"]
-    lines += [f"| {r['rank']} | {r['lora']:,} | {r['pct_real']:.2f} | {r['pct_packed']:.2f} | "
-              f"{r['pct_of_text_decoder']:.2f} |" for r in c["ranks"]]
+    lines = ["| part | parameters |", "|---|---|"] + [
+        f"| {k} | {v:,} |" for k, v in c["parts"].items()
+    ]
+    lines += [
+        f"| **total** | **{c['total']:,}** |",
+        "",
+        f"LoRA on the {c['lora_layers']} default target layers, plus a linear head "
+        f"({c['ranks'][0]['trainable'] - c['ranks'][0]['lora']:,}):",
+        "",
+        "| rank | LoRA parameters | trainable % (real parameters) | trainable % (packed 4-bit elements) "
+        "| LoRA % of the text decoder |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['rank']} | {r['lora']:,} | {r['pct_real']:.2f} | {r['pct_packed']:.2f} | "
+        f"{r['pct_of_text_decoder']:.2f} |"
+        for r in c["ranks"]
+    ]
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     run_flags(p)
     machine_flags(p)
     p.set_defaults(batch_size=4)  # --batch_size: clips in the fixed batch
-    p.add_argument("--batch_sizes", default="1,4", help="GPU: training-step peak memory at these batch sizes")
+    p.add_argument(
+        "--batch_sizes", default="1,4", help="GPU: training-step peak memory at these batch sizes"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first")
     p.add_argument("--repeats", type=int, default=10, help="timed calls; the median is reported")
-    p.add_argument("--no_cache", dest="cache", action="store_false", help="skip the decoded-input cache check")
-    p.add_argument("--params", action="store_true", help="print the 7B Thinker's parameter and LoRA counts, exit")
-    p.add_argument("--pipeline", type=int, default=None, metavar="N",
-                   help="instead: clips per second of the data pipeline on N generated text-only clips and N / 100 "
-                        "toy clips with audio and video (MOSEI: N=20000), with --num_workers workers too")
-    p.add_argument("--rules", nargs=2, default=None, metavar=("DISC", "GEN"),
-                   help="instead: ms per clip of two trained runs' readouts, gen with each --decode rule")
+    p.add_argument(
+        "--no_cache", dest="cache", action="store_false", help="skip the decoded-input cache check"
+    )
+    p.add_argument(
+        "--params",
+        action="store_true",
+        help="print the 7B Thinker's parameter and LoRA counts, exit",
+    )
+    p.add_argument(
+        "--pipeline",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead: clips per second of the data pipeline on N generated text-only clips and N / 100 "
+        "toy clips with audio and video (MOSEI: N=20000), with --num_workers workers too",
+    )
+    p.add_argument(
+        "--rules",
+        nargs=2,
+        default=None,
+        metavar=("DISC", "GEN"),
+        help="instead: ms per clip of two trained runs' readouts, gen with each --decode rule",
+    )
     p.add_argument("--clips", type=int, default=64, help="--rules: on this many test clips")
     p.add_argument("--json", default=None, help="write the results here")
     cfg = resolve(vars(p.parse_args(argv)))  # train.py's presets
@@ -359,8 +590,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    result = param_counts() if cfg["params"] else pipeline(cfg, cfg["pipeline"], cfg["pipeline"] // 100) \
-        if cfg["pipeline"] else rule_times(cfg, *cfg["rules"]) if cfg["rules"] else bench(cfg)
+    result = (
+        param_counts()
+        if cfg["params"]
+        else pipeline(cfg, cfg["pipeline"], cfg["pipeline"] // 100)
+        if cfg["pipeline"]
+        else rule_times(cfg, *cfg["rules"])
+        if cfg["rules"]
+        else bench(cfg)
+    )
     if cfg["params"]:
         print(params_table(result))
     else:

@@ -1,5 +1,6 @@
 """Data: MMSA-layout folders (`label.csv` and `Raw/<video_id>/<clip_id>.mp4`, a `.wav` beside an mp4 serving
 its audio), decoding with PyAV and an on-disk cache, the prompt, batches, and the generated toy dataset."""
+
 import csv
 import functools
 import hashlib
@@ -21,8 +22,10 @@ SAMPLE_RATE = 16000
 SPLITS = ("train", "valid", "test")
 COLUMNS = ("video_id", "clip_id", "text", "label", "mode")
 SYSTEM = "You are an expert in multimodal sentiment analysis."
-QUESTION = ("How positive or negative is the speaker's opinion in this clip? Answer with a sentiment "
-            "score from -3 (very negative) to 3 (very positive).")
+QUESTION = (
+    "How positive or negative is the speaker's opinion in this clip? Answer with a sentiment "
+    "score from -3 (very negative) to 3 (very positive)."
+)
 
 
 class UserError(ValueError):
@@ -48,10 +51,14 @@ def read_split(root, split, on_bad="error"):
     """label.csv's rows whose mode is `split` -> (rows, skipped: (clip id, DataError) with on_bad='skip')."""
     path = Path(root) / "label.csv"
     if not path.is_file():
-        raise DataError(f"{path}: not found (an MMSA-layout folder needs label.csv and Raw/<video_id>/<clip_id>.mp4)")
+        raise DataError(
+            f"{path}: not found (an MMSA-layout folder needs label.csv and Raw/<video_id>/<clip_id>.mp4)"
+        )
     rows, skipped, seen = [], [], {}
     # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate, so that its row can be named
-    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:  # -sig: a spreadsheet's BOM
+    with open(
+        path, newline="", encoding="utf-8-sig", errors="surrogateescape"
+    ) as f:  # -sig: a spreadsheet's BOM
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -63,10 +70,19 @@ def read_split(root, split, on_bad="error"):
             if r["mode"] not in (split, None):  # None: a short row, of no known split
                 continue
             if problem is None:
-                rows.append(dict(id=clip, text=r["text"], label=float(r["label"]), line=reader.line_num,
-                                 mp4=Path(root) / "Raw" / r["video_id"] / f"{r['clip_id']}.mp4"))
+                rows.append(
+                    dict(
+                        id=clip,
+                        text=r["text"],
+                        label=float(r["label"]),
+                        line=reader.line_num,
+                        mp4=Path(root) / "Raw" / r["video_id"] / f"{r['clip_id']}.mp4",
+                    )
+                )
                 continue
-            error = DataError(f"{path}, line {reader.line_num} (clip {clip}): {problem[1]}", problem[0])
+            error = DataError(
+                f"{path}, line {reader.line_num} (clip {clip}): {problem[1]}", problem[0]
+            )
             if on_bad != "skip":
                 raise DataError(f"{error} (--on_bad skip skips such clips)", error.kind)
             skipped.append((clip, error))
@@ -103,11 +119,17 @@ def decode_video(path, fps, max_frames, max_pixels):
             raise DataError(f"{path}: no video stream", "bad media")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        duration = float(stream.duration * stream.time_base) if stream.duration else (container.duration or 0) / 1e6
+        duration = (
+            float(stream.duration * stream.time_base)
+            if stream.duration
+            else (container.duration or 0) / 1e6
+        )
         n = min(max(round(duration * fps), 2), max_frames)
         targets = [(i + 0.5) * duration / n for i in range(n)]
         scale = min(1.0, math.sqrt(max_pixels / (stream.width * stream.height)))
-        size = dict(width=max(2, int(stream.width * scale)), height=max(2, int(stream.height * scale)))
+        size = dict(
+            width=max(2, int(stream.width * scale)), height=max(2, int(stream.height * scale))
+        )
         frames, last = [], None
         for frame in frames_of(container, stream):  # the first frame at or after each target time
             last = frame
@@ -128,9 +150,14 @@ def decode_audio(path):
         if not container.streams.audio:
             raise DataError(f"{path}: no audio stream", "bad media")
         resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        chunks = [r.to_ndarray().reshape(-1) for f in frames_of(container, container.streams.audio[0])
-                  for r in resampler.resample(f)]
-        chunks += [r.to_ndarray().reshape(-1) for r in resampler.resample(None)]  # what the resampler holds back
+        chunks = [
+            r.to_ndarray().reshape(-1)
+            for f in frames_of(container, container.streams.audio[0])
+            for r in resampler.resample(f)
+        ]
+        chunks += [
+            r.to_ndarray().reshape(-1) for r in resampler.resample(None)
+        ]  # what the resampler holds back
     if not chunks:
         raise DataError(f"{path}: no decodable audio", "bad media")
     return np.concatenate(chunks).astype(np.float32)
@@ -160,7 +187,10 @@ def write_atomically(file, data):
 
 def cache_file(cache_dir, *key, suffix=".npy"):
     """The cache file for `key`; a media file in it stands for its path, size and modification time."""
-    key = [(str(k.resolve()), k.stat().st_size, k.stat().st_mtime_ns) if isinstance(k, Path) else k for k in key]
+    key = [
+        (str(k.resolve()), k.stat().st_size, k.stat().st_mtime_ns) if isinstance(k, Path) else k
+        for k in key
+    ]
     return Path(cache_dir) / f"{hashlib.sha1(repr(key).encode()).hexdigest()}{suffix}"
 
 
@@ -179,12 +209,25 @@ class Clips(torch.utils.data.Dataset):
     """One split, every clip's media decoded into the cache up front by `workers` threads: a bad file stops the run
     before training (on_bad='skip': is skipped, counted). An item: a clip's model inputs (make_loader sets how)."""
 
-    def __init__(self, root, split, modalities="tav", fps=2.0, max_frames=32, max_pixels=128 * 28 * 28,
-                 cache_dir="cache", on_bad="error", workers=0, audio_in_video=False):
+    def __init__(
+        self,
+        root,
+        split,
+        modalities="tav",
+        fps=2.0,
+        max_frames=32,
+        max_pixels=128 * 28 * 28,
+        cache_dir="cache",
+        on_bad="error",
+        workers=0,
+        audio_in_video=False,
+    ):
         if not modalities or set(modalities) - set("tav"):
             raise UserError(f"--modalities must be a non-empty subset of 'tav', not {modalities!r}")
         if audio_in_video and not {"a", "v"} <= set(modalities):
-            raise UserError(f"--audio_in_video needs audio and video, not --modalities {modalities}")
+            raise UserError(
+                f"--audio_in_video needs audio and video, not --modalities {modalities}"
+            )
         self.root, self.modalities, self.cache_dir = Path(root), modalities, cache_dir
         self.audio_in_video = audio_in_video
         self.video = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels)
@@ -194,25 +237,40 @@ class Clips(torch.utils.data.Dataset):
             try:
                 self.media(r, load=False)
             except DataError as e:
-                return DataError(f"{e} (clip {r['id']}, {self.root / 'label.csv'} line {r['line']})", e.kind)
+                return DataError(
+                    f"{e} (clip {r['id']}, {self.root / 'label.csv'} line {r['line']})", e.kind
+                )
 
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PyAV decodes without holding the GIL
-            problems = list(tqdm(pool.map(check, rows), total=len(rows), desc=f"decoding {split}", leave=False,
-                                 disable=modalities == "t" or len(rows) < 50))
+            problems = list(
+                tqdm(
+                    pool.map(check, rows),
+                    total=len(rows),
+                    desc=f"decoding {split}",
+                    leave=False,
+                    disable=modalities == "t" or len(rows) < 50,
+                )
+            )
         for e in problems:
             if e is not None and on_bad != "skip":
                 raise DataError(f"{e}; --on_bad skip skips such clips", e.kind) from None
         self.rows = [r for r, e in zip(rows, problems) if e is None]
         self.skipped += [(r["id"], e) for r, e in zip(rows, problems) if e is not None]
         if not self.rows:
-            raise DataError(f"{self.root}: no usable clip in {split!r} for --modalities {modalities} "
-                            f"({len(self.skipped)} skipped)")
+            raise DataError(
+                f"{self.root}: no usable clip in {split!r} for --modalities {modalities} "
+                f"({len(self.skipped)} skipped)"
+            )
         self.empty_transcripts = sum(not r["text"].strip() for r in self.rows)
         if self.skipped:
-            print(f"data: skipped {len(self.skipped)} of {len(self.skipped) + len(self)} clips of {split!r} (--on_bad "
-                  f"skip): {self.skip_counts()}; e.g. {self.skipped[0][1]}")
+            print(
+                f"data: skipped {len(self.skipped)} of {len(self.skipped) + len(self)} clips of {split!r} (--on_bad "
+                f"skip): {self.skip_counts()}; e.g. {self.skipped[0][1]}"
+            )
         if self.empty_transcripts:
-            print(f"data: {self.empty_transcripts} clip(s) of {split!r} with an empty transcript (kept)")
+            print(
+                f"data: {self.empty_transcripts} clip(s) of {split!r} with an empty transcript (kept)"
+            )
 
     def skip_counts(self):
         return dict(Counter(e.kind for _, e in self.skipped))
@@ -221,12 +279,16 @@ class Clips(torch.utils.data.Dataset):
         """The decoded media of a row, through the cache; a missing or undecodable file is a DataError."""
         wav = r["mp4"].with_suffix(".wav")
         item = {}
-        for m, name, decode, path, settings in (("v", "videos", decode_video, r["mp4"], self.video),
-                                                ("a", "audio", decode_audio, wav if wav.exists() else r["mp4"], {})):
+        for m, name, decode, path, settings in (
+            ("v", "videos", decode_video, r["mp4"], self.video),
+            ("a", "audio", decode_audio, wav if wav.exists() else r["mp4"], {}),
+        ):
             if m not in self.modalities:
                 continue
             if not path.exists():
-                raise DataError(f"{path}: not found, needed for --modalities {self.modalities}", "missing file")
+                raise DataError(
+                    f"{path}: not found, needed for --modalities {self.modalities}", "missing file"
+                )
             try:
                 item[name] = cached(decode, path, self.cache_dir, load, **settings)
             except av.error.FFmpegError as e:
@@ -240,30 +302,60 @@ class Clips(torch.utils.data.Dataset):
         r = self.rows[i]
         text, file = prompt(r["text"], self.modalities, self.processor, self.audio_in_video), None
         if self.processed_key:
-            media = [r["mp4"].with_suffix(s) for s in (".mp4", ".wav") if r["mp4"].with_suffix(s).exists()]
-            file = cache_file(Path(self.cache_dir) / "processed", text, *media, self.video, self.processed_key,
-                              suffix=".safetensors")
+            media = [
+                r["mp4"].with_suffix(s)
+                for s in (".mp4", ".wav")
+                if r["mp4"].with_suffix(s).exists()
+            ]
+            file = cache_file(
+                Path(self.cache_dir) / "processed",
+                text,
+                *media,
+                self.video,
+                self.processed_key,
+                suffix=".safetensors",
+            )
         if file and file.exists():
             inputs = safetensors.torch.load(file.read_bytes())
         else:
-            inputs = model_inputs(self.processor, text, self.media(r), self.video["fps"], self.video["max_pixels"],
-                                  self.audio_in_video)
+            inputs = model_inputs(
+                self.processor,
+                text,
+                self.media(r),
+                self.video["fps"],
+                self.video["max_pixels"],
+                self.audio_in_video,
+            )
             if file:
-                write_atomically(file, safetensors.torch.save({k: v.contiguous() for k, v in inputs.items()}))
+                write_atomically(
+                    file, safetensors.torch.save({k: v.contiguous() for k, v in inputs.items()})
+                )
         return dict(inputs=inputs, label=r["label"], id=r["id"])
 
 
 def model_inputs(processor, text, media, fps=2.0, max_pixels=128 * 28 * 28, audio_in_video=False):
     """The processor's output (a batch of 1) for a clip's prompt and decoded media: {'videos': ..., 'audio': ...}."""
-    if not hasattr(processor, "tokenizer"):  # a text model's tokenizer: an encoder (no chat template) gets [CLS] etc.
-        return dict(processor([text], return_tensors="pt", add_special_tokens=processor.chat_template is None))
+    if not hasattr(
+        processor, "tokenizer"
+    ):  # a text model's tokenizer: an encoder (no chat template) gets [CLS] etc.
+        return dict(
+            processor(
+                [text], return_tensors="pt", add_special_tokens=processor.chat_template is None
+            )
+        )
     kwargs = {k: [v] for k, v in media.items()}
-    if audio_in_video:  # Qwen's own layout: the audio goes into the video's placeholder, in 2-s chunks by time
+    if (
+        audio_in_video
+    ):  # Qwen's own layout: the audio goes into the video's placeholder, in 2-s chunks by time
         kwargs.update(load_audio_from_video=True, audio_from_video_indices=[0])
-    if "audio" in media:  # Whisper features of the whole clip (the extractor's default pads or cuts to 30 s)
+    if (
+        "audio" in media
+    ):  # Whisper features of the whole clip (the extractor's default pads or cuts to 30 s)
         kwargs["audio_kwargs"] = dict(max_length=len(media["audio"]) + 480)
     if "videos" in media:
-        kwargs["videos_kwargs"] = dict(fps=fps, size={"shortest_edge": 4 * 28 * 28, "longest_edge": max_pixels})
+        kwargs["videos_kwargs"] = dict(
+            fps=fps, size={"shortest_edge": 4 * 28 * 28, "longest_edge": max_pixels}
+        )
     return dict(processor(text=[text], return_tensors="pt", **kwargs))
 
 
@@ -272,14 +364,22 @@ def prompt(text, modalities, processor, audio_in_video=False):
     the same question through its chat template (an encoder, which has none, reads the transcript alone)."""
     question = (f'Transcript: "{text}"\n' if "t" in modalities else "") + QUESTION
     if hasattr(processor, "tokenizer"):
-        media = ("<|vision_bos|><|VIDEO|><|vision_eos|>" if "v" in modalities else "") + \
-                ("<|audio_bos|><|AUDIO|><|audio_eos|>" if "a" in modalities and not audio_in_video else "")
-        return (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
-                f"<|im_start|>user\n{media}{question}<|im_end|>\n<|im_start|>assistant\n")
+        media = ("<|vision_bos|><|VIDEO|><|vision_eos|>" if "v" in modalities else "") + (
+            "<|audio_bos|><|AUDIO|><|audio_eos|>"
+            if "a" in modalities and not audio_in_video
+            else ""
+        )
+        return (
+            f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
+            f"<|im_start|>user\n{media}{question}<|im_end|>\n<|im_start|>assistant\n"
+        )
     if processor.chat_template is None:
         return text
-    return processor.apply_chat_template([dict(role="system", content=SYSTEM), dict(role="user", content=question)],
-                                         tokenize=False, add_generation_prompt=True)
+    return processor.apply_chat_template(
+        [dict(role="system", content=SYSTEM), dict(role="user", content=question)],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
 
 
 def collate(items, tokenizer):
@@ -288,33 +388,78 @@ def collate(items, tokenizer):
     inputs = {}
     for key in items[0]["inputs"]:
         rows = [it["inputs"][key] for it in items]
-        if key in ("input_ids", "attention_mask", "token_type_ids", "input_features", "feature_attention_mask"):
-            n, left = max(x.shape[-1] for x in rows), tokenizer.padding_side == "left" and "feature" not in key
+        if key in (
+            "input_ids",
+            "attention_mask",
+            "token_type_ids",
+            "input_features",
+            "feature_attention_mask",
+        ):
+            n, left = (
+                max(x.shape[-1] for x in rows),
+                tokenizer.padding_side == "left" and "feature" not in key,
+            )
             fill = tokenizer.pad_token_id if key == "input_ids" else 0
-            rows = [F.pad(x, (n - x.shape[-1], 0) if left else (0, n - x.shape[-1]), value=fill) for x in rows]
+            rows = [
+                F.pad(x, (n - x.shape[-1], 0) if left else (0, n - x.shape[-1]), value=fill)
+                for x in rows
+            ]
         inputs[key] = torch.cat(rows)
-    return dict(inputs=inputs, label=torch.tensor([it["label"] for it in items]), ids=[it["id"] for it in items])
+    return dict(
+        inputs=inputs,
+        label=torch.tensor([it["label"] for it in items]),
+        ids=[it["id"] for it in items],
+    )
 
 
 def load_clips(cfg, split):
-    return Clips(data_root(cfg["data"]), split, cfg["modalities"], cfg["fps"], cfg["max_frames"], cfg["max_pixels"],
-                 cfg["cache_dir"], cfg["on_bad"], cfg["num_workers"], cfg["audio_in_video"])
+    return Clips(
+        data_root(cfg["data"]),
+        split,
+        cfg["modalities"],
+        cfg["fps"],
+        cfg["max_frames"],
+        cfg["max_pixels"],
+        cfg["cache_dir"],
+        cfg["on_bad"],
+        cfg["num_workers"],
+        cfg["audio_in_video"],
+    )
 
 
-def make_loader(cfg, clips, processor, batch_size=None, shuffle=False, seed=0, drop_last=False, rank=0, world=1):
+def make_loader(
+    cfg, clips, processor, batch_size=None, shuffle=False, seed=0, drop_last=False, rank=0, world=1
+):
     """A DataLoader over `clips` (eval_batch_size unless told otherwise). With world > 1, this rank's share:
     shuffled, its part of each global batch (ShardedShuffle); not shuffled, every world-th clip from the rank-th."""
-    batch_size, sampler, generator = batch_size or cfg["eval_batch_size"], None, torch.Generator().manual_seed(seed)
+    batch_size, sampler, generator = (
+        batch_size or cfg["eval_batch_size"],
+        None,
+        torch.Generator().manual_seed(seed),
+    )
     if world > 1:
-        sampler = ShardedShuffle(len(clips), batch_size, rank, world, generator) if shuffle else \
-            range(rank, len(clips), world)
+        sampler = (
+            ShardedShuffle(len(clips), batch_size, rank, world, generator)
+            if shuffle
+            else range(rank, len(clips), world)
+        )
         shuffle = False
-    clips.processor = processor  # --cache_processed: later epochs read neither the decoded media nor run it
-    clips.processed_key = hashlib.sha1(repr(processor).encode()).hexdigest() if cfg["cache_processed"] else None
+    clips.processor = (
+        processor  # --cache_processed: later epochs read neither the decoded media nor run it
+    )
+    clips.processed_key = (
+        hashlib.sha1(repr(processor).encode()).hexdigest() if cfg["cache_processed"] else None
+    )
     return torch.utils.data.DataLoader(
-        clips, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
-        generator=generator, drop_last=drop_last, num_workers=cfg["num_workers"],
-        collate_fn=functools.partial(collate, tokenizer=getattr(processor, "tokenizer", processor)))
+        clips,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        generator=generator,
+        drop_last=drop_last,
+        num_workers=cfg["num_workers"],
+        collate_fn=functools.partial(collate, tokenizer=getattr(processor, "tokenizer", processor)),
+    )
 
 
 class ShardedShuffle(torch.utils.data.Sampler):
@@ -323,28 +468,52 @@ class ShardedShuffle(torch.utils.data.Sampler):
     exactly the batches of one process with the global batch size (incomplete ones dropped)."""
 
     def __init__(self, n, batch_size, rank, world, generator):
-        self.n, self.batch_size, self.rank, self.world, self.generator = n, batch_size, rank, world, generator
+        self.n, self.batch_size, self.rank, self.world, self.generator = (
+            n,
+            batch_size,
+            rank,
+            world,
+            generator,
+        )
 
     def __iter__(self):
         perm = torch.randperm(self.n, generator=self.generator).tolist()
-        torch.randperm(self.n, generator=self.generator)  # RandomSampler draws a second one per epoch: so do we
+        torch.randperm(
+            self.n, generator=self.generator
+        )  # RandomSampler draws a second one per epoch: so do we
         size = self.batch_size * self.world
         for start in range(0, self.n - size + 1, size):
-            yield from perm[start + self.rank * self.batch_size:start + (self.rank + 1) * self.batch_size]
+            yield from perm[
+                start + self.rank * self.batch_size : start + (self.rank + 1) * self.batch_size
+            ]
 
     def __len__(self):
         return self.n // (self.batch_size * self.world) * self.batch_size
 
 
 def to_device(batch, device):
-    return dict(batch, inputs={k: v.to(device) for k, v in batch["inputs"].items()}, label=batch["label"].to(device))
+    return dict(
+        batch,
+        inputs={k: v.to(device) for k, v in batch["inputs"].items()},
+        label=batch["label"].to(device),
+    )
 
 
 TOY_CLIPS = 300
-TOY_PARTS = {"t": 1.5, "a": 0.75, "v": 0.75}  # the label is the sum of one part per modality, each uniform in ±this
-TOY_WORDS = {-3: ["horrible", "awful", "dreadful"], -2: ["bad", "poor", "boring"], -1: ["dull", "weak", "bland"],
-             0: ["okay", "average", "so so"], 1: ["decent", "pleasant", "fine"], 2: ["good", "great", "lovely"],
-             3: ["amazing", "brilliant", "wonderful"]}
+TOY_PARTS = {
+    "t": 1.5,
+    "a": 0.75,
+    "v": 0.75,
+}  # the label is the sum of one part per modality, each uniform in ±this
+TOY_WORDS = {
+    -3: ["horrible", "awful", "dreadful"],
+    -2: ["bad", "poor", "boring"],
+    -1: ["dull", "weak", "bland"],
+    0: ["okay", "average", "so so"],
+    1: ["decent", "pleasant", "fine"],
+    2: ["good", "great", "lovely"],
+    3: ["amazing", "brilliant", "wonderful"],
+}
 TOY_SUBJECTS = ["the movie", "the plot", "the acting", "the soundtrack", "the ending", "the cast"]
 TOY_OPENERS = ["", "honestly ", "i think ", "to be fair ", "well "]
 
@@ -360,12 +529,19 @@ def make_toy(root, n=TOY_CLIPS, seed=0):
     for i in tqdm(range(n), desc="toy clips", leave=False):
         video_id, clip_id = f"toy{i // 6:03d}", str(i % 6 + 1)
         part = {m: float(rng.uniform(-half, half)) for m, half in TOY_PARTS.items()}
-        word = rng.choice(TOY_WORDS[round(part["t"] * 3 / TOY_PARTS["t"])])  # 7 word levels over ±1.5
+        word = rng.choice(
+            TOY_WORDS[round(part["t"] * 3 / TOY_PARTS["t"])]
+        )  # 7 word levels over ±1.5
         text = f"{rng.choice(TOY_OPENERS)}{rng.choice(TOY_SUBJECTS)} was {word}"
         path = root / "Raw" / video_id / f"{clip_id}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_clip(path, seconds=float(rng.uniform(1.5, 3.0)), pitch_hz=220 * 2 ** (part["a"] / TOY_PARTS["a"]),
-                   brightness=128 + 108 * part["v"] / TOY_PARTS["v"], rng=rng)
+        write_clip(
+            path,
+            seconds=float(rng.uniform(1.5, 3.0)),
+            pitch_hz=220 * 2 ** (part["a"] / TOY_PARTS["a"]),
+            brightness=128 + 108 * part["v"] / TOY_PARTS["v"],
+            rng=rng,
+        )
         mode = SPLITS[[0, 0, 0, 1, 2][(i // 6) % 5]]  # split by video, as MOSI's folds are
         rows.append([video_id, clip_id, text, round(sum(part.values()), 1), mode])
     table = io.StringIO(newline="")  # label.csv last: its presence marks a complete dataset
@@ -381,13 +557,19 @@ def write_clip(path, seconds, pitch_hz, brightness, rng, fps=10, size=64, rate=4
         video.pix_fmt = "yuv420p"
         audio = container.add_stream("aac", rate=rate, layout="mono")
         for _ in range(round(seconds * fps)):
-            image = np.clip(brightness + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            image = np.clip(brightness + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(
+                np.uint8
+            )
             container.mux(video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
         container.mux(video.encode())
         t = np.arange(round(seconds * rate)) / rate
-        wave = (0.3 * np.sin(2 * np.pi * pitch_hz * t) + 0.02 * rng.normal(size=t.size)).astype(np.float32)
+        wave = (0.3 * np.sin(2 * np.pi * pitch_hz * t) + 0.02 * rng.normal(size=t.size)).astype(
+            np.float32
+        )
         for start in range(0, wave.size, 1024):  # AAC takes frames of 1024 samples
-            frame = av.AudioFrame.from_ndarray(wave[None, start:start + 1024], format="fltp", layout="mono")
+            frame = av.AudioFrame.from_ndarray(
+                wave[None, start : start + 1024], format="fltp", layout="mono"
+            )
             frame.sample_rate, frame.pts = rate, start
             container.mux(audio.encode(frame))
         container.mux(audio.encode())

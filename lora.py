@@ -1,5 +1,6 @@
 """LoRA by hand over `nn.Linear` or bitsandbytes' 4-bit `Linear4bit`, and 4-bit quantisation in memory:
 y = base(x) + (alpha / r) * B(A(dropout(x))), B zero at init (the base model exactly); only A and B train."""
+
 import logging
 import math
 import re
@@ -29,7 +30,9 @@ class LoRALinear(nn.Module):
 def add_lora(model, targets, r=8, alpha=16, dropout=0.05):
     """Freeze `model` and wrap every linear layer whose dotted name matches the regex `targets` -> their names."""
     freeze(model)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.search(targets, n)]  # 4-bit too
+    names = [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.search(targets, n)
+    ]  # 4-bit too
     if not names:
         raise ValueError(f"--lora_targets {targets!r} matches no linear layer of the model")
     for name in names:
@@ -54,10 +57,18 @@ def quantize_nf4(model, skip=()):
         if any(name == s or name.startswith(s + ".") for s in skip):
             continue
         weight = linear.weight.data
-        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              compute_dtype=weight.dtype, compress_statistics=True, quant_type="nf4", device="meta")
-        q.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4",
-                                     module=q).to(weight.device)  # .to() quantises
+        q = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=weight.dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
+        q.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, compress_statistics=True, quant_type="nf4", module=q
+        ).to(weight.device)  # .to() quantises
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
         model.set_submodule(name, q)
@@ -66,7 +77,14 @@ def quantize_nf4(model, skip=()):
 
 def count_parameters(model):
     """Trainable and total parameters, a 4-bit weight counted by its elements, not by the bytes it is packed in."""
-    sizes = [(p.quant_state.shape.numel() if isinstance(p, bnb.nn.Params4bit) and p.quant_state else p.numel(),
-              p.requires_grad) for p in model.parameters()]
+    sizes = [
+        (
+            p.quant_state.shape.numel()
+            if isinstance(p, bnb.nn.Params4bit) and p.quant_state
+            else p.numel(),
+            p.requires_grad,
+        )
+        for p in model.parameters()
+    ]
     trainable, total = sum(n for n, grad in sizes if grad), sum(n for n, _ in sizes)
     return dict(trainable=trainable, total=total, trainable_pct=100.0 * trainable / total)

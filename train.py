@@ -1,9 +1,10 @@
 """Train a readout with QLoRA, keep the epoch with the best validation MAE; --resume continues a stopped run.
 
-    python train.py --model tiny --data toy                  # offline, about 2 minutes on 2 CPU cores
-    python train.py --readout disc --data mosi               # Qwen2.5-Omni-7B on $MSA_DATA/MOSI, one GPU
-    torchrun --nproc_per_node 4 train.py --data mosei        # data parallel: one process per GPU (gloo on CPU)
+python train.py --model tiny --data toy                  # offline, about 2 minutes on 2 CPU cores
+python train.py --readout disc --data mosi               # Qwen2.5-Omni-7B on $MSA_DATA/MOSI, one GPU
+torchrun --nproc_per_node 4 train.py --data mosei        # data parallel: one process per GPU (gloo on CPU)
 """
+
 import argparse
 import json
 import math
@@ -20,8 +21,22 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from data import SPLITS, UserError, load_clips, make_loader, to_device, write_atomically
-from eval import (Help, evaluate, load_config, load_weights, machine_flags, mean_baseline, read_tensors, report,
-                  resolve, run_config, run_flags, save_json, save_tensors, trained_state)
+from eval import (
+    Help,
+    evaluate,
+    load_config,
+    load_weights,
+    machine_flags,
+    mean_baseline,
+    read_tensors,
+    report,
+    resolve,
+    run_config,
+    run_flags,
+    save_json,
+    save_tensors,
+    trained_state,
+)
 from lora import count_parameters
 from readout import build
 
@@ -38,32 +53,74 @@ def train(cfg):
     rank, world = distributed(cfg)
     torch.manual_seed(cfg["seed"])
     device, out = torch.device(cfg["device"]), Path(cfg["out"])
-    clips = {split: load_clips(cfg, split) for split in SPLITS}  # a bad input stops the run before the model loads
+    clips = {
+        split: load_clips(cfg, split) for split in SPLITS
+    }  # a bad input stops the run before the model loads
     readout, processor = build(cfg, device)
-    if world > 1:  # after the model: transformers' save_pretrained (the tiny model) writes on rank 0 alone once
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # a process group exists
+    if (
+        world > 1
+    ):  # after the model: transformers' save_pretrained (the tiny model) writes on rank 0 alone once
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo"
+        )  # a process group exists
     if cfg["grad_ckpt"]:
         readout.backbone.activation_checkpointing_enable({"use_reentrant": False})
     counts = count_parameters(readout)
-    print(f"trainable {counts['trainable']:,} of {counts['total']:,} parameters ({counts['trainable_pct']:.2f}%)")
+    print(
+        f"trainable {counts['trainable']:,} of {counts['total']:,} parameters ({counts['trainable_pct']:.2f}%)"
+    )
     # float32: the weights (4 bytes a value) and last.safetensors (with AdamW's two moments, 12), twice while replaced
-    need = 28 * counts["trainable"] + 2 ** 20
+    need = 28 * counts["trainable"] + 2**20
     free = shutil.disk_usage(next(p for p in [out, *out.parents] if p.exists())).free
     if need > free:
-        raise UserError(f"{out}: the checkpoint files need about {need / 2 ** 20:.1f} MiB, {free / 2 ** 20:.1f} free")
-    loader = make_loader(cfg, clips["train"], processor, cfg["batch_size"], shuffle=True, seed=cfg["seed"],
-                         drop_last=True, rank=rank, world=world)  # drop_last: a batch norm needs two clips
+        raise UserError(
+            f"{out}: the checkpoint files need about {need / 2**20:.1f} MiB, {free / 2**20:.1f} free"
+        )
+    loader = make_loader(
+        cfg,
+        clips["train"],
+        processor,
+        cfg["batch_size"],
+        shuffle=True,
+        seed=cfg["seed"],
+        drop_last=True,
+        rank=rank,
+        world=world,
+    )  # drop_last: a batch norm needs two clips
     valid = make_loader(cfg, clips["valid"], processor, rank=rank, world=world)
-    in_order = make_loader(cfg, clips["train"], processor, cfg["batch_size"])  # for readout.prepare()
-    print(f"effective batch: {cfg['batch_size']} clips x {world} process(es) x {cfg['grad_accum']} accumulation "
-          f"steps = {cfg['batch_size'] * world * cfg['grad_accum']} clips per optimizer step")
-    optimizer = torch.optim.AdamW([p for p in readout.parameters() if p.requires_grad], lr=cfg["lr"],
-                                  weight_decay=cfg["weight_decay"])
-    log, start, step = [dict(data={s: dict(clips=len(c), skipped=c.skip_counts(), empty_transcripts=c.empty_transcripts)
-                                   for s, c in clips.items()})], 0, 0
+    in_order = make_loader(
+        cfg, clips["train"], processor, cfg["batch_size"]
+    )  # for readout.prepare()
+    print(
+        f"effective batch: {cfg['batch_size']} clips x {world} process(es) x {cfg['grad_accum']} accumulation "
+        f"steps = {cfg['batch_size'] * world * cfg['grad_accum']} clips per optimizer step"
+    )
+    optimizer = torch.optim.AdamW(
+        [p for p in readout.parameters() if p.requires_grad],
+        lr=cfg["lr"],
+        weight_decay=cfg["weight_decay"],
+    )
+    log, start, step = (
+        [
+            dict(
+                data={
+                    s: dict(
+                        clips=len(c), skipped=c.skip_counts(), empty_transcripts=c.empty_transcripts
+                    )
+                    for s, c in clips.items()
+                }
+            )
+        ],
+        0,
+        0,
+    )
     if cfg["resume"]:
         start, step = load_last(out / "last.safetensors", readout, optimizer, loader)
-        log = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("epoch", 0) <= start]
+        log = [
+            r
+            for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+            if r.get("epoch", 0) <= start
+        ]
         print(f"resuming {out} after epoch {start}")
     for epoch in range(start + 1, cfg["epochs"] + 1):
         started = time.time()
@@ -71,46 +128,83 @@ def train(cfg):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             readout.prepare(to_device(b, device) for b in in_order)
         result = evaluate(readout, valid, device, cfg["parse_fallback"])[0]
-        improved = result["MAE"] < min((r["valid"]["MAE"] for r in log[1:]), default=math.inf)  # best so far
-        log.append(dict(epoch=epoch, step=step, lr=optimizer.param_groups[0]["lr"], train_loss=train_loss,
-                        improved=improved, seconds=time.time() - started, data_wait_seconds=waited, valid=result))
-        if rank == 0:  # in this order, so that a crash anywhere leaves a folder that --resume continues
+        improved = result["MAE"] < min(
+            (r["valid"]["MAE"] for r in log[1:]), default=math.inf
+        )  # best so far
+        log.append(
+            dict(
+                epoch=epoch,
+                step=step,
+                lr=optimizer.param_groups[0]["lr"],
+                train_loss=train_loss,
+                improved=improved,
+                seconds=time.time() - started,
+                data_wait_seconds=waited,
+                valid=result,
+            )
+        )
+        if (
+            rank == 0
+        ):  # in this order, so that a crash anywhere leaves a folder that --resume continues
             if improved:
                 save_tensors(out / "weights.safetensors", trained_state(readout))
             if epoch == 1:
                 save_json(out / "config.json", run_config(cfg))
             write_atomically(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log).encode())
             save_last(out / "last.safetensors", readout, optimizer, loader, epoch, step)
-        unparsed = f"  unparseable {result['parse_fail_rate']:.0%}" if "parse_fail_rate" in result else ""
-        print(f"epoch {epoch:3d}  loss {train_loss:.4f}  valid MAE {result['MAE']:.4f}  Corr {result['Corr']:.4f}"
-              f"{unparsed}{'  *' if improved else ''}  ({log[-1]['seconds']:.1f}s, {waited:.1f}s waiting for data)")
+        unparsed = (
+            f"  unparseable {result['parse_fail_rate']:.0%}" if "parse_fail_rate" in result else ""
+        )
+        print(
+            f"epoch {epoch:3d}  loss {train_loss:.4f}  valid MAE {result['MAE']:.4f}  Corr {result['Corr']:.4f}"
+            f"{unparsed}{'  *' if improved else ''}  ({log[-1]['seconds']:.1f}s, {waited:.1f}s waiting for data)"
+        )
     return finish(cfg, out, readout, processor, clips["test"], log, counts, rank, world)
 
 
 def train_epoch(readout, loader, optimizer, cfg, epoch, step, world):
     """One pass over the training batches -> (mean loss, optimizer steps so far, seconds spent waiting for data)."""
     readout.train()
-    device, params = torch.device(cfg["device"]), [p for g in optimizer.param_groups for p in g["params"]]
+    device, params = (
+        torch.device(cfg["device"]),
+        [p for g in optimizer.param_groups for p in g["params"]],
+    )
     total = cfg["epochs"] * math.ceil(len(loader) / cfg["grad_accum"])
     losses, waited, ready = [], 0.0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg['epochs']}", leave=False, disable=os.environ.get("RANK", "0") != "0")
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch}/{cfg['epochs']}",
+        leave=False,
+        disable=os.environ.get("RANK", "0") != "0",
+    )
     for i, batch in enumerate(bar):
         waited += time.perf_counter() - ready
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = readout.loss(to_device(batch, device))
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"the training loss is {loss.item()} at epoch {epoch}, batch {i + 1}: stopped; "
-                                     f"--resume {cfg['out']} continues after the last good epoch (lower --lr?)")
+            raise FloatingPointError(
+                f"the training loss is {loss.item()} at epoch {epoch}, batch {i + 1}: stopped; "
+                f"--resume {cfg['out']} continues after the last good epoch (lower --lr?)"
+            )
         (loss / cfg["grad_accum"]).backward()
         losses.append(loss.item())
         if (i + 1) % cfg["grad_accum"] == 0 or i + 1 == len(loader):
-            if world > 1:  # what DistributedDataParallel does, without its wrapper: any readout's loss() works
-                flat = torch.cat([p.grad.flatten() if p.grad is not None else p.new_zeros(p.numel()) for p in params])
+            if (
+                world > 1
+            ):  # what DistributedDataParallel does, without its wrapper: any readout's loss() works
+                flat = torch.cat(
+                    [
+                        p.grad.flatten() if p.grad is not None else p.new_zeros(p.numel())
+                        for p in params
+                    ]
+                )
                 dist.all_reduce(flat)
                 for p, g in zip(params, (flat / world).split([p.numel() for p in params])):
                     p.grad = g.view_as(p).clone()
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, max(1, round(cfg["warmup_ratio"] * total)), cfg["lr"])
+                group["lr"] = lr_at(
+                    step, total, max(1, round(cfg["warmup_ratio"] * total)), cfg["lr"]
+                )
             torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -126,18 +220,35 @@ def finish(cfg, out, readout, processor, test_clips, log, counts, rank, world):
     if world > 1:
         dist.barrier()  # rank 0 has written the best weights
     kept = min(log[1:], key=lambda r: r["valid"]["MAE"])
-    load_weights(readout, read_tensors(out / "weights.safetensors", device), out / "weights.safetensors")
-    test, _, labels = evaluate(readout, make_loader(cfg, test_clips, processor, rank=rank, world=world), device,
-                               cfg["parse_fallback"])
-    result = dict(valid=kept["valid"], test=test, test_mean_baseline=mean_baseline(cfg, labels),
-                  kept_epoch=kept["epoch"], parameters=counts)
+    load_weights(
+        readout, read_tensors(out / "weights.safetensors", device), out / "weights.safetensors"
+    )
+    test, _, labels = evaluate(
+        readout,
+        make_loader(cfg, test_clips, processor, rank=rank, world=world),
+        device,
+        cfg["parse_fallback"],
+    )
+    result = dict(
+        valid=kept["valid"],
+        test=test,
+        test_mean_baseline=mean_baseline(cfg, labels),
+        kept_epoch=kept["epoch"],
+        parameters=counts,
+    )
     if device.type == "cuda":
-        result["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        result["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if rank == 0:
         save_json(out / "metrics.json", result)
-    report(f"{cfg['readout']} ({cfg['modalities']}, test)", result["test"], result["test_mean_baseline"])
-    print(f"test MAE / train-mean MAE = {result['test']['MAE'] / result['test_mean_baseline']['MAE']:.3f}   "
-          f"kept epoch {kept['epoch']}   checkpoint: {out}")
+    report(
+        f"{cfg['readout']} ({cfg['modalities']}, test)",
+        result["test"],
+        result["test_mean_baseline"],
+    )
+    print(
+        f"test MAE / train-mean MAE = {result['test']['MAE'] / result['test_mean_baseline']['MAE']:.3f}   "
+        f"kept epoch {kept['epoch']}   checkpoint: {out}"
+    )
     if world > 1:
         dist.destroy_process_group()
     return out, result
@@ -150,7 +261,7 @@ def distributed(cfg):
         cfg["device"] = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(cfg["device"])
     if rank > 0:
-        sys.stdout = open(os.devnull, "w")
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the whole run)
     return rank, world
 
 
@@ -162,7 +273,11 @@ def save_last(file, readout, optimizer, loader, epoch, step):
     tensors.update({"rng.torch": torch.get_rng_state(), "rng.loader": loader.generator.get_state()})
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_tensors(file, tensors, {"train": json.dumps(dict(epoch=epoch, step=step, param_groups=state["param_groups"]))})
+    save_tensors(
+        file,
+        tensors,
+        {"train": json.dumps(dict(epoch=epoch, step=step, param_groups=state["param_groups"]))},
+    )
 
 
 def load_last(file, readout, optimizer, loader):
@@ -187,11 +302,22 @@ def load_last(file, readout, optimizer, loader):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     run_flags(p)
-    machine = p.add_argument_group("this machine (not saved with the run; --resume takes them from this command)")
+    machine = p.add_argument_group(
+        "this machine (not saved with the run; --resume takes them from this command)"
+    )
     machine_flags(machine)
-    machine.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing: less memory, slower")
-    p.add_argument("--out", help="the checkpoint folder (default: runs/DATA-READOUT-MODALITIES-sSEED)")
-    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its last finished epoch")
+    machine.add_argument(
+        "--grad_ckpt", action="store_true", help="activation checkpointing: less memory, slower"
+    )
+    p.add_argument(
+        "--out", help="the checkpoint folder (default: runs/DATA-READOUT-MODALITIES-sSEED)"
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue the run in DIR from its last finished epoch",
+    )
     cfg = resolve(vars(p.parse_args(argv)))
     data = Path(cfg["data"].replace(":", "")).name
     cfg["out"] = cfg["out"] or f"runs/{data}-{cfg['readout']}-{cfg['modalities']}-s{cfg['seed']}"
@@ -209,4 +335,4 @@ if __name__ == "__main__":
     try:
         main()
     except (UserError, FloatingPointError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None

@@ -13,9 +13,24 @@ def toy_root(tmp_path_factory):
 @pytest.fixture
 def make_cfg(toy_root, tmp_path):
     """A run config for the tiny model on the toy data, as train.py would build it from flags."""
+
     def make(*flags):
-        return train.parse_args(["--model", "tiny", "--data", str(toy_root), "--cache_dir", str(tmp_path / "cache"),
-                                 "--out", str(tmp_path / "run"), "--device", "cpu", *flags])
+        return train.parse_args(
+            [
+                "--model",
+                "tiny",
+                "--data",
+                str(toy_root),
+                "--cache_dir",
+                str(tmp_path / "cache"),
+                "--out",
+                str(tmp_path / "run"),
+                "--device",
+                "cpu",
+                *flags,
+            ]
+        )
+
     return make
 
 
@@ -26,11 +41,23 @@ def bert_dir(tmp_path_factory):
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder = tmp_path_factory.mktemp("bert")
-    words = sorted({w for ws in data.TOY_WORDS.values() for w in " ".join(ws).split()} |
-                   set(" ".join(data.TOY_SUBJECTS + data.TOY_OPENERS).split()) | {"was"})
-    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    words = sorted(
+        {w for ws in data.TOY_WORDS.values() for w in " ".join(ws).split()}
+        | set(" ".join(data.TOY_SUBJECTS + data.TOY_OPENERS).split())
+        | {"was"}
+    )
+    (folder / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n"
+    )
     BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(folder)
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(folder)
+    BertModel(
+        BertConfig(
+            vocab_size=5 + len(words),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    ).save_pretrained(folder)
     return folder

@@ -12,16 +12,23 @@ from train import train
 def test_7b_thinker_counts_match_its_published_shapes():
     c = bench.param_counts()
     t, a, v = (bench.SEVEN_B[k] for k in ("text", "audio", "vision"))
-    h, kv = t["hidden_size"], t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"]
+    h, kv = (
+        t["hidden_size"],
+        t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"],
+    )
     # One decoder layer: q, k, v (with biases), o, the gated MLP, two RMS norms; then the final norm.
     layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * t["intermediate_size"] + 2 * h
     assert c["parts"]["text decoder (layers and norm)"] == t["num_hidden_layers"] * layer + h
     assert c["parts"]["text decoder (embeddings)"] == c["parts"]["LM head"] == t["vocab_size"] * h
-    assert 0.6e9 < c["parts"]["vision tower"] < 0.7e9   # not the 3 B transformers' default vision config gives
+    assert (
+        0.6e9 < c["parts"]["vision tower"] < 0.7e9
+    )  # not the 3 B transformers' default vision config gives
     assert 0.6e9 < c["parts"]["audio tower"] < 0.7e9
     assert a["encoder_layers"] == v["depth"] == 32 and a["d_model"] == v["hidden_size"] == 1280
     assert c["total"] == sum(c["parts"].values())
-    per_rank = t["num_hidden_layers"] * (2 * (h + h) + 2 * (h + kv) + 3 * (h + t["intermediate_size"]))
+    per_rank = t["num_hidden_layers"] * (
+        2 * (h + h) + 2 * (h + kv) + 3 * (h + t["intermediate_size"])
+    )
     assert c["lora_layers"] == 7 * t["num_hidden_layers"]
     for row in c["ranks"]:
         assert row["lora"] == row["rank"] * per_rank
@@ -39,7 +46,9 @@ def test_quantize_nf4_replaces_linear_layers_but_not_the_skipped_ones():
     with torch.no_grad():
         before = model(x)
     quantize_nf4(model, skip=["lm_head"])
-    assert isinstance(model.body[0], bnb.nn.Linear4bit) and isinstance(model.body[2], bnb.nn.Linear4bit)
+    assert isinstance(model.body[0], bnb.nn.Linear4bit) and isinstance(
+        model.body[2], bnb.nn.Linear4bit
+    )
     assert type(model.lm_head) is nn.Linear
     assert model.body[0].weight.quant_state.shape == (128, 64)
     for m in model.modules():
@@ -51,14 +60,35 @@ def test_quantize_nf4_replaces_linear_layers_but_not_the_skipped_ones():
 
 
 def test_bench_measures_every_key_on_the_tiny_model(tmp_path):
-    cfg = bench.parse_args(["--model", "tiny", "--device", "cpu", "--warmup", "1", "--repeats", "2",
-                            "--json", str(tmp_path / "b.json")])
+    cfg = bench.parse_args(
+        [
+            "--model",
+            "tiny",
+            "--device",
+            "cpu",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--json",
+            str(tmp_path / "b.json"),
+        ]
+    )
     out = bench.bench(cfg)
-    for key in ("disc_over_forward", "full_forward_over_disc", "gen_over_disc", "cached_over_first_epoch",
-                "peak_mem_train_mb", "peak_mem_eval_mb"):
+    for key in (
+        "disc_over_forward",
+        "full_forward_over_disc",
+        "gen_over_disc",
+        "cached_over_first_epoch",
+        "peak_mem_train_mb",
+        "peak_mem_eval_mb",
+    ):
         assert out[key] > 0, key
     assert 1 <= out["gen_mean_new_tokens"] <= cfg["max_new_tokens"]
-    for key in ("decoded_cache", "cached"):  # either cache makes the second epoch cheaper than the first
+    for key in (
+        "decoded_cache",
+        "cached",
+    ):  # either cache makes the second epoch cheaper than the first
         assert out[f"{key}_second_epoch_data_s"] < out[f"{key}_first_epoch_data_s"]
     assert out["decoded_cache_over_first_epoch"] > 0
     if importlib.util.find_spec("peft") is None:
@@ -80,8 +110,15 @@ def test_a_random_thinker_is_built_in_memory_with_a_4bit_text_decoder():
 
 
 def test_rule_times_reads_both_runs_with_every_rule_on_the_first_clips(make_cfg, tmp_path):
-    runs = [train({**make_cfg("--epochs", "1", "--modalities", "t", "--readout", r), "out": str(tmp_path / r)})[0]
-            for r in ("disc", "gen")]
+    runs = [
+        train(
+            {
+                **make_cfg("--epochs", "1", "--modalities", "t", "--readout", r),
+                "out": str(tmp_path / r),
+            }
+        )[0]
+        for r in ("disc", "gen")
+    ]
     out = bench.rule_times({**make_cfg(), "clips": 5, "eval_batch_size": 2}, *runs)
     assert out["clips"] == 5 and set(out["ms_per_clip"]) == {"disc", *(f"gen@{r}" for r in DECODE)}
     assert all(t > 0 for t in out["ms_per_clip"].values()) and out["over_disc"]["disc"] == 1.0

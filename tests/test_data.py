@@ -25,7 +25,10 @@ def test_toy_dataset_layout_and_determinism(toy_root, tmp_path):
         videos = {r["video_id"] for r in rows if r["mode"] == split}
         assert not videos & {r["video_id"] for r in rows if r["mode"] != split}
     with av.open(str(first_clip(toy_root))) as c:
-        assert c.streams.video[0].codec_context.name == "h264" and c.streams.audio[0].codec_context.name == "aac"
+        assert (
+            c.streams.video[0].codec_context.name == "h264"
+            and c.streams.audio[0].codec_context.name == "aac"
+        )
     again = data.make_toy(tmp_path / "again", n=60)
     assert (again / "label.csv").read_text() == (toy_root / "label.csv").read_text()
 
@@ -40,15 +43,24 @@ def test_the_toy_label_is_the_sum_of_what_each_modality_carries(toy_root):
         audio = data.decode_audio(mp4)
         pitch = np.argmax(np.abs(np.fft.rfft(audio))) * data.SAMPLE_RATE / audio.size
         word = next(w for w in level if r["text"].endswith(" " + w))
-        features.append([level[word], data.decode_video(mp4, fps=2, max_frames=4, max_pixels=4096).mean(),
-                         np.log(pitch)])
+        features.append(
+            [
+                level[word],
+                data.decode_video(mp4, fps=2, max_frames=4, max_pixels=4096).mean(),
+                np.log(pitch),
+            ]
+        )
         labels.append(r["label"])
     labels, features = np.array(labels), np.array(features)
     for column in features.T:
-        assert 0.3 < np.corrcoef(labels, column)[0, 1] < 0.9  # each modality alone: a part of the label
+        assert (
+            0.3 < np.corrcoef(labels, column)[0, 1] < 0.9
+        )  # each modality alone: a part of the label
     x = np.c_[features, np.ones(len(labels))]
     fit = x @ np.linalg.lstsq(x, labels, rcond=None)[0]
-    assert np.abs(fit - labels).mean() < 0.2 * np.abs(labels - labels.mean()).mean()  # all three: nearly all
+    assert (
+        np.abs(fit - labels).mean() < 0.2 * np.abs(labels - labels.mean()).mean()
+    )  # all three: nearly all
 
 
 @pytest.mark.parametrize("fps,max_frames", [(2.0, 32), (10.0, 8), (0.5, 32)])
@@ -91,12 +103,19 @@ def test_cache_decodes_once_and_again_after_a_change(toy_root, tmp_path):
 
 def test_prompt_leaves_out_what_is_not_requested():
     from readout import tiny_processor
+
     processor = tiny_processor()
     full = data.prompt("it was fine", "tav", processor)
     assert "<|VIDEO|>" in full and "<|AUDIO|>" in full and "it was fine" in full
     audio_only = data.prompt("it was fine", "a", processor)
-    assert "<|AUDIO|>" in audio_only and "<|VIDEO|>" not in audio_only and "it was fine" not in audio_only
-    assert audio_only.startswith("<|im_start|>system\n") and audio_only.endswith("<|im_start|>assistant\n")
+    assert (
+        "<|AUDIO|>" in audio_only
+        and "<|VIDEO|>" not in audio_only
+        and "it was fine" not in audio_only
+    )
+    assert audio_only.startswith("<|im_start|>system\n") and audio_only.endswith(
+        "<|im_start|>assistant\n"
+    )
 
 
 def test_modalities_must_be_a_subset_of_tav(toy_root):
@@ -113,12 +132,18 @@ def write_clip_without(path, stream, seconds=1.0):
             v.width = v.height = 32
             v.pix_fmt = "yuv420p"
             for _ in range(round(seconds * 10)):
-                c.mux(v.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")))
+                c.mux(
+                    v.encode(
+                        av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")
+                    )
+                )
             c.mux(v.encode())
         if stream == "video":
             a = c.add_stream("aac", rate=16000, layout="mono")
             for start in range(0, round(seconds * 16000), 1024):
-                frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+                frame = av.AudioFrame.from_ndarray(
+                    np.zeros((1, 1024), np.float32), format="fltp", layout="mono"
+                )
                 frame.sample_rate, frame.pts = 16000, start
                 c.mux(a.encode(frame))
             c.mux(a.encode())
@@ -126,20 +151,74 @@ def write_clip_without(path, stream, seconds=1.0):
 
 GOOD = "g,1,a good clip,1.0,train\n"
 BAD_INPUTS = {  # name: (label.csv rows after the good one, how to break clip b/1, modalities, message, kind)
-    "empty label": ("b,1,hi,,train\n", None, "t", r"line 3 \(clip b/1\): the label is empty", "bad label"),
-    "label not a number": ("b,1,hi,great,train\n", None, "t", "'great' is not a number", "bad label"),
+    "empty label": (
+        "b,1,hi,,train\n",
+        None,
+        "t",
+        r"line 3 \(clip b/1\): the label is empty",
+        "bad label",
+    ),
+    "label not a number": (
+        "b,1,hi,great,train\n",
+        None,
+        "t",
+        "'great' is not a number",
+        "bad label",
+    ),
     "NaN label": ("b,1,hi,nan,train\n", None, "t", "'nan' is not finite", "bad label"),
     "infinite label": ("b,1,hi,-inf,train\n", None, "t", "'-inf' is not finite", "bad label"),
-    "label out of range": ("b,1,hi,3.5,train\n", None, "t", r"3.5 is outside \[-3, 3\]", "bad label"),
+    "label out of range": (
+        "b,1,hi,3.5,train\n",
+        None,
+        "t",
+        r"3.5 is outside \[-3, 3\]",
+        "bad label",
+    ),
     "duplicate id": ("g,1,again,0.0,train\n", None, "t", "line 3 .*also on line 2", "duplicate id"),
     "short row": ("b,1,hi\n", None, "t", "not as many fields", "bad row"),
     "transcript not UTF-8": (None, None, "t", "not valid UTF-8", "bad transcript"),
-    "missing mp4": ("b,1,hi,0.5,train\n", "delete", "tav", r"Raw/b/1\.mp4: not found", "missing file"),
-    "corrupt mp4": ("b,1,hi,0.5,train\n", "garbage", "tav", r"Raw/b/1\.mp4: cannot be decoded", "bad media"),
-    "truncated mp4": ("b,1,hi,0.5,train\n", "truncate", "v", r"Raw/b/1\.mp4: cannot be decoded", "bad media"),
-    "no video stream": ("b,1,hi,0.5,train\n", "video", "tv", r"Raw/b/1\.mp4: no video stream", "bad media"),
-    "no audio stream": ("b,1,hi,0.5,train\n", "audio", "ta", r"Raw/b/1\.mp4: no audio stream", "bad media"),
-    "no video frames": ("b,1,hi,0.5,train\n", "zeros", "v", r"Raw/b/1\.mp4: no decodable video frames", "bad media"),
+    "missing mp4": (
+        "b,1,hi,0.5,train\n",
+        "delete",
+        "tav",
+        r"Raw/b/1\.mp4: not found",
+        "missing file",
+    ),
+    "corrupt mp4": (
+        "b,1,hi,0.5,train\n",
+        "garbage",
+        "tav",
+        r"Raw/b/1\.mp4: cannot be decoded",
+        "bad media",
+    ),
+    "truncated mp4": (
+        "b,1,hi,0.5,train\n",
+        "truncate",
+        "v",
+        r"Raw/b/1\.mp4: cannot be decoded",
+        "bad media",
+    ),
+    "no video stream": (
+        "b,1,hi,0.5,train\n",
+        "video",
+        "tv",
+        r"Raw/b/1\.mp4: no video stream",
+        "bad media",
+    ),
+    "no audio stream": (
+        "b,1,hi,0.5,train\n",
+        "audio",
+        "ta",
+        r"Raw/b/1\.mp4: no audio stream",
+        "bad media",
+    ),
+    "no video frames": (
+        "b,1,hi,0.5,train\n",
+        "zeros",
+        "v",
+        r"Raw/b/1\.mp4: no decodable video frames",
+        "bad media",
+    ),
 }
 
 
@@ -154,12 +233,12 @@ def make_bad_dataset(root, toy_root, rows, breakage):
     elif breakage == "garbage":
         bad.write_bytes(os.urandom(5000))
     elif breakage == "truncate":
-        bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 3])
+        bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 3])
     elif breakage == "zeros":  # the streams are there, every packet is zeros: nothing decodes
         b = bytearray(bad.read_bytes())
         at = b.find(b"mdat")
-        size = int.from_bytes(b[at - 4:at], "big")
-        b[at + 4:at - 4 + size] = bytes(size - 8)
+        size = int.from_bytes(b[at - 4 : at], "big")
+        b[at + 4 : at - 4 + size] = bytes(size - 8)
         bad.write_bytes(b)
     elif breakage in ("video", "audio"):
         write_clip_without(bad, breakage)
@@ -195,12 +274,16 @@ def test_file_level_problems_are_errors_even_when_skipping(tmp_path, toy_root):
 
 
 def test_what_is_odd_but_usable_is_kept(tmp_path, toy_root):
-    make_bad_dataset(tmp_path, toy_root, "b,1,,0.5,train\n", None)  # an empty transcript: kept, counted
+    make_bad_dataset(
+        tmp_path, toy_root, "b,1,,0.5,train\n", None
+    )  # an empty transcript: kept, counted
     clips = data.Clips(tmp_path, "train", "tav", cache_dir=tmp_path / "cache")
     assert len(clips) == 2 and clips.empty_transcripts == 1
     # audio at 44.1 kHz stereo beside the mp4 is resampled to 16 kHz mono, not refused
     t = np.arange(44100 * 2) / 44100
-    soundfile.write(tmp_path / "Raw" / "b" / "1.wav", np.stack([np.sin(2 * np.pi * 300 * t)] * 2, 1), 44100)
+    soundfile.write(
+        tmp_path / "Raw" / "b" / "1.wav", np.stack([np.sin(2 * np.pi * 300 * t)] * 2, 1), 44100
+    )
     clips = data.Clips(tmp_path, "train", "a", cache_dir=tmp_path / "cache")
     audio = clips.media(clips.rows[1])["audio"]
     assert audio.ndim == 1 and abs(audio.size - 2 * data.SAMPLE_RATE) <= 1
@@ -211,7 +294,11 @@ def test_what_is_odd_but_usable_is_kept(tmp_path, toy_root):
         v.width = v.height = 16
         v.pix_fmt = "yuv420p"
         for _ in range(120):
-            c.mux(v.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")))
+            c.mux(
+                v.encode(
+                    av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")
+                )
+            )
         c.mux(v.encode())
     clips = data.Clips(tmp_path, "train", "v", max_frames=8, cache_dir=tmp_path / "cache")
     assert clips.media(clips.rows[1])["videos"].shape[0] == 8
@@ -223,7 +310,9 @@ real = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data (real MOSI
 
 @real
 def test_real_mosi_mp4_decodes_at_the_requested_fps_and_16k_mono():
-    mp4 = SHARED / "mosi_clips" / "Raw" / "Oz06ZWiO20M" / "6.mp4"  # H.264 480x360 30 fps, 44.1 kHz AAC
+    mp4 = (
+        SHARED / "mosi_clips" / "Raw" / "Oz06ZWiO20M" / "6.mp4"
+    )  # H.264 480x360 30 fps, 44.1 kHz AAC
     with av.open(str(mp4)) as c:
         video_seconds = float(c.streams.video[0].duration * c.streams.video[0].time_base)
         audio_seconds = float(c.streams.audio[0].duration * c.streams.audio[0].time_base)
@@ -231,7 +320,12 @@ def test_real_mosi_mp4_decodes_at_the_requested_fps_and_16k_mono():
     assert frames.shape[0] == round(video_seconds * 2.0) == 15
     h, w = frames.shape[1:3]
     assert h * w <= 128 * 28 * 28 and abs(w / h - 480 / 360) < 0.02
-    assert data.decode_video(mp4, fps=10.0, max_frames=8, max_pixels=10**6).shape == (8, 360, 480, 3)
+    assert data.decode_video(mp4, fps=10.0, max_frames=8, max_pixels=10**6).shape == (
+        8,
+        360,
+        480,
+        3,
+    )
     audio = data.decode_audio(mp4)
     assert audio.ndim == 1 and audio.dtype == np.float32
     assert abs(audio.size / data.SAMPLE_RATE - audio_seconds) < 0.05
@@ -254,9 +348,14 @@ def test_real_clip_without_video_is_an_error_or_a_counted_skip(tmp_path):
         data.Clips(root, "train", "tav", cache_dir=tmp_path)
     clips = data.Clips(root, "train", "tav", cache_dir=tmp_path, on_bad="skip")
     assert len(clips) == 1 and [c for c, _ in clips.skipped] == ["03bSnISJMiM/1"]
-    assert clips.skip_counts() == {"missing file": 1} and "03bSnISJMiM/1.mp4: not found" in str(clips.skipped[0][1])
+    assert clips.skip_counts() == {"missing file": 1} and "03bSnISJMiM/1.mp4: not found" in str(
+        clips.skipped[0][1]
+    )
     audio_only = data.Clips(root, "train", "ta", cache_dir=tmp_path)  # the wav serves the audio
-    assert len(audio_only) == 2 and {r["id"] for r in audio_only.rows} == {"03bSnISJMiM/1", "Oz06ZWiO20M/6"}
+    assert len(audio_only) == 2 and {r["id"] for r in audio_only.rows} == {
+        "03bSnISJMiM/1",
+        "Oz06ZWiO20M/6",
+    }
     assert all(audio_only.media(r)["audio"].size > data.SAMPLE_RATE for r in audio_only.rows)
 
 
@@ -267,7 +366,9 @@ def test_real_mosi_transcripts_need_no_raw_folder():
     sizes = {split: len(data.Clips(root, split, "t")) for split in data.SPLITS}
     assert sizes == {"train": 1284, "valid": 229, "test": 686}
     train = data.Clips(root, "train", "t")
-    assert sum(not r["text"] for r in train.rows) == 3 == train.empty_transcripts  # empty transcripts are kept
+    assert (
+        sum(not r["text"] for r in train.rows) == 3 == train.empty_transcripts
+    )  # empty transcripts are kept
     assert all(isinstance(r["id"], str) for r in train.rows[:3])
 
 
@@ -283,8 +384,13 @@ def test_cache_on_a_real_clip(tmp_path):
 
     settings = dict(fps=2.0, max_frames=32, max_pixels=4096)
     first = data.cached(decode_video, mp4, tmp_path / "cache", **settings)
-    assert np.array_equal(data.cached(decode_video, mp4, tmp_path / "cache", **settings), first) and len(calls) == 1
-    data.cached(decode_video, mp4, tmp_path / "cache", **{**settings, "fps": 1.0})  # another setting
+    assert (
+        np.array_equal(data.cached(decode_video, mp4, tmp_path / "cache", **settings), first)
+        and len(calls) == 1
+    )
+    data.cached(
+        decode_video, mp4, tmp_path / "cache", **{**settings, "fps": 1.0}
+    )  # another setting
     assert len(calls) == 2
     with open(mp4, "ab") as f:  # the file changed (size)
         f.write(b"\0")
@@ -294,50 +400,90 @@ def test_cache_on_a_real_clip(tmp_path):
 
 def test_sharded_shuffle_splits_exactly_the_batches_one_process_would_see():
     import torch
+
     from data import ShardedShuffle
+
     n, per_rank, world = 23, 3, 2
 
     def batches(loader, epochs=3):
         return [[b.tolist() for b in loader] for _ in range(epochs)]
 
-    one = torch.utils.data.DataLoader(range(n), batch_size=per_rank * world, shuffle=True, drop_last=True,
-                                      generator=torch.Generator().manual_seed(5))
+    one = torch.utils.data.DataLoader(
+        range(n),
+        batch_size=per_rank * world,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(5),
+    )
     ranks = []
     for rank in range(world):
         g = torch.Generator().manual_seed(5)
-        ranks.append(batches(torch.utils.data.DataLoader(range(n), batch_size=per_rank, generator=g, drop_last=True,
-                                                         sampler=ShardedShuffle(n, per_rank, rank, world, g))))
-    for epoch, expected in enumerate(batches(one)):  # epochs differ, and each global batch is the ranks' together
+        ranks.append(
+            batches(
+                torch.utils.data.DataLoader(
+                    range(n),
+                    batch_size=per_rank,
+                    generator=g,
+                    drop_last=True,
+                    sampler=ShardedShuffle(n, per_rank, rank, world, g),
+                )
+            )
+        )
+    for epoch, expected in enumerate(
+        batches(one)
+    ):  # epochs differ, and each global batch is the ranks' together
         assert [a + b for a, b in zip(ranks[0][epoch], ranks[1][epoch])] == expected
     assert ranks[0][0] != ranks[0][1]
 
 
 def test_a_spreadsheet_saved_label_csv_reads_like_a_plain_one(tmp_path):
-    rows = ('video_id,clip_id,text,label,mode\r\n'
-            'v,1,"commas, ""quotes"" and a\r\nline break",1.5,train\r\n'
-            'v,2,plain,-0.5,train\r\n')
+    rows = (
+        "video_id,clip_id,text,label,mode\r\n"
+        'v,1,"commas, ""quotes"" and a\r\nline break",1.5,train\r\n'
+        "v,2,plain,-0.5,train\r\n"
+    )
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "label.csv").write_bytes(rows.encode())
     (tmp_path / "bom").mkdir()
-    (tmp_path / "bom" / "label.csv").write_bytes(b"\xef\xbb\xbf" + rows.encode())  # as spreadsheet programs save it
+    (tmp_path / "bom" / "label.csv").write_bytes(
+        b"\xef\xbb\xbf" + rows.encode()
+    )  # as spreadsheet programs save it
     plain, with_bom = (data.read_split(tmp_path / name, "train")[0] for name in ("plain", "bom"))
     texts = ['commas, "quotes" and a\r\nline break', "plain"]
     assert [r["text"] for r in with_bom] == [r["text"] for r in plain] == texts
-    assert [r["label"] for r in with_bom] == [1.5, -0.5] and [r["id"] for r in with_bom] == ["v/1", "v/2"]
+    assert [r["label"] for r in with_bom] == [1.5, -0.5] and [r["id"] for r in with_bom] == [
+        "v/1",
+        "v/2",
+    ]
 
 
 def test_long_audio_reaches_the_model_whole():
     import torch
+
     from readout import load_backbone
+
     model, processor = load_backbone("tiny", quant="none")
-    wave = (0.3 * np.sin(2 * np.pi * 220 * np.arange(40 * data.SAMPLE_RATE) / data.SAMPLE_RATE)).astype(np.float32)
+    wave = (
+        0.3 * np.sin(2 * np.pi * 220 * np.arange(40 * data.SAMPLE_RATE) / data.SAMPLE_RATE)
+    ).astype(np.float32)
     text = data.prompt("a long clip", "ta", processor)
     whole = data.model_inputs(processor, text, {"audio": wave})
-    audio_tokens = (whole["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>")).sum()
-    assert whole["feature_attention_mask"].sum() == 4000 and audio_tokens == 1000  # 40 s: 100 frames, 25 tokens a s
-    cut = processor(text=[text], audio=[wave], return_tensors="pt", audio_kwargs=dict(max_length=30 * data.SAMPLE_RATE))
+    audio_tokens = (
+        whole["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+    ).sum()
+    assert (
+        whole["feature_attention_mask"].sum() == 4000 and audio_tokens == 1000
+    )  # 40 s: 100 frames, 25 tokens a s
+    cut = processor(
+        text=[text],
+        audio=[wave],
+        return_tensors="pt",
+        audio_kwargs=dict(max_length=30 * data.SAMPLE_RATE),
+    )
     assert cut["feature_attention_mask"].sum() == 3000  # what the extractor does by default
-    assert torch.equal(whole["input_features"][..., :2990], cut["input_features"][..., :2990])  # the first 30 s
+    assert torch.equal(
+        whole["input_features"][..., :2990], cut["input_features"][..., :2990]
+    )  # the first 30 s
     with torch.no_grad():
         h = model.model(**whole).last_hidden_state
     assert h.shape[1] == whole["input_ids"].shape[1] and torch.isfinite(h).all()
@@ -346,7 +492,10 @@ def test_long_audio_reaches_the_model_whole():
 def tmpfs(folder, size):
     """A small file system at `folder` (root only), or skip."""
     folder.mkdir()
-    if os.geteuid() != 0 or os.system(f"mount -t tmpfs -o size={size} tmpfs {folder} 2>/dev/null") != 0:
+    if (
+        os.geteuid() != 0
+        or os.system(f"mount -t tmpfs -o size={size} tmpfs {folder} 2>/dev/null") != 0
+    ):
         pytest.skip("mounting a tmpfs needs root")
     return folder
 
@@ -355,38 +504,62 @@ def test_a_full_disk_is_one_line_and_leaves_the_previous_file_whole(tmp_path):
     disk = tmpfs(tmp_path / "disk", "64k")
     try:
         data.write_atomically(disk / "last.safetensors", b"old")
-        with pytest.raises(data.UserError, match=f"{disk}: cannot write last.safetensors \\(No space left on device"):
+        with pytest.raises(
+            data.UserError,
+            match=f"{disk}: cannot write last.safetensors \\(No space left on device",
+        ):
             data.write_atomically(disk / "last.safetensors", bytes(200_000))
-        assert (disk / "last.safetensors").read_bytes() == b"old" and os.listdir(disk) == ["last.safetensors"]
+        assert (disk / "last.safetensors").read_bytes() == b"old" and os.listdir(disk) == [
+            "last.safetensors"
+        ]
     finally:
         os.system(f"umount {disk}")
 
 
 def test_audio_in_video_interleaves_the_clips_audio_with_its_video(toy_root, tmp_path):
     from readout import tiny_processor
+
     processor = tiny_processor()
     with pytest.raises(data.UserError, match="--audio_in_video needs audio and video"):
         data.Clips(toy_root, "valid", "ta", cache_dir=tmp_path, audio_in_video=True)
     clips = data.Clips(toy_root, "valid", "tav", cache_dir=tmp_path, audio_in_video=True)
     text = data.prompt(clips.rows[0]["text"], "tav", processor, audio_in_video=True)
-    assert "<|AUDIO|>" not in text and text.count("<|VIDEO|>") == 1  # the audio goes into the video's place
+    assert (
+        "<|AUDIO|>" not in text and text.count("<|VIDEO|>") == 1
+    )  # the audio goes into the video's place
     inputs = data.model_inputs(processor, text, clips.media(clips.rows[0]), audio_in_video=True)
     tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
-    runs = [t for i, t in enumerate(tokens) if i == 0 or t != tokens[i - 1]]  # each run of a token once
+    runs = [
+        t for i, t in enumerate(tokens) if i == 0 or t != tokens[i - 1]
+    ]  # each run of a token once
     start = runs.index("<|vision_bos|>")
-    assert runs[start:start + 4] == ["<|vision_bos|>", "<|audio_bos|>", "<|VIDEO|>", "<|AUDIO|>"]
-    assert runs[runs.index("<|audio_eos|>") + 1] == "<|vision_eos|>" and "video_second_per_grid" in inputs
+    assert runs[start : start + 4] == ["<|vision_bos|>", "<|audio_bos|>", "<|VIDEO|>", "<|AUDIO|>"]
+    assert (
+        runs[runs.index("<|audio_eos|>") + 1] == "<|vision_eos|>"
+        and "video_second_per_grid" in inputs
+    )
 
 
 @real
 def test_a_real_mosi_clip_with_audio_in_video_goes_through_the_thinker(tmp_path):
     import torch
+
     from readout import load_backbone
+
     model, processor = load_backbone("tiny", quant="none")
-    clips = data.Clips(SHARED / "mosi_clips", "train", "tav", cache_dir=tmp_path, on_bad="skip", audio_in_video=True)
+    clips = data.Clips(
+        SHARED / "mosi_clips",
+        "train",
+        "tav",
+        cache_dir=tmp_path,
+        on_bad="skip",
+        audio_in_video=True,
+    )
     cfg = dict(eval_batch_size=1, num_workers=0, cache_processed=False)
     batch = next(iter(data.make_loader(cfg, clips, processor)))
-    assert batch["ids"] == ["Oz06ZWiO20M/6"] and "<|AUDIO|>" not in data.prompt("", "tav", processor, True)
+    assert batch["ids"] == ["Oz06ZWiO20M/6"] and "<|AUDIO|>" not in data.prompt(
+        "", "tav", processor, True
+    )
     with torch.no_grad():
         h = model.model(**batch["inputs"], use_audio_in_video=True).last_hidden_state
     assert h.shape[1] == batch["inputs"]["input_ids"].shape[1] and torch.isfinite(h).all()

@@ -36,10 +36,16 @@ def reference(preds, labels):
     corr = cov / math.sqrt(sum((p - mp) ** 2 for p in preds) * sum((t - ml) ** 2 for t in labels))
     has0 = [(p >= 0, t >= 0) for p, t in zip(preds, labels)]
     non0 = [(p > 0, t > 0) for p, t in zip(preds, labels) if t != 0]
-    return dict(MAE=sum(abs(p - t) for p, t in zip(preds, labels)) / n, Corr=corr,
-                Acc2_has0=acc(has0), F1_has0=weighted_f1(has0), Acc2_non0=acc(non0), F1_non0=weighted_f1(non0),
-                Acc5=acc([(clipped_round(p, 2), clipped_round(t, 2)) for p, t in zip(preds, labels)]),
-                Acc7=acc([(clipped_round(p, 3), clipped_round(t, 3)) for p, t in zip(preds, labels)]))
+    return dict(
+        MAE=sum(abs(p - t) for p, t in zip(preds, labels)) / n,
+        Corr=corr,
+        Acc2_has0=acc(has0),
+        F1_has0=weighted_f1(has0),
+        Acc2_non0=acc(non0),
+        F1_non0=weighted_f1(non0),
+        Acc5=acc([(clipped_round(p, 2), clipped_round(t, 2)) for p, t in zip(preds, labels)]),
+        Acc7=acc([(clipped_round(p, 3), clipped_round(t, 3)) for p, t in zip(preds, labels)]),
+    )
 
 
 def test_hand_checked_rounding_and_zero_labels():
@@ -67,7 +73,9 @@ def test_agrees_with_an_independent_implementation(seed):
     rng = np.random.default_rng(seed)
     labels = np.round(rng.uniform(-3, 3, 200) * 5) / 5  # MOSI-like steps, many exact zeros and ties
     labels[:20] = 0.0
-    preds = np.concatenate([np.round(rng.normal(0, 2, 150) * 2) / 2, rng.normal(0, 2, 50)])  # halves: ties
+    preds = np.concatenate(
+        [np.round(rng.normal(0, 2, 150) * 2) / 2, rng.normal(0, 2, 50)]
+    )  # halves: ties
     ours, ref = metrics(preds, labels), reference(preds.tolist(), labels.tolist())
     assert set(ours) == set(METRIC_KEYS)
     for k in METRIC_KEYS:
@@ -102,7 +110,12 @@ def test_paired_test_separates_a_better_predictor_from_an_identical_one():
     good, labels = noisy(100, 0.3)
     bad = noisy(100, 1.2, seed=1)[0]
     c = paired(good, bad, labels, n=2000)
-    assert c["p_value"] < 0.01 and c["mean_abs_error_diff"] < 0 and c["ci95"][1] < 0 and c["a_closer"] > 0.6
+    assert (
+        c["p_value"] < 0.01
+        and c["mean_abs_error_diff"] < 0
+        and c["ci95"][1] < 0
+        and c["a_closer"] > 0.6
+    )
     same = paired(good, good.copy(), labels, n=2000)
     assert same["p_value"] == 1.0 and same["a_closer"] == same["b_closer"] == 0.0
     close = paired(good, good + np.random.default_rng(2).normal(0, 0.01, 100), labels, n=2000)
@@ -111,26 +124,41 @@ def test_paired_test_separates_a_better_predictor_from_an_identical_one():
 
 def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, tmp_path):
     import shutil
+
     from train import train
+
     a, _ = train({**make_cfg("--epochs", "1", "--modalities", "t"), "out": str(tmp_path / "a")})
-    b, _ = train({**make_cfg("--epochs", "1", "--modalities", "t", "--seed", "1"), "out": str(tmp_path / "b")})
+    b, _ = train(
+        {
+            **make_cfg("--epochs", "1", "--modalities", "t", "--seed", "1"),
+            "out": str(tmp_path / "b"),
+        }
+    )
     run = [sys.executable, "eval.py", "--device", "cpu"]
-    done = subprocess.run(run + ["--compare", str(a), str(b), "--out", str(tmp_path / "c.json")], capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        run + ["--compare", str(a), str(b), "--out", str(tmp_path / "c.json")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert "A: disc (t, test)" in done.stdout and "permutation test p =" in done.stdout
     c = json.loads((tmp_path / "c.json").read_text())
     assert c["paired"]["n"] == c["a"]["n"] == 12 and 0 < c["paired"]["p_value"] <= 1
 
-    shutil.copytree(toy_root, tmp_path / "other")  # the same clips, but another dataset as far as runs know
+    shutil.copytree(
+        toy_root, tmp_path / "other"
+    )  # the same clips, but another dataset as far as runs know
     cfg = json.loads((b / "config.json").read_text())
     (b / "config.json").write_text(json.dumps({**cfg, "data": str(tmp_path / "other")}))
     refused = subprocess.run(run + ["--compare", str(a), str(b)], capture_output=True, text=True)
     assert refused.returncode != 0 and "not evaluated on the same clips" in refused.stderr
     assert "Traceback" not in refused.stderr
 
-    done = subprocess.run(run + ["--ckpt", str(a), "--bootstrap", "200", "--plot", "--out", str(tmp_path / "r.json")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        run + ["--ckpt", str(a), "--bootstrap", "200", "--plot", "--out", str(tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     ci = json.loads((tmp_path / "r.json").read_text())["ci95"]
     assert set(ci) == {"MAE", "Corr", "Acc2_non0", "Acc7"} and "[" in done.stdout
@@ -138,6 +166,7 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
         assert "plots skipped: matplotlib is not installed" in done.stdout
         return
     from PIL import Image
+
     for png in ("test_scatter.png", "learning_curve.png"):
         image = np.asarray(Image.open(a / png).convert("L"), dtype=float)
         assert image.shape[0] > 200 and image.std() > 10, png  # drawn, not blank
@@ -145,23 +174,44 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
 
 def test_a_checkpoint_is_tested_with_modalities_left_out(make_cfg, tmp_path):
     from train import train
+
     out, result = train(make_cfg("--epochs", "1", "--modalities", "tv"))
     machine = ["--device", "cpu", "--cache_dir", str(tmp_path / "cache")]
 
     def test_with(*flags):
-        done = subprocess.run([sys.executable, "eval.py", "--ckpt", str(out), "--out", str(tmp_path / "r.json"),
-                               *machine, *flags], capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "eval.py",
+                "--ckpt",
+                str(out),
+                "--out",
+                str(tmp_path / "r.json"),
+                *machine,
+                *flags,
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, done.stderr
         return done.stdout, json.loads((tmp_path / "r.json").read_text())
 
     stdout, text_only = test_with("--modalities", "t")
     assert "disc (t, test)" in stdout and text_only["n"] == result["test"]["n"]
     assert text_only["MAE"] != result["test"]["MAE"]  # the model saw no video
-    assert test_with("--modalities", "tv")[1]["MAE"] == test_with()[1]["MAE"] == result["test"]["MAE"]
+    assert (
+        test_with("--modalities", "tv")[1]["MAE"] == test_with()[1]["MAE"] == result["test"]["MAE"]
+    )
 
 
 def test_a_row_names_gen_with_its_decoding_rule(make_cfg):
-    args = {**make_cfg("--modalities", "t", "--readout", "gen", "--decode", "expected"),
-            "split": "test", "bootstrap": 0, "plot": False}
+    args = {
+        **make_cfg("--modalities", "t", "--readout", "gen", "--decode", "expected"),
+        "split": "test",
+        "bootstrap": 0,
+        "plot": False,
+    }
     cfg, name, result = run_split(None, args, given=set())[:3]
-    assert name == "gen@expected zero-shot (t, test)" and result["parse_failures"] == 0  # expected always answers
+    assert (
+        name == "gen@expected zero-shot (t, test)" and result["parse_failures"] == 0
+    )  # expected always answers

