@@ -1,64 +1,68 @@
 """Controlled comparisons, everything else fixed: which modalities carry the score, which readout reads it best?
 
     python ablate.py --model tiny --data toy [--subsets t,a,tav] [--seeds 0,1,2]   # train and test each subset
-    python ablate.py --model tiny --data toy --subsets tav --readouts gen0,gen,gen@expected,disc   # each readout
+    python ablate.py --model tiny --data toy --readouts gen0,gen,gen@expected,disc   # each readout, --modalities
 
-Other flags are train.py's; finished runs are reused. ONE model without some modalities: eval.py --modalities.
+The other flags are train.py's. Each run has its folder, named by its readout, modalities, seed and a hash of
+its run settings: a finished run is reused, a stopped one continued, and other settings never train into it.
+ablation.md and ablation.json hold the latest comparison. ONE model without some modalities: eval.py --modalities.
 """
 
-import argparse
+import hashlib
 import json
 from pathlib import Path
 
 from data import UserError
-from eval import Help, run_config, run_split, save_json, table
+from eval import check_values, resolve, run_config, run_split, save_json, table
 from readout import DECODE, READOUTS
-from train import parse_args, train
+from train import parser, train
+
+SUBSETS = "t,a,v,ta,tv,av,tav"
+
+
+def parse_args(argv=None):
+    """-> (the base run's settings, the comparison's: subsets, seeds and readouts as lists, out)."""
+    p = parser(
+        out_help="the folder of the runs and the table (default: runs/DATA-READOUT-ablation)",
+        resume=False,
+    )
+    group = p.add_argument_group("the comparison")
+    subsets = (
+        f"comma-separated modality subsets (default: {SUBSETS}; with --readouts: --modalities)"
+    )
+    group.add_argument("--subsets", default=None, help=subsets)
+    seeds = "comma-separated seeds: cells are mean ± std over them"
+    group.add_argument("--seeds", type=numbers, default=[0], help=seeds)
+    readouts = "comma-separated readouts; gen0: gen zero-shot; gen@RULE, gen0@RULE: read with another --decode"
+    group.add_argument(
+        "--readouts", default=None, help=f"{readouts} rule (default: --readout, a row per subset)"
+    )
+    base = vars(p.parse_args(argv))
+    args = {k: base.pop(k) for k in ("subsets", "seeds", "readouts")}
+    base = resolve({**base, "resume": None, "overwrite": False})
+    check_values(base)
+    args["compare_readouts"] = args["readouts"] is not None
+    args["readouts"] = (args["readouts"] or base["readout"]).split(",")
+    check_readouts(args["readouts"])
+    args["subsets"] = (
+        args["subsets"] or (base["modalities"] if args["compare_readouts"] else SUBSETS)
+    ).split(",")
+    name = "readouts" if args["compare_readouts"] else base["readout"]
+    data = Path(base["data"].replace(":", "")).name
+    args["out"] = Path(base["out"] or f"runs/{data}-{name}-ablation")
+    return base, args
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
-    p.add_argument(
-        "--subsets", default="t,a,v,ta,tv,av,tav", help="comma-separated modality subsets"
-    )
-    p.add_argument(
-        "--seeds", default="0", help="comma-separated seeds: cells are mean ± std over them"
-    )
-    p.add_argument(
-        "--readouts",
-        default=None,
-        help="comma-separated readouts; gen0: gen zero-shot; gen@RULE, "
-        "gen0@RULE: read with another --decode rule (default: --readout alone, a row per subset)",
-    )
-    p.add_argument(
-        "--out", help="the folder of the runs and the table (default: runs/DATA-READOUT-ablation)"
-    )
-    args, rest = p.parse_known_args(argv)
-    base = parse_args(rest)
-    readouts, subsets = (args.readouts or base["readout"]).split(","), args.subsets.split(",")
-    if any(
-        r.partition("@")[0] not in {*READOUTS, "gen0"} or r.partition("@")[2] not in {"", *DECODE}
-        for r in readouts
-    ):
-        raise UserError(
-            f"--readouts {args.readouts}: each of {', '.join(READOUTS)}, gen0, or gen@RULE, gen0@RULE with "
-            f"RULE one of {', '.join(DECODE)}"
-        )
-    name = "readouts" if args.readouts else base["readout"]
-    out = Path(args.out or f"runs/{Path(base['data'].replace(':', '')).name}-{name}-ablation")
+    base, args = parse_args(argv)
+    by_readout, out = args["compare_readouts"], args["out"]
     rows = {}
-    for readout in readouts:
-        kind, _, rule = readout.partition(
-            "@"
-        )  # gen@expected: the gen runs, read with another decoding rule
-        for subset in subsets:
-            row = (
-                subset
-                if not args.readouts
-                else readout
-                if len(subsets) == 1
-                else f"{readout} {subset}"
-            )
+    for readout in args["readouts"]:
+        kind, _, rule = readout.partition("@")  # gen@expected: the gen runs, read another way
+        for subset in args["subsets"]:
+            row = subset
+            if by_readout:
+                row = readout if len(args["subsets"]) == 1 else f"{readout} {subset}"
             cfg = {**base, "readout": "gen" if kind == "gen0" else kind, "modalities": subset}
             if kind == "gen0":  # the untrained model
                 rows[row] = [
@@ -68,53 +72,73 @@ def main(argv=None):
                 ]
                 continue
             rows[row] = []
-            for seed in map(int, args.seeds.split(",")):
-                folder = f"{kind}-{subset}-s{seed}" if args.readouts else f"{subset}-s{seed}"
-                run = {**cfg, "seed": seed, "out": str(out / folder)}
-                result = finished(run) or train(run)[1]["test"]
+            for seed in args["seeds"]:
+                run = {**cfg, "seed": seed}
+                folder = folder_name(run, by_readout)
+                run["out"] = str(out / folder)
+                result = trained(run)
                 if rule:  # the trained run, read with another decoding rule
-                    result = evaluated(
-                        out / folder / f"test@{rule}.json", {**run, "decode": rule}, run["out"]
-                    )
+                    file = out / folder / f"test@{rule}.json"
+                    result = evaluated(file, {**run, "decode": rule}, run["out"])
                 rows[row].append(result)
-    title = f"Each {'readout' if args.readouts else 'modality subset'}, everything else fixed ({base['data']}, test)"
-    gen_columns = ("parse_fail_rate", "ms_per_clip") if args.readouts else ()
-    columns = ("MAE", "Corr", "Acc2_non0", "F1_non0", "Acc7") + gen_columns
-    markdown = f"**{title}**\n\n" + table(
-        rows, columns, "readout" if args.readouts else "modalities"
-    )
+    what = "readout" if by_readout else "modality subset"
+    title = f"Each {what}, everything else fixed ({base['data']}, test)"
+    columns = ("MAE", "Corr", "Acc2_non0", "F1_non0", "Acc7")
+    if by_readout:
+        columns += ("parse_fail_rate", "ms_per_clip")
+    markdown = f"**{title}**\n\n" + table(rows, columns, "readout" if by_readout else "modalities")
     print(markdown)
     save_json(out / "ablation.json", dict(title=title, results=rows))
     (out / "ablation.md").write_text(markdown + "\n")
     print(f"written: {out / 'ablation.md'}, {out / 'ablation.json'}")
 
 
-def finished(cfg):
-    """The test metrics of a run already done in cfg['out'] with the same run settings, else None."""
+def numbers(text):
+    return [int(n) for n in text.split(",")]
+
+
+def check_readouts(readouts):
+    for r in readouts:
+        kind, _, rule = r.partition("@")
+        if kind not in {*READOUTS, "gen0"} or rule not in {"", *DECODE}:
+            raise UserError(
+                f"--readouts: {r!r} is not one of {', '.join(READOUTS)}, gen0, or gen@RULE, gen0@RULE with "
+                f"RULE one of {', '.join(DECODE)}"
+            )
+
+
+def trained(cfg):
+    """The test metrics of the run cfg describes, in cfg['out']: reused if it is done there, continued if it
+    was stopped, trained if there is none."""
     folder = Path(cfg["out"])
-    if not (folder / "metrics.json").exists() or not (folder / "config.json").exists():
-        return None
-    unused = READOUTS[cfg["readout"]].unused_flags
-    done, wanted = (
-        ({k: v for k, v in c.items() if k not in unused})
-        for c in (json.loads((folder / "config.json").read_text()), run_config(cfg))
-    )
-    if done != wanted:
-        return None
-    print(f"reusing {folder} (its config.json is this run's)")
-    return json.loads((folder / "metrics.json").read_text())["test"]
+    if (folder / "metrics.json").exists():
+        print(f"reusing {folder} (the same run settings)")
+        return json.loads((folder / "metrics.json").read_text())["test"]
+    if (folder / "last.safetensors").exists():
+        print(f"continuing {folder} (stopped before it finished)")
+        return train({**cfg, "resume": cfg["out"]})[1]["test"]
+    return train(cfg)[1]["test"]
+
+
+def folder_name(run, by_readout):
+    """[READOUT-]MODALITIES-sSEED-HASH, the hash that of the run's settings: other settings, another folder."""
+    settings = json.dumps(run_config(run), sort_keys=True)
+    digest = hashlib.sha1(settings.encode()).hexdigest()[:8]
+    name = f"{run['modalities']}-s{run['seed']}-{digest}"
+    if by_readout:
+        name = f"{run['readout']}-{name}"
+    return name
 
 
 def evaluated(file, cfg, folder=None):
-    """The test metrics of the run in `folder` read with cfg's decoding rule (no folder: gen zero-shot), kept in
-    `file` with the run settings they come from, and computed again when these differ."""
+    """The test metrics of the run in `folder` read with cfg's decoding rule (no folder: gen zero-shot),
+    kept in `file` with the run settings they come from, and computed again when these differ."""
     settings = run_config(cfg)
     if file.exists() and json.loads(file.read_text())["settings"] == settings:
         print(f"reusing {file}")
     else:
-        test = run_split(
-            folder, {**cfg, "split": "test", "bootstrap": 0, "plot": False}, given={"decode"}
-        )[2]
+        args = {**cfg, "split": "test", "bootstrap": 0, "plot": False}
+        test = run_split(folder, args, {"decode": cfg["decode"]}).result
         save_json(file, dict(settings=settings, test=test))
     return json.loads(file.read_text())["test"]
 
@@ -122,5 +146,5 @@ def evaluated(file, cfg, folder=None):
 if __name__ == "__main__":
     try:
         main()
-    except (UserError, FloatingPointError) as e:
+    except UserError as e:
         raise SystemExit(f"error: {e}") from None

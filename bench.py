@@ -36,7 +36,7 @@ from data import (
     prompt,
     to_device,
 )
-from eval import load_checkpoint, machine_flags, resolve, run_flags
+from eval import autocast, load_checkpoint, machine_flags, resolve, run_flags
 from lora import add_lora, count_parameters, freeze, quantize_nf4
 from readout import (
     DECODE,
@@ -176,7 +176,7 @@ def timed(fns, device, warmup, repeats):
         for name, fn in fns.items():
             sync(device)
             start = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 fn()
             sync(device)
             if r >= warmup:

@@ -155,9 +155,8 @@ def decode_audio(path):
             for f in frames_of(container, container.streams.audio[0])
             for r in resampler.resample(f)
         ]
-        chunks += [
-            r.to_ndarray().reshape(-1) for r in resampler.resample(None)
-        ]  # what the resampler holds back
+        held_back = resampler.resample(None)  # what the resampler still holds
+        chunks += [r.to_ndarray().reshape(-1) for r in held_back]
     if not chunks:
         raise DataError(f"{path}: no decodable audio", "bad media")
     return np.concatenate(chunks).astype(np.float32)
@@ -197,15 +196,39 @@ def cache_file(cache_dir, *key, suffix=".npy"):
 def cached(decode, path, cache_dir, load=True, **settings):
     """decode(path, **settings) through the cache (load=False: only make sure the cache holds it)."""
     file = cache_file(cache_dir, decode.__name__, path, sorted(settings.items()))
-    if file.exists():
-        return np.load(file) if load else None
-    array, buffer = decode(path, **settings), io.BytesIO()
-    np.save(buffer, array)
-    write_atomically(file, buffer.getvalue())
+    if not load and file.exists():
+        return None
+    array = read_cached(file, lambda data: np.load(io.BytesIO(data)))
+    if array is None:
+        array = decode(path, **settings)
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        write_atomically(file, buffer.getvalue())
     return array
 
 
-class Clips(torch.utils.data.Dataset):
+DAMAGED = []  # the cache files found damaged so far (said once)
+
+
+def read_cached(file, load):
+    """load(bytes of the cache file), or None where there is none, or it is damaged (then it goes)."""
+    if file is None or not file.exists():
+        return None
+    try:
+        return load(file.read_bytes())
+    except (
+        Exception
+    ) as e:  # whatever a truncated or overwritten file makes numpy or safetensors raise
+        if not DAMAGED:
+            print(
+                f"data: {file}: a damaged cache file ({type(e).__name__}), decoded again (said once)"
+            )
+        DAMAGED.append(file)
+        file.unlink(missing_ok=True)
+        return None
+
+
+class Clips:
     """One split, every clip's media decoded into the cache up front by `workers` threads: a bad file stops the run
     before training (on_bad='skip': is skipped, counted). An item: a clip's model inputs (make_loader sets how)."""
 
@@ -228,29 +251,14 @@ class Clips(torch.utils.data.Dataset):
             raise UserError(
                 f"--audio_in_video needs audio and video, not --modalities {modalities}"
             )
-        self.root, self.modalities, self.cache_dir = Path(root), modalities, cache_dir
+        self.root = Path(root)
+        self.modalities = modalities
+        self.cache_dir = cache_dir
         self.audio_in_video = audio_in_video
         self.video = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels)
         rows, self.skipped = read_split(root, split, on_bad)  # skipped: (clip id, DataError)
 
-        def check(r):
-            try:
-                self.media(r, load=False)
-            except DataError as e:
-                return DataError(
-                    f"{e} (clip {r['id']}, {self.root / 'label.csv'} line {r['line']})", e.kind
-                )
-
-        with ThreadPoolExecutor(max(1, workers)) as pool:  # PyAV decodes without holding the GIL
-            problems = list(
-                tqdm(
-                    pool.map(check, rows),
-                    total=len(rows),
-                    desc=f"decoding {split}",
-                    leave=False,
-                    disable=modalities == "t" or len(rows) < 50,
-                )
-            )
+        problems = self.check(rows, split, workers)
         for e in problems:
             if e is not None and on_bad != "skip":
                 raise DataError(f"{e}; --on_bad skip skips such clips", e.kind) from None
@@ -272,8 +280,31 @@ class Clips(torch.utils.data.Dataset):
                 f"data: {self.empty_transcripts} clip(s) of {split!r} with an empty transcript (kept)"
             )
 
+    def check(self, rows, split, workers):
+        """Decode every row's media into the cache, `workers` threads at once -> each row's DataError or
+        None."""
+
+        def problem(r):
+            try:
+                self.media(r, load=False)
+            except DataError as e:
+                where = f"clip {r['id']}, {self.root / 'label.csv'} line {r['line']}"
+                return DataError(f"{e} ({where})", e.kind)
+
+        quiet = self.modalities == "t" or len(rows) < 50
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # PyAV decodes without holding the GIL
+            done = pool.map(problem, rows)
+            return list(
+                tqdm(done, total=len(rows), desc=f"decoding {split}", leave=False, disable=quiet)
+            )
+
     def skip_counts(self):
         return dict(Counter(e.kind for _, e in self.skipped))
+
+    def counts(self):
+        return dict(
+            clips=len(self), skipped=self.skip_counts(), empty_transcripts=self.empty_transcripts
+        )
 
     def media(self, r, load=True):
         """The decoded media of a row, through the cache; a missing or undecodable file is a DataError."""
@@ -298,38 +329,43 @@ class Clips(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.rows)
 
+    def media_files(self, r):
+        """The files a row's media come from."""
+        return [
+            r["mp4"].with_suffix(s) for s in (".mp4", ".wav") if r["mp4"].with_suffix(s).exists()
+        ]
+
+
+class ModelInputs(torch.utils.data.Dataset):
+    """Clips as the processor's output, a batch of one each; with cache_processed, kept on disk, so that later
+    epochs neither read the decoded media nor run the processor."""
+
+    def __init__(self, clips, processor, cache_processed=False):
+        self.clips = clips
+        self.processor = processor
+        self.processed_key = None
+        if cache_processed:
+            self.processed_key = hashlib.sha1(repr(processor).encode()).hexdigest()
+
+    def __len__(self):
+        return len(self.clips)
+
     def __getitem__(self, i):
-        r = self.rows[i]
-        text, file = prompt(r["text"], self.modalities, self.processor, self.audio_in_video), None
+        c, r = self.clips, self.clips.rows[i]
+        text = prompt(r["text"], c.modalities, self.processor, c.audio_in_video)
+        file = None
         if self.processed_key:
-            media = [
-                r["mp4"].with_suffix(s)
-                for s in (".mp4", ".wav")
-                if r["mp4"].with_suffix(s).exists()
-            ]
-            file = cache_file(
-                Path(self.cache_dir) / "processed",
-                text,
-                *media,
-                self.video,
-                self.processed_key,
-                suffix=".safetensors",
-            )
-        if file and file.exists():
-            inputs = safetensors.torch.load(file.read_bytes())
-        else:
-            inputs = model_inputs(
-                self.processor,
-                text,
-                self.media(r),
-                self.video["fps"],
-                self.video["max_pixels"],
-                self.audio_in_video,
-            )
-            if file:
-                write_atomically(
-                    file, safetensors.torch.save({k: v.contiguous() for k, v in inputs.items()})
-                )
+            folder = Path(c.cache_dir) / "processed"
+            key = [text, *c.media_files(r), c.video, self.processed_key]
+            file = cache_file(folder, *key, suffix=".safetensors")
+        inputs = read_cached(file, safetensors.torch.load)
+        if inputs is None:
+            media = c.media(r)
+            fps, max_pixels = c.video["fps"], c.video["max_pixels"]
+            inputs = model_inputs(self.processor, text, media, fps, max_pixels, c.audio_in_video)
+        if file and not file.exists():
+            contiguous = {k: v.contiguous() for k, v in inputs.items()}
+            write_atomically(file, safetensors.torch.save(contiguous))
         return dict(inputs=inputs, label=r["label"], id=r["id"])
 
 
@@ -430,35 +466,26 @@ def load_clips(cfg, split):
 def make_loader(
     cfg, clips, processor, batch_size=None, shuffle=False, seed=0, drop_last=False, rank=0, world=1
 ):
-    """A DataLoader over `clips` (eval_batch_size unless told otherwise). With world > 1, this rank's share:
-    shuffled, its part of each global batch (ShardedShuffle); not shuffled, every world-th clip from the rank-th."""
-    batch_size, sampler, generator = (
-        batch_size or cfg["eval_batch_size"],
-        None,
-        torch.Generator().manual_seed(seed),
-    )
-    if world > 1:
-        sampler = (
-            ShardedShuffle(len(clips), batch_size, rank, world, generator)
-            if shuffle
-            else range(rank, len(clips), world)
-        )
-        shuffle = False
-    clips.processor = (
-        processor  # --cache_processed: later epochs read neither the decoded media nor run it
-    )
-    clips.processed_key = (
-        hashlib.sha1(repr(processor).encode()).hexdigest() if cfg["cache_processed"] else None
-    )
+    """A DataLoader over `clips` (eval_batch_size unless told otherwise). With world > 1, this rank's
+    share: shuffled, its part of each global batch (ShardedShuffle); not shuffled, every world-th clip
+    from the rank-th."""
+    batch_size = batch_size or cfg["eval_batch_size"]
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if world > 1 and shuffle:
+        sampler = ShardedShuffle(len(clips), batch_size, rank, world, generator)
+    elif world > 1:
+        sampler = range(rank, len(clips), world)
+    tokenizer = getattr(processor, "tokenizer", processor)
     return torch.utils.data.DataLoader(
-        clips,
+        ModelInputs(clips, processor, cfg["cache_processed"]),
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
         sampler=sampler,
         generator=generator,
         drop_last=drop_last,
         num_workers=cfg["num_workers"],
-        collate_fn=functools.partial(collate, tokenizer=getattr(processor, "tokenizer", processor)),
+        collate_fn=functools.partial(collate, tokenizer=tokenizer),
     )
 
 
@@ -478,9 +505,7 @@ class ShardedShuffle(torch.utils.data.Sampler):
 
     def __iter__(self):
         perm = torch.randperm(self.n, generator=self.generator).tolist()
-        torch.randperm(
-            self.n, generator=self.generator
-        )  # RandomSampler draws a second one per epoch: so do we
+        torch.randperm(self.n, generator=self.generator)  # RandomSampler draws two an epoch
         size = self.batch_size * self.world
         for start in range(0, self.n - size + 1, size):
             yield from perm[
@@ -500,11 +525,8 @@ def to_device(batch, device):
 
 
 TOY_CLIPS = 300
-TOY_PARTS = {
-    "t": 1.5,
-    "a": 0.75,
-    "v": 0.75,
-}  # the label is the sum of one part per modality, each uniform in ±this
+# The label is the sum of one part per modality, each uniform in ±this.
+TOY_PARTS = {"t": 1.5, "a": 0.75, "v": 0.75}
 TOY_WORDS = {
     -3: ["horrible", "awful", "dreadful"],
     -2: ["bad", "poor", "boring"],
@@ -529,9 +551,8 @@ def make_toy(root, n=TOY_CLIPS, seed=0):
     for i in tqdm(range(n), desc="toy clips", leave=False):
         video_id, clip_id = f"toy{i // 6:03d}", str(i % 6 + 1)
         part = {m: float(rng.uniform(-half, half)) for m, half in TOY_PARTS.items()}
-        word = rng.choice(
-            TOY_WORDS[round(part["t"] * 3 / TOY_PARTS["t"])]
-        )  # 7 word levels over ±1.5
+        level = round(part["t"] * 3 / TOY_PARTS["t"])  # 7 word levels over ±1.5
+        word = rng.choice(TOY_WORDS[level])
         text = f"{rng.choice(TOY_OPENERS)}{rng.choice(TOY_SUBJECTS)} was {word}"
         path = root / "Raw" / video_id / f"{clip_id}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)

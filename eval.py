@@ -7,8 +7,8 @@ or the gen readout zero-shot: MMSA metrics, ms per clip, the train-mean baseline
 """
 
 import argparse
+import dataclasses
 import json
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,7 +30,7 @@ from data import (
     to_device,
     write_atomically,
 )
-from readout import DECODE, READOUTS, build
+from readout import READOUTS, Flag, build
 
 METRIC_KEYS = ("MAE", "Corr", "Acc2_has0", "F1_has0", "Acc2_non0", "F1_non0", "Acc5", "Acc7")
 
@@ -44,143 +44,118 @@ class Help(argparse.RawDescriptionHelpFormatter):
         return action.help + (" (default: %(default)s)" if shown else "")
 
 
+def reading_flags():
+    """The run flags of every readout that say what is read and how: eval.py may change them."""
+    readouts = "; ".join(f"{k}: {first_sentence(v)}" for k, v in READOUTS.items())
+    in_video = "with audio and video: Qwen's own prompt, the audio in the video's place"
+    return (
+        Flag("model", str, "Qwen/Qwen2.5-Omni-7B", "a hub id, a local folder, a .gguf or 'tiny'"),
+        Flag("quant", str, "nf4", "4-bit NF4 weights for the text decoder", ("nf4", "none")),
+        Flag("data", str, "mosi", "'toy' or 'toy:N', 'mosi', 'mosei' (in $MSA_DATA) or a folder"),
+        Flag("modalities", str, "tav", "any non-empty subset of 'tav': text, audio, video"),
+        Flag("readout", str, "disc", readouts, tuple(READOUTS)),
+        Flag("fps", float, 2.0, "video frames sampled per second"),
+        Flag("max_frames", int, 32, "at most this many frames per clip"),
+        Flag("max_pixels", int, 128 * 28 * 28, "each frame resized to fit this many pixels"),
+        Flag("audio_in_video", bool, False, in_video),
+    )
+
+
+TRAINING_FLAGS = (  # the run flags of every readout that say how it trains (None: the preset's)
+    Flag("lora_targets", str, None, "a regex over module names (default: by architecture)"),
+    Flag("lora_r", int, None, "LoRA rank (default: 16 tiny, 32 otherwise)"),
+    Flag("lora_alpha", float, None, "LoRA scale = alpha / r (default: 2 r)"),
+    Flag("lora_dropout", float, 0.05, "dropout on the LoRA input"),
+    Flag("seed", int, 0, "LoRA and head initialisation, data order"),
+    Flag("epochs", int, None, "default: 30 tiny, 5 otherwise"),
+    Flag("batch_size", int, None, "clips per step and process (default: 8 tiny, 4)"),
+    Flag("grad_accum", int, None, "batches per optimizer step (default: 1 tiny, 4)"),
+    Flag("lr", float, None, "peak learning rate (default: 2e-3 tiny, 1e-4)"),
+    Flag("weight_decay", float, 0.01, "AdamW weight decay"),
+    Flag("warmup_ratio", float, 0.1, "share of steps with linear warm-up"),
+    Flag("grad_clip", float, 1.0, "max gradient norm"),
+)
+
+
+def first_sentence(readout):
+    """A readout's docstring up to its first full stop, less what stands before a colon."""
+    return (readout.__doc__ or "").split(".")[0].split(": ")[-1]
+
+
+def readout_flags():
+    """{name: (Flag, the readouts that declare it)} over the readouts registered now."""
+    flags = {}
+    for name, readout in READOUTS.items():
+        for f in readout.flags:
+            flags.setdefault(f.name, (f, []))[1].append(name)
+    return flags
+
+
+MACHINE_FLAGS = (  # this machine's settings: never saved with a run, always from the command line in use
+    Flag("device", str, "cuda" if torch.cuda.is_available() else "cpu", "cpu or cuda"),
+    Flag("cache_dir", str, "cache", "decoded clips are kept here between epochs and runs"),
+    Flag("cache_processed", bool, False, "keep the processor's output too (video: 4x disk)"),
+    Flag("num_workers", int, 0, "DataLoader workers; also threads decoding up front"),
+    Flag("eval_batch_size", int, 8, "clips per batch when evaluating"),
+    Flag("on_bad", str, "error", "a bad clip: stop or skip it", ("error", "skip")),
+    Flag("trust_remote_code", bool, False, "let transformers run code shipped with --model"),
+)
+
+
+def add_flag(p, flag, help=None):
+    kind = dict(type=flag.type, choices=flag.choices)
+    if flag.type is bool:
+        kind = dict(action=argparse.BooleanOptionalAction)
+    p.add_argument(f"--{flag.name}", default=flag.default, help=help or flag.help, **kind)
+
+
 def run_flags(p, training=True):
-    """The flags that define a run (config.json): what is read and how, how gen answers, and how it trains."""
-    p.add_argument(
-        "--model",
-        default="Qwen/Qwen2.5-Omni-7B",
-        help="a hub id, a local folder, a .gguf file or 'tiny'",
-    )
-    p.add_argument(
-        "--quant",
-        default="nf4",
-        choices=["nf4", "none"],
-        help="4-bit NF4 weights for the text decoder",
-    )
-    p.add_argument(
-        "--data",
-        default="mosi",
-        help="'toy' or 'toy:N', 'mosi', 'mosei' (in $MSA_DATA) or a folder",
-    )
-    p.add_argument(
-        "--modalities", default="tav", help="any non-empty subset of 'tav': text, audio, video"
-    )
-    p.add_argument(
-        "--readout",
-        default="disc",
-        choices=list(READOUTS),
-        help="; ".join(  # their first sentences
-            f"{k}: {(v.__doc__ or '').split('.')[0].split(': ')[-1]}" for k, v in READOUTS.items()
-        ),
-    )
-    p.add_argument("--fps", type=float, default=2.0, help="video frames sampled per second")
-    p.add_argument("--max_frames", type=int, default=32, help="at most this many frames per clip")
-    p.add_argument(
-        "--max_pixels",
-        type=int,
-        default=128 * 28 * 28,
-        help="each frame resized to fit this many pixels",
-    )
-    p.add_argument(
-        "--audio_in_video",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="with audio and video: Qwen's own prompt, the audio in the video's place in 2-s chunks",
-    )
-    p.add_argument(
-        "--decode", default="greedy", choices=DECODE, help="gen: how answers become a prediction"
-    )
-    p.add_argument(
-        "--samples", type=int, default=8, help="gen, median and mean: answers drawn per clip"
-    )
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=1.0,
-        help="gen, median and mean: the sampling temperature",
-    )
-    p.add_argument(
-        "--max_new_tokens", type=int, default=8, help="gen: at most this many tokens are generated"
-    )
-    p.add_argument(
-        "--parse_fallback",
-        type=float,
-        default=0.0,
-        help="gen: the prediction of an unparseable answer",
-    )
-    if not training:  # unset training flags take the backbone's preset (PRESETS)
-        return
-    p.add_argument(
-        "--pool_norm",
-        default="none",
-        choices=["none", "batch"],
-        help="disc, mean: standardised states",
-    )
-    p.add_argument(
-        "--loss", default="mse", choices=["mse", "l1"], help="disc, mean: the regression loss"
-    )
-    p.add_argument(
-        "--lora_targets", default=None, help="a regex over module names (default: by architecture)"
-    )
-    p.add_argument(
-        "--lora_r", type=int, default=None, help="LoRA rank (default: 16 tiny, 32 otherwise)"
-    )
-    p.add_argument(
-        "--lora_alpha", type=float, default=None, help="LoRA scale = alpha / r (default: 2 r)"
-    )
-    p.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
-    p.add_argument("--seed", type=int, default=0, help="LoRA and head initialisation, data order")
-    p.add_argument("--epochs", type=int, default=None, help="default: 30 tiny, 5 otherwise")
-    p.add_argument(
-        "--batch_size",
-        type=int,
-        default=None,
-        help="clips per step and process (default: 8 tiny, 4)",
-    )
-    p.add_argument(
-        "--grad_accum",
-        type=int,
-        default=None,
-        help="batches per optimizer step (default: 1 tiny, 4)",
-    )
-    p.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate (default: 2e-3 tiny, 1e-4)"
-    )
-    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument(
-        "--warmup_ratio", type=float, default=0.1, help="share of steps with linear warm-up"
-    )
-    p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm")
+    """The flags that define a run (config.json); training=False: only those that say how it is read."""
+    for f in reading_flags() + (TRAINING_FLAGS if training else ()):
+        add_flag(p, f)
+    for f, readers in readout_flags().values():
+        if training or f.reading:
+            add_flag(p, f, f"{', '.join(readers)}: {f.help}")
 
 
 def machine_flags(p):
-    """This machine's settings: never saved with a run, always taken from the command line in use."""
-    p.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda"
-    )
-    p.add_argument(
-        "--cache_dir", default="cache", help="decoded clips are kept here between epochs and runs"
-    )
-    p.add_argument(
-        "--cache_processed",
-        action="store_true",
-        help="keep the processor's output too (video: 4x disk)",
-    )
-    p.add_argument(
-        "--num_workers",
-        type=int,
-        default=0,
-        help="DataLoader workers; also threads decoding up front",
-    )
-    p.add_argument("--eval_batch_size", type=int, default=8, help="clips per batch when evaluating")
-    p.add_argument(
-        "--on_bad", default="error", choices=["error", "skip"], help="a bad clip: stop or skip it"
-    )
-    p.add_argument(
-        "--trust_remote_code",
-        action="store_true",
-        help="let transformers run code shipped with --model",
-    )
+    for f in MACHINE_FLAGS:
+        add_flag(p, f)
+
+
+RUN_FILES = ("config.json", "weights.safetensors", "last.safetensors", "log.jsonl", "metrics.json")
+
+POSITIVE = ("epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha", "lr", "grad_clip", "fps")
+POSITIVE += (
+    "max_frames",
+    "max_pixels",
+    "eval_batch_size",
+    "samples",
+    "temperature",
+    "max_new_tokens",
+)
+
+
+def check_values(cfg):
+    """Flag values that parse but make no sense, as one line naming them."""
+    wrong = [f"--{k} {cfg[k]} (must be above 0)" for k in POSITIVE if k in cfg and not cfg[k] > 0]
+    fractions = [k for k in ("lora_dropout", "warmup_ratio") if k in cfg]
+    wrong += [f"--{k} {cfg[k]} (must be from 0 to 1)" for k in fractions if not 0 <= cfg[k] <= 1]
+    if cfg.get("num_workers", 0) < 0:
+        wrong.append(f"--num_workers {cfg['num_workers']} (must be 0 or more)")
+    if wrong:
+        raise UserError(f"flag values out of range: {', '.join(wrong)}")
+
+
+def check_device(name):
+    """--device, before any work is done: one that torch knows and this machine has."""
+    try:
+        torch.empty(0, device=name)
+    except (RuntimeError, AssertionError) as e:  # not a device name, no CUDA, no such GPU
+        cause = str(e).strip().partition("\n")[0]
+        raise UserError(
+            f"--device {name}: cannot be used here ({cause}); --device cpu runs anywhere"
+        ) from None
 
 
 # A random tiny model needs more steps at a larger rate. LoRA r=32 trains 0.90% of the 7B Thinker's parameters.
@@ -188,6 +163,9 @@ PRESETS = {
     "tiny": dict(epochs=30, lr=2e-3, batch_size=8, grad_accum=1, lora_r=16),
     "pretrained": dict(epochs=5, lr=1e-4, batch_size=4, grad_accum=4, lora_r=32),
 }
+
+
+RESOLVED = {*PRESETS["tiny"], "lora_alpha"}  # the flags that resolve() gives a value
 
 
 def resolve(cfg):
@@ -203,11 +181,15 @@ def resolve(cfg):
 
 
 def run_config(cfg=None):
-    """The settings that define a run (what config.json holds): of `cfg`, or their defaults for the tiny model."""
+    """The settings that define a run (what config.json holds): the generic ones and those its readout
+    declares, of `cfg`; without one, every run flag's default for the tiny model."""
     p = argparse.ArgumentParser()
     run_flags(p)
     defaults = resolve(vars(p.parse_args(["--model", "tiny"])))
-    return defaults if cfg is None else {k: cfg[k] for k in defaults}
+    if cfg is None:
+        return defaults
+    others = readout_flags().keys() - {f.name for f in READOUTS[cfg["readout"]].flags}
+    return {k: cfg[k] for k in defaults if k not in others}
 
 
 def trained_state(readout):
@@ -254,7 +236,9 @@ def load_weights(readout, weights, file):
 
 
 def load_config(folder):
-    """A checkpoint's config.json, checked key by key and type by type against this code's run settings."""
+    """A checkpoint's config.json, checked key by key against the run flags (type, choices). A flag of its
+    readout that is newer than the run takes its default; other readouts' flags (runs saved before readouts
+    owned their flags hold them all) are dropped."""
     file = Path(folder) / "config.json"
     if not file.is_file():
         raise UserError(
@@ -266,27 +250,38 @@ def load_config(folder):
         raise UserError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{file}: not a JSON object")
-    reference = run_config()
-    problems = [f"unknown key {k!r}" for k in cfg.keys() - reference.keys()]
-    problems += [f"missing key {k!r}" for k in reference.keys() - cfg.keys()]
-    for k in (
-        cfg.keys() & reference.keys()
-    ):  # the type of the default; None: a string or null; a float: an int too
-        want, got = type(reference[k]), type(cfg[k])
-        if not (got is want or (want, got) in ((type(None), str), (float, int))):
-            problems.append(
-                f"{k!r} is {cfg[k]!r}, not a {'str or null' if reference[k] is None else want.__name__}"
-            )
+    flags = {f.name: f for f in reading_flags() + TRAINING_FLAGS}
+    own = {f.name: f for f in getattr(READOUTS.get(cfg.get("readout")), "flags", ())}
+    others = readout_flags().keys() - own.keys()
+    cfg = {k: v for k, v in cfg.items() if k not in others}
+    cfg = {**{k: f.default for k, f in own.items()}, **cfg}
+    flags.update(own)
+    problems = [f"unknown key {k!r}" for k in cfg.keys() - flags.keys()]
+    problems += [f"missing key {k!r}" for k in flags.keys() - cfg.keys()]
+    problems += [value_problem(flags[k], cfg[k]) for k in cfg.keys() & flags.keys()]
+    problems = sorted(p for p in problems if p)
     if problems:
-        raise UserError(f"{file}: {'; '.join(sorted(problems))}")
+        raise UserError(f"{file}: {'; '.join(problems)}")
     return cfg
 
 
-def load_checkpoint(folder, flags, overrides=None):
+def value_problem(flag, value):
+    """What is wrong with a saved value of a run flag (its type, a choice it lacks), or None."""
+    types = (float, int) if flag.type is float else (flag.type,)
+    if value is None and flag.default is None and flag.name not in RESOLVED:  # e.g. lora_targets
+        return None
+    if not isinstance(value, types) or (isinstance(value, bool) and flag.type is not bool):
+        return f"{flag.name!r} is {value!r}, not a {flag.type.__name__}"
+    if flag.choices and value not in flag.choices:
+        return f"{flag.name!r} is {value!r}, not one of {', '.join(map(str, flag.choices))}"
+    return None
+
+
+def load_checkpoint(folder, flags, overrides):
     """(cfg, readout, processor) from a checkpoint folder: config.json (validated) but for `overrides`, then `flags`
     (a command line's) for the rest, such as the machine's settings. Only safetensors files are read."""
     config = load_config(folder)
-    cfg = {**flags, **config, **{k: v for k, v in (overrides or {}).items() if k in config}}
+    cfg = {**flags, **config, **{k: v for k, v in overrides.items() if k in config}}
     device = torch.device(cfg["device"])
     weights = read_tensors(Path(folder) / "weights.safetensors", device)
     readout, processor = build(cfg, device)
@@ -323,10 +318,16 @@ def metrics(preds, labels):
     return out
 
 
+def autocast(device):
+    """bfloat16 compute on a GPU (the 4-bit layers' compute dtype), float32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 @torch.no_grad()
-def evaluate(readout, loader, device, fallback=0.0):
-    """A split -> (result: metrics, n, ms per clip (the first batch left out), gen's parse failures and metrics over
-    answered clips; preds, an unanswered one as `fallback`; labels). Under torchrun, all ranks' clips in order."""
+def evaluate(readout, loader, device):
+    """A split -> (result: metrics, n, ms per clip (the first batch left out), gen's parse failures and its
+    metrics over answered clips; preds, an unanswered clip as readout.fallback; labels). Under torchrun, all
+    ranks' clips in order."""
     readout.eval()
     preds, labels, times, info = [], [], [], Counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -334,7 +335,7 @@ def evaluate(readout, loader, device, fallback=0.0):
         for batch in tqdm(loader, desc="evaluating", leave=False):
             batch = to_device(batch, device)
             start = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 p, extra = readout.predict(batch)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -349,18 +350,25 @@ def evaluate(readout, loader, device, fallback=0.0):
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, (list(loader.sampler), preds, labels, info, ms))
         order = np.argsort(np.concatenate([p[0] for p in parts]))
-        preds, labels = (np.concatenate([p[i] for p in parts])[order] for i in (1, 2))
-        info, ms = sum((p[3] for p in parts), Counter()), float(np.mean([p[4] for p in parts]))
+        preds = np.concatenate([p[1] for p in parts])[order]
+        labels = np.concatenate([p[2] for p in parts])[order]
+        info = sum((p[3] for p in parts), Counter())
+        ms = float(np.mean([p[4] for p in parts]))
+    if readout.fallback is None:  # a readout without answers to parse: a NaN is a diverged model
+        if not np.isfinite(preds).all():
+            bad = int((~np.isfinite(preds)).sum())
+            raise FloatingPointError(f"{bad} of {len(preds)} predictions are not finite")
+        return dict(metrics(preds, labels), n=len(labels), ms_per_clip=ms), preds, labels
     failed = np.isnan(preds)
-    result = dict(metrics(np.where(failed, fallback, preds), labels), n=len(labels), ms_per_clip=ms)
-    if "parse_failures" in info:
-        result.update(
-            parse_failures=int(failed.sum()),
-            parse_fail_rate=float(failed.mean()),
-            tokens_per_clip=info["generated_tokens"] / len(labels),
-            parsed=metrics(preds[~failed], labels[~failed]) if (~failed).sum() > 1 else None,
-        )
-    return result, np.where(failed, fallback, preds), labels
+    scored = np.where(failed, readout.fallback, preds)
+    result = dict(metrics(scored, labels), n=len(labels), ms_per_clip=ms)
+    result.update(
+        parse_failures=int(failed.sum()),
+        parse_fail_rate=float(failed.mean()),
+        tokens_per_clip=info["generated_tokens"] / len(labels),
+        parsed=metrics(preds[~failed], labels[~failed]) if (~failed).sum() > 1 else None,
+    )
+    return result, scored, labels
 
 
 def bootstrap(preds, labels, n=1000, seed=0, keys=("MAE", "Corr", "Acc2_non0", "Acc7")):
@@ -405,21 +413,27 @@ def table(rows, columns=METRIC_KEYS, first="run"):
         "|---" * (len(columns) + 3) + "|",
     ]
     for name, runs in rows.items():
-        cells = []
-        for k in columns:
-            values, ci = [r[k] for r in runs if k in r], runs[0].get("ci95", {}).get(k)
-            f = ".1f" if k == "ms_per_clip" else ".4f" if len(runs) == 1 else ".3f"
-            cells.append(
-                "-"
-                if not values
-                else f"{np.mean(values):{f}} ± {np.std(values, ddof=1):{f}}"
-                if len(values) > 1
-                else f"{values[0]:{f}}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-            )
+        cells = [
+            cell([r[k] for r in runs if k in r], k, runs[0].get("ci95", {}).get(k)) for k in columns
+        ]
         lines.append(
             f"| {name} | " + " | ".join(cells) + f" | {runs[0].get('n', '-')} | {len(runs)} |"
         )
     return "\n".join(lines)
+
+
+def cell(values, key, ci=None):
+    """A table cell: '-' for no value, one value (with its 95% interval), or mean ± sample std."""
+    if not values:
+        return "-"
+    f = ".4f" if len(values) == 1 else ".3f"
+    if key == "ms_per_clip":
+        f = ".1f"
+    if len(values) > 1:
+        return f"{np.mean(values):{f}} ± {np.std(values, ddof=1):{f}}"
+    if ci:
+        return f"{values[0]:{f}} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{values[0]:{f}}"
 
 
 def report(name, result, baseline):
@@ -476,10 +490,22 @@ def plot(preds, labels, folder, split):
     plt.close("all")
 
 
-def run_split(folder, args, given):
-    """A checkpoint (None: gen zero-shot) on args['split'] -> (cfg, name, result, preds, labels, clip ids)."""
+@dataclasses.dataclass
+class Scored:
+    """A run's predictions on a split, with what evaluate() made of them."""
+
+    cfg: dict
+    name: str  # e.g. "gen@expected (t, test)"
+    result: dict
+    preds: np.ndarray
+    labels: np.ndarray
+    ids: list
+
+
+def run_split(folder, args, overrides):
+    """A checkpoint (None: gen zero-shot) on args['split'], the run flags in `overrides` replacing its own."""
     if folder:
-        cfg, readout, processor = load_checkpoint(folder, args, {k: args[k] for k in given})
+        cfg, readout, processor = load_checkpoint(folder, args, overrides)
     elif args["readout"] != "gen":
         raise UserError(
             f"the {args['readout']} readout has a trained head: pass --ckpt (zero-shot is for gen)"
@@ -487,80 +513,73 @@ def run_split(folder, args, given):
     else:  # zero-shot: the untrained model, no LoRA
         cfg = {**run_config(), **args}
         readout, processor = build(cfg, torch.device(cfg["device"]), lora=False)
-    rule = (
-        f"@{cfg['decode']}" if cfg["readout"] == "gen" else ""
-    )  # how gen's answers became predictions
-    name = f"{cfg['readout']}{rule}{'' if folder else ' zero-shot'} ({cfg['modalities']}, {args['split']})"
-    loader = make_loader(cfg, load_clips(cfg, args["split"]), processor)
+    name = cfg["readout"]
+    if cfg["readout"] == "gen":  # how its answers became predictions
+        name += f"@{cfg['decode']}"
+    if not folder:
+        name += " zero-shot"
+    name += f" ({cfg['modalities']}, {args['split']})"
+    clips = load_clips(cfg, args["split"])
     result, preds, labels = evaluate(
-        readout, loader, torch.device(cfg["device"]), cfg["parse_fallback"]
+        readout, make_loader(cfg, clips, processor), torch.device(cfg["device"])
     )
     if args["bootstrap"]:
         result["ci95"] = bootstrap(preds, labels, args["bootstrap"])
     if args["plot"]:
         plot(preds, labels, folder or ".", args["split"])
-    return cfg, name, result, preds, labels, [r["id"] for r in loader.dataset.rows]
+    return Scored(cfg, name, result, preds, labels, [r["id"] for r in clips.rows])
+
+
+def given_flags(p, argv):
+    """The flags a command line gives, as argparse reads them: it puts a default only where a name is not
+    in the namespace yet, so one that holds every name with a marker keeps the marker for the rest."""
+    unset = object()
+    names = vars(p.parse_args(argv))
+    parsed = vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(names, unset))))
+    return {k: v for k, v in parsed.items() if v is not unset}
+
+
+def compare(a, b, folders, split):
+    """Two runs' predictions on the same clips, side by side and tested clip by clip."""
+    same_data = data_root(a.cfg["data"]).resolve() == data_root(b.cfg["data"]).resolve()
+    if not same_data or a.ids != b.ids:
+        raise UserError(
+            f"--compare: {folders[0]} ({a.cfg['data']}, {len(a.ids)} clips) and {folders[1]} "
+            f"({b.cfg['data']}, {len(b.ids)} clips) are not evaluated on the same clips of {split!r}"
+        )
+    print(table({f"A: {a.name}": [a.result], f"B: {b.name}": [b.result]}))
+    c = paired(a.preds, b.preds, a.labels)
+    print(
+        f"paired over {c['n']} clips, |error of A| - |error of B|: mean {c['mean_abs_error_diff']:+.4f}, "
+        f"95% bootstrap CI [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]; permutation test p = "
+        f"{c['p_value']:.4f} ({c['permutations']} sign flips); A closer on {c['a_closer']:.1%} of clips, "
+        f"B on {c['b_closer']:.1%}"
+    )
+    return dict(a=a.result, b=b.result, paired=c, checkpoints=folders)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help, allow_abbrev=False)
     p.add_argument("--ckpt", default=None, help="a checkpoint folder written by train.py")
-    p.add_argument(
-        "--compare",
-        nargs=2,
-        metavar=("CKPT_A", "CKPT_B"),
-        help="two checkpoints, tested clip by clip",
-    )
+    two = dict(nargs=2, metavar=("CKPT_A", "CKPT_B"))
+    p.add_argument("--compare", **two, help="two checkpoints, tested clip by clip")
     p.add_argument("--split", default="test", choices=SPLITS, help="the split to evaluate")
-    p.add_argument(
-        "--bootstrap",
-        type=int,
-        default=0,
-        metavar="N",
-        help="95%% intervals from N resamplings of clips",
-    )
-    p.add_argument(
-        "--plot",
-        action="store_true",
-        help="scatter plot and learning curve PNGs (needs matplotlib)",
-    )
+    resamplings = "95%% intervals from N resamplings of clips"
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N", help=resamplings)
+    p.add_argument("--plot", action="store_true", help="scatter plot and learning curve PNGs")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     machine_flags(p.add_argument_group("this machine"))
-    run_flags(
-        p.add_argument_group("the run (with --ckpt: only those given replace the run's own)"),
-        training=False,
-    )
+    run = p.add_argument_group("the run (with --ckpt: only those given replace the run's own)")
+    run_flags(run, training=False)
     args = vars(p.parse_args(argv))
-    given = {
-        t.partition("=")[0][2:].removeprefix("no-")
-        for t in (sys.argv[1:] if argv is None else argv)
-        if t.startswith("--")
-    }
+    overrides = {k: v for k, v in given_flags(p, argv).items() if k in run_config()}
     if args["compare"]:
-        (
-            (cfg_a, name_a, result_a, preds_a, labels, ids_a),
-            (cfg_b, name_b, result_b, preds_b, _, ids_b),
-        ) = [run_split(folder, args, given) for folder in args["compare"]]
-        if (
-            data_root(cfg_a["data"]).resolve() != data_root(cfg_b["data"]).resolve()
-            or ids_a != ids_b
-        ):
-            raise UserError(
-                f"--compare: {args['compare'][0]} ({cfg_a['data']}, {len(ids_a)} clips) and "
-                f"{args['compare'][1]} ({cfg_b['data']}, {len(ids_b)} clips) are not evaluated on the "
-                f"same clips of the {args['split']!r} split"
-            )
-        print(table({f"A: {name_a}": [result_a], f"B: {name_b}": [result_b]}))
-        c = paired(preds_a, preds_b, labels)
-        print(
-            f"paired over {c['n']} clips, |error of A| - |error of B|: mean {c['mean_abs_error_diff']:+.4f}, 95% "
-            f"bootstrap CI [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]; permutation test p = {c['p_value']:.4f} "
-            f"({c['permutations']} sign flips); A closer on {c['a_closer']:.1%} of clips, B on {c['b_closer']:.1%}"
-        )
-        result = dict(a=result_a, b=result_b, paired=c, checkpoints=args["compare"])
+        a, b = [run_split(folder, args, overrides) for folder in args["compare"]]
+        result = compare(a, b, args["compare"], args["split"])
     else:
-        cfg, name, result, _, labels, _ = run_split(args["ckpt"], args, given)
-        report(name, result, mean_baseline(cfg, labels))
+        scored = run_split(args["ckpt"], args, overrides)
+        result = scored.result
+        report(scored.name, result, mean_baseline(scored.cfg, scored.labels))
     if args["out"]:
         save_json(Path(args["out"]), result)
 

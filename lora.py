@@ -30,9 +30,8 @@ class LoRALinear(nn.Module):
 def add_lora(model, targets, r=8, alpha=16, dropout=0.05):
     """Freeze `model` and wrap every linear layer whose dotted name matches the regex `targets` -> their names."""
     freeze(model)
-    names = [
-        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.search(targets, n)
-    ]  # 4-bit too
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]  # 4-bit ones too
+    names = [n for n in linear if re.search(targets, n)]
     if not names:
         raise ValueError(f"--lora_targets {targets!r} matches no linear layer of the model")
     for name in names:

@@ -1,6 +1,7 @@
 """Backbones (a 4-bit Qwen2.5-Omni Thinker, or any transformers text model) and readouts: nn.Modules with
 `loss(batch) -> scalar` and `predict(batch) -> (preds (B,), info dict)`. A new one: a class, a line in READOUTS."""
 
+import dataclasses
 import functools
 import math
 import os
@@ -38,11 +39,8 @@ hf_logging.disable_progress_bar()
 
 THINKER_TYPES = ("qwen2_5_omni", "qwen2_5_omni_thinker")
 # Only the text decoder is 4-bit: the towers and the LM head stay in bfloat16 (GPU) or float32 (CPU).
-SKIP_QUANT = [
-    "model.audio_tower",
-    "model.visual",
-    "lm_head",
-]  # full dotted prefixes: bare names match nothing
+# Full dotted prefixes: bare names match nothing.
+SKIP_QUANT = ["model.audio_tower", "model.visual", "lm_head"]
 # Default LoRA targets by config.model_type: every decoder layer's attention and MLP projections.
 DECODER = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
 LORA_TARGETS = {
@@ -56,72 +54,94 @@ LORA_TARGETS = {
 
 
 def load_backbone(name, quant="nf4", device="cpu", trust_remote_code=False):
-    """(model, processor): a Qwen2.5-Omni Thinker with its Omni processor, or any other model as a text model with
-    its tokenizer. `tiny` is a random Thinker built offline and loaded through the very same path."""
-    device, folder = torch.device(device), str(name)
+    """(model, processor): a Qwen2.5-Omni Thinker with its Omni processor, or any other model as a text
+    model with its tokenizer. `tiny` is a random Thinker built offline and loaded through the same path."""
+    device = torch.device(device)
     if name == "tiny":
         with tempfile.TemporaryDirectory() as folder:
             build_tiny(folder)
             return load_backbone(folder, quant, device)
-    # Without a network, transformers retries the hub for a while: then look in the local cache alone, at once.
-    source = dict(
-        trust_remote_code=trust_remote_code,
-        local_files_only=not (os.path.exists(name) or hub_reachable()),
-    )
-    if folder.endswith(
-        ".gguf"
-    ):  # llama.cpp weights: dequantised to float by transformers, then quantised in memory
-        folder, source["gguf_file"] = os.path.split(os.path.abspath(name))
+    folder, source = model_source(name, trust_remote_code)
+    config = model_config(name, trust_remote_code)
+    thinker = config.model_type in THINKER_TYPES
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        config = AutoConfig.from_pretrained(folder, **source)
-        thinker, load = (
-            config.model_type in THINKER_TYPES,
-            dict(dtype=dtype, device_map={"": device}),
+    load = dict(dtype=dtype, device_map={"": device})
+    if quant == "nf4" and "gguf_file" not in source:
+        load["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=SKIP_QUANT if thinker else None,
         )
-        if quant == "nf4" and "gguf_file" not in source:
-            load["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype,
-                llm_int8_skip_modules=SKIP_QUANT if thinker else None,
-            )
+    try:
         if thinker:
             model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
                 folder, **source, **load
             )
             processor = Qwen2_5OmniProcessor.from_pretrained(folder, **source)
-            processor.video_processor.cap_pixels_per_frame = (
-                True  # qwen-vl-utils' pixel budget per frame
-            )
+            processor.video_processor.cap_pixels_per_frame = True  # qwen-vl-utils' pixels per frame
             return model, processor
         causal = "gguf_file" in source or any(
             a.endswith("ForCausalLM") for a in config.architectures or []
         )
-        model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(
-            folder, **source, **load
-        )
-        tokenizer = AutoTokenizer.from_pretrained(
-            folder, padding_side="left" if causal else "right", **source
-        )
+        kind = AutoModelForCausalLM if causal else AutoModel
+        model = kind.from_pretrained(folder, **source, **load)
+        side = "left" if causal else "right"  # left padding: a causal LM generates
+        tokenizer = AutoTokenizer.from_pretrained(folder, padding_side=side, **source)
     except (
         OSError,
         ValueError,
         ImportError,
     ) as e:  # not found, not a model, gated, a package missing
+        raise cannot_load(name, e) from None
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    if quant == "nf4" and "gguf_file" in source:  # llama.cpp weights, dequantised by transformers
+        quantize_nf4(model, SKIP_QUANT)
+    return model, tokenizer
+
+
+def model_source(name, trust_remote_code=False):
+    """(folder, from_pretrained's keyword arguments) of --model NAME: a hub id, a folder or a .gguf file."""
+    # Without a network, transformers retries the hub for a while: then the local cache alone, at once.
+    local = not (os.path.exists(name) or hub_reachable())
+    source = dict(trust_remote_code=trust_remote_code, local_files_only=local)
+    folder = str(name)
+    if folder.endswith(".gguf"):
+        folder, source["gguf_file"] = os.path.split(os.path.abspath(name))
+    return folder, source
+
+
+def model_config(name, trust_remote_code=False):
+    """The transformers configuration of --model NAME, read without its weights."""
+    folder, source = model_source(name, trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(folder, **source)
+    except (OSError, ValueError, ImportError) as e:
+        raise cannot_load(name, e) from None
+
+
+def cannot_load(name, error):
+    first_line = str(error).strip().partition("\n")[0]
+    return UserError(
+        f"--model {name}: cannot be loaded ({first_line}); --model takes a hub id, a local model folder, "
+        "a .gguf file, or 'tiny' to run offline"
+    )
+
+
+def check_model(cfg):
+    """What the model's configuration says about the run, before the clips are decoded: that it loads, and
+    takes the modalities asked for."""
+    if cfg["model"] == "tiny":
+        return
+    kind = model_config(cfg["model"], cfg["trust_remote_code"]).model_type
+    if kind not in THINKER_TYPES and cfg["modalities"] != "t":
         raise UserError(
-            f"--model {name}: cannot be loaded ({str(e).strip().partition(chr(10))[0]}); --model takes a "
-            "hub id, a local model folder, a .gguf file, or 'tiny' to run offline"
-        ) from None
-    tokenizer.pad_token = (
-        tokenizer.pad_token or tokenizer.eos_token
-    )  # left padding: a causal LM generates
-    return (
-        quantize_nf4(model, SKIP_QUANT) if quant == "nf4" and "gguf_file" in source else model
-    ), tokenizer
+            f"--model {cfg['model']} is a text model ({kind}): only --modalities t is possible"
+        )
 
 
+@functools.cache
 def hub_reachable():
     """Whether the Hugging Face hub (or the mirror HF_ENDPOINT names) answers within 2 s, through any proxy."""
     try:
@@ -238,28 +258,66 @@ honestly really very good great bad awful okay fine -3.0 -2.5 -2.0 -1.5 -1.0 -0.
 )
 
 
+DECODE = ("greedy", "median", "mean", "expected")  # gen's decoding rules
+
+
 def last_token_index(attention_mask):
     """Position of the last real token of each row, for left or right padding: (B, L) -> (B,)."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (attention_mask.long() * positions).argmax(-1)
 
 
-class Readout(nn.Module):
-    """A subclass defines loss(batch) -> scalar and predict(batch) -> (preds (B,), info dict)."""
+def at_last_token(h, attention_mask):
+    """Each row's state at its last real token: (B, L, H) -> (B, H)."""
+    rows = torch.arange(h.shape[0], device=h.device)
+    return h[rows, last_token_index(attention_mask)]
 
-    unused_flags = ()  # run flags this readout never reads: a finished run stands for any value of them
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A run flag that a readout reads: every script shows it as --NAME, and a run saves it. `reading`: it says
+    how a trained run is read rather than how it trains, so eval.py may change it (gen's --decode)."""
+
+    name: str
+    type: type
+    default: object
+    help: str
+    choices: tuple = None
+    reading: bool = False
+
+
+class Readout(nn.Module):
+    """A subclass defines loss(batch) -> scalar and predict(batch) -> (preds (B,), info dict), and declares
+    the run flags it reads in `flags`; self.cfg holds their values."""
+
+    flags = ()
+    fallback = (
+        None  # what an unanswered clip (NaN) is scored as; None: predictions are always numbers
+    )
 
     def __init__(self, backbone, tokenizer, cfg):
         super().__init__()
-        self.backbone, self.tokenizer, self.cfg = backbone, tokenizer, cfg
-        self.model_kwargs = (
-            dict(use_audio_in_video=True) if cfg["audio_in_video"] else {}
-        )  # for the rope positions
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.model_kwargs = {}  # what every call of the model needs
+        if cfg["audio_in_video"]:
+            self.model_kwargs["use_audio_in_video"] = (
+                True  # the rope positions of interleaved audio
+            )
 
-    def hidden_states(self, inputs):
-        """Last-layer hidden states (B, L, H): the model under the LM head, which is never run."""
-        model = getattr(self.backbone, "model", self.backbone)
-        return model(**inputs, **self.model_kwargs, use_cache=False).last_hidden_state
+    def text_model(self):
+        """The model under the LM head (the Thinker's or a causal LM's), or an encoder itself."""
+        return getattr(self.backbone, "model", self.backbone)
+
+    def hidden_states(self, inputs, layer=None):
+        """Hidden states (B, L, H) after decoder layer `layer` (0: the embeddings; negative: from the end;
+        None: the last layer's, after the final norm). The LM head is never run."""
+        model = self.text_model()
+        if layer is None:
+            return model(**inputs, **self.model_kwargs, use_cache=False).last_hidden_state
+        out = model(**inputs, **self.model_kwargs, use_cache=False, output_hidden_states=True)
+        return out.hidden_states[layer]
 
     def prepare(self, batches):
         """Called before each evaluation with the training batches (e.g. to refresh statistics)."""
@@ -268,35 +326,35 @@ class Readout(nn.Module):
 class Disc(Readout):
     """Discriminative readout: a linear head on the last non-padding token's hidden state."""
 
-    unused_flags = ("decode", "samples", "temperature", "max_new_tokens", "parse_fallback")  # gen's
+    flags = (
+        Flag("pool_norm", str, "none", "standardised pooled states", ("none", "batch")),
+        Flag("loss", str, "mse", "the regression loss", ("mse", "l1")),
+    )
 
     def __init__(self, backbone, tokenizer, cfg):
         super().__init__(backbone, tokenizer, cfg)
         hidden = backbone.config.get_text_config().hidden_size
         self.head = nn.Linear(hidden, 1, device=backbone.device)
         self.loss_fn = dict(mse=F.mse_loss, l1=F.l1_loss)[cfg["loss"]]
-        # pool_norm 'batch': pooled states that vary across clips by a few percent of their norm are too alike for
-        # the head; standardise them with batch statistics in training, training-set ones (prepare()) after.
-        self.norm = (
-            nn.BatchNorm1d(hidden, affine=False, momentum=None, device=backbone.device)
-            if cfg["pool_norm"] == "batch"
-            else nn.Identity()
-        )
+        # pool_norm 'batch': pooled states that vary across clips by a few percent of their norm are too
+        # alike for the head; standardise them with batch statistics in training, training-set ones after.
+        self.norm = nn.Identity()
+        if cfg["pool_norm"] == "batch":
+            self.norm = nn.BatchNorm1d(hidden, affine=False, momentum=None, device=backbone.device)
 
     @torch.no_grad()
     def prepare(self, batches):
         if isinstance(self.norm, nn.BatchNorm1d):
             self.eval()
             self.norm.reset_running_stats()
-            self.norm.train()  # momentum=None: the running statistics become the plain average over batches
+            self.norm.train()  # momentum=None: the running statistics become the plain average
             for b in batches:
                 self.norm(self.pooled(b))
             self.norm.eval()
 
     def pooled(self, batch):
         h = self.hidden_states(batch["inputs"])  # (B, L, H)
-        last = last_token_index(batch["inputs"]["attention_mask"])  # (B,)
-        return h[torch.arange(h.shape[0], device=h.device), last].float()  # (B, H)
+        return at_last_token(h, batch["inputs"]["attention_mask"]).float()  # (B, H)
 
     def forward(self, batch):
         return self.head(self.norm(self.pooled(batch))).squeeze(-1)  # (B,)
@@ -309,53 +367,98 @@ class Disc(Readout):
         return self(batch), {}
 
 
-class Gen(Readout):
-    """Generative readout: the model writes the score as text, which parse_score reads (an unparseable answer is NaN).
-    Trained with cross-entropy on the answer (the label with one decimal, then the end token). --decode: greedy, the
-    median or mean of --samples answers that parse, or the expected answer under the model's probabilities."""
+class PromptCache:
+    """A batch of prompts run once, their keys and values kept for what follows them (nanochat's KV cache):
+    `copies` rows per prompt; `select` chooses which rows go on, `feed` runs tokens after each row's."""
 
-    unused_flags = ("pool_norm", "loss")  # the regression head's
+    def __init__(self, model, inputs, model_kwargs, copies=1):
+        mask = inputs["attention_mask"]
+        numbered = {}  # real tokens numbered from 0 past the padding, as generate() does
+        if not hasattr(model, "rope_deltas"):  # (the Thinker numbers them itself)
+            numbered["position_ids"] = mask.cumsum(1) - 1
+        out = model(**inputs, **model_kwargs, **numbered, use_cache=True)
+        out.cache.batch_repeat_interleave(copies)
+        self.model = model
+        self.cache = out.cache
+        self.mask = mask.repeat_interleave(copies, 0)  # (rows, tokens so far)
+        start = mask.sum(1, True) + getattr(model, "rope_deltas", 0)  # the Thinker's rope offset
+        self.position = start.repeat_interleave(copies, 0)  # (rows, 1): the next token's position
+        self.last = out.last_hidden_state[:, -1].repeat_interleave(copies, 0)  # (rows, H)
+
+    def select(self, rows):
+        """Keep these rows, in this order (a row may be kept more than once)."""
+        self.cache.batch_select_indices(rows)
+        self.mask = self.mask[rows]
+        self.position = self.position[rows]
+        self.last = self.last[rows]
+
+    def feed(self, ids):
+        """Run tokens (rows, n) after each row's -> the state after the last of them (rows, H)."""
+        positions = self.position + torch.arange(ids.shape[1], device=ids.device)
+        self.mask = torch.cat([self.mask, torch.ones_like(ids)], 1)
+        out = self.model(
+            input_ids=ids,
+            cache=self.cache,
+            use_cache=True,
+            attention_mask=self.mask,
+            position_ids=positions,
+        )
+        self.position = self.position + ids.shape[1]
+        self.last = out.last_hidden_state[:, -1]
+        return self.last
+
+
+class Gen(Readout):
+    """Generative readout: the model writes the score as text, which parse_score reads (an unparseable answer
+    is NaN). Trained with cross-entropy on the answer (the label with one decimal, then the end token).
+    --decode: greedy, the median or mean of --samples answers that parse, or the expected answer under the
+    model's probabilities."""
+
+    flags = (
+        Flag("decode", str, "greedy", "how answers become a prediction", DECODE, reading=True),
+        Flag("samples", int, 8, "median and mean: answers drawn per clip", reading=True),
+        Flag("temperature", float, 1.0, "median and mean: the sampling temperature", reading=True),
+        Flag("max_new_tokens", int, 8, "at most this many tokens are generated", reading=True),
+        Flag("parse_fallback", float, 0.0, "the prediction of an unparseable answer", reading=True),
+    )
 
     def __init__(self, backbone, tokenizer, cfg):
         super().__init__(backbone, tokenizer, cfg)
         if not backbone.can_generate():
             raise UserError(
-                f"--readout gen needs a causal LM; {cfg['model']} is a {backbone.config.model_type} "
-                "model that cannot generate"
+                f"--readout gen needs a causal LM; {cfg['model']} is a "
+                f"{backbone.config.model_type} model that cannot generate"
             )
-        eos = (
-            backbone.generation_config.eos_token_id
-        )  # the answer ends with the token that stops generation
+        eos = backbone.generation_config.eos_token_id  # the answer ends with the token that stops
         self.end_id = eos[0] if isinstance(eos, list) else eos
         if self.end_id is None:
             raise UserError(
                 f"--readout gen: {cfg['model']} has no eos_token_id in its generation config"
             )
+        self.eos_ids = torch.tensor(eos, device=backbone.device).view(-1)
+        self.fallback = cfg["parse_fallback"]
 
     def answer(self, label, device):
-        """The token ids of the answer a label is trained as: its value with one decimal, then the end token."""
-        ids = self.tokenizer(
-            f"{round(label, 1) + 0.0:.1f}", add_special_tokens=False
-        ).input_ids  # + 0.0: no -0.0
+        """The token ids of the answer a label is trained as: its value with one decimal, the end token."""
+        text = f"{round(label, 1) + 0.0:.1f}"  # + 0.0: no -0.0
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
         return torch.tensor([*ids, self.end_id], device=device)
 
     def with_answers(self, inputs, labels):
-        """Each prompt followed by its answer, left-padded again -> (inputs, targets: the answer's ids, else -100)."""
+        """Each prompt followed by its answer, left-padded again -> (inputs, targets: the answer's ids, else
+        -100)."""
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         answers = [self.answer(y, ids.device) for y in labels.tolist()]
         rows = [torch.cat([ids[i][mask[i].bool()], a]) for i, a in enumerate(answers)]
-        targets = [
-            torch.cat([torch.full_like(r[: -len(a)], -100), a]) for r, a in zip(rows, answers)
-        ]
+        prompts_ignored = [torch.full_like(r[: -len(a)], -100) for r, a in zip(rows, answers)]
+        targets = [torch.cat([p, a]) for p, a in zip(prompts_ignored, answers)]
         pad = functools.partial(pad_sequence, batch_first=True, padding_side="left")
-        return (
-            {
-                **inputs,
-                "input_ids": pad(rows, padding_value=self.tokenizer.pad_token_id),
-                "attention_mask": pad([torch.ones_like(r) for r in rows]),
-            },
-            pad(targets, padding_value=-100),
+        padded = dict(
+            inputs,
+            input_ids=pad(rows, padding_value=self.tokenizer.pad_token_id),
+            attention_mask=pad([torch.ones_like(r) for r in rows]),
         )
+        return padded, pad(targets, padding_value=-100)
 
     def token_loss(self, inputs, targets):
         """Cross-entropy of the tokens where targets != -100; the LM head runs on those positions only."""
@@ -373,113 +476,69 @@ class Gen(Readout):
             values, loglik = self.answer_loglik(inputs)
             return loglik.softmax(-1) @ values, dict(parse_failures=0, generated_tokens=0)
         k = 1 if rule == "greedy" else self.cfg["samples"]
-        new = (
-            self.sample(inputs, k)
-            if k > 1
-            else self.backbone.generate(  # greedy: as generate() does it
+        if k > 1:
+            new = self.sample(inputs, k)  # clip i's answers: rows i * k to i * k + k - 1
+        else:  # greedy: as generate() does it
+            out = self.backbone.generate(
                 **inputs,
                 **self.model_kwargs,
                 max_new_tokens=self.cfg["max_new_tokens"],
                 do_sample=False,
-            )[:, inputs["input_ids"].shape[1] :]
-        )  # (B * k, <= max_new_tokens): clip i's answers: rows i * k to i * k + k-1
-        scores = [
-            parse_score(t) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        ]
-        preds = combine(
-            np.array([math.nan if s is None else s for s in scores]).reshape(-1, k), rule
-        )
-        ended = torch.isin(
-            new, torch.tensor(self.backbone.generation_config.eos_token_id, device=new.device)
-        )
-        generated = torch.where(
-            ended.any(-1), ended.int().argmax(-1) + 1, new.shape[1]
-        ).sum()  # up to the end token
-        return torch.tensor(preds), dict(
-            parse_failures=int(np.isnan(preds).sum()), generated_tokens=int(generated)
-        )
+            )
+            new = out[:, inputs["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        scores = [parse_score(t) for t in texts]
+        answers = np.array([math.nan if s is None else s for s in scores]).reshape(-1, k)
+        preds = combine(answers, rule)
+        ended = torch.isin(new, self.eos_ids)
+        lengths = torch.where(ended.any(-1), ended.int().argmax(-1) + 1, new.shape[1])  # to the end
+        info = dict(parse_failures=int(np.isnan(preds).sum()), generated_tokens=int(lengths.sum()))
+        return torch.tensor(preds), info
 
     def sample(self, inputs, k):
-        """k answers per clip, drawn at --temperature from one run of the prompt -> their tokens (B * k, T)."""
-        h, step = self.after_prompt(inputs, k)
-        eos, tokens = (
-            torch.tensor(self.backbone.generation_config.eos_token_id, device=h.device).view(-1),
-            [],
-        )
-        ended = torch.zeros(len(h), dtype=torch.bool, device=h.device)
+        """k answers per clip, drawn at --temperature after one run of the prompt -> tokens (B * k, T)."""
+        cache = PromptCache(self.text_model(), inputs, self.model_kwargs, copies=k)
+        ended = torch.zeros(len(cache.last), dtype=torch.bool, device=cache.last.device)
+        tokens = []
         while len(tokens) < self.cfg["max_new_tokens"] and not ended.all():
-            logits = self.backbone.lm_head(
-                h if not tokens else step(tokens[-1][:, None])[:, -1]
-            ).float()
+            if tokens:
+                cache.feed(tokens[-1][:, None])
+            logits = self.backbone.lm_head(cache.last).float()
             token = (logits / self.cfg["temperature"]).softmax(-1).multinomial(1)[:, 0]
-            tokens.append(
-                torch.where(ended, self.end_id, token)
-            )  # an ended answer is padded with the end token
-            ended |= torch.isin(token, eos)
+            tokens.append(torch.where(ended, self.end_id, token))  # an ended answer: end tokens
+            ended |= torch.isin(token, self.eos_ids)
         return torch.stack(tokens, 1)
 
-    def after_prompt(self, inputs, k):
-        """Run the prompt once, keeping k copies of each clip's keys and values -> (the last state (B * k, H), step:
-        tokens (rows, n) after those fed so far -> their states; `rows`: which row each continues (default: its own)."""
-        model, mask = getattr(self.backbone, "model", self.backbone), inputs["attention_mask"]
-        # Real tokens are numbered from 0 past the padding, as generate() does (the Thinker numbers them itself)
-        numbered = {} if hasattr(model, "rope_deltas") else dict(position_ids=mask.cumsum(1) - 1)
-        out = model(**inputs, **self.model_kwargs, **numbered, use_cache=True)
-        out.cache.batch_repeat_interleave(k)
-        start = mask.sum(1, True) + getattr(
-            model, "rope_deltas", 0
-        )  # the Thinker's rope offset for what follows
-        fed = dict(mask=mask.repeat_interleave(k, 0), start=start.repeat_interleave(k, 0))
-
-        def step(ids, rows=None):
-            if rows is not None:
-                out.cache.batch_select_indices(rows)
-                fed.update(mask=fed["mask"][rows], start=fed["start"][rows])
-            after = fed["mask"].shape[1] - mask.shape[1]  # tokens fed after the prompt so far
-            positions = fed["start"] + after + torch.arange(ids.shape[1], device=ids.device)
-            fed["mask"] = torch.cat([fed["mask"], torch.ones_like(ids)], 1)
-            return model(
-                input_ids=ids,
-                cache=out.cache,
-                use_cache=True,
-                attention_mask=fed["mask"],
-                position_ids=positions,
-            ).last_hidden_state
-
-        return out.last_hidden_state[:, -1].repeat_interleave(k, 0), step
-
     def answer_loglik(self, inputs):
-        """(values (C,), log-likelihoods (B, C)) of the C = 61 answers gen is trained to write, -3.0 to 3.0 by 0.1.
-        The prompt runs once; then each prefix the answers share is fed once, level by level, on cached keys."""
+        """(values (C,), log-likelihoods (B, C)) of the C = 61 answers gen is trained to write, -3.0 to 3.0
+        by 0.1. The prompt runs once; then each prefix the answers share is fed once, level by level."""
         device, B = inputs["input_ids"].device, inputs["input_ids"].shape[0]
         values = torch.arange(-30, 31, device=device) / 10
         answers = [tuple(self.answer(v, device).tolist()) for v in values.tolist()]
-        h, step = self.after_prompt(inputs, 1)
-        loglik, level = (
-            torch.zeros(B, len(answers), device=device),
-            [()],
-        )  # level: the prefixes whose states h holds
+        cache = PromptCache(self.text_model(), inputs, self.model_kwargs)
+        loglik = torch.zeros(B, len(answers), device=device)
+        prefixes = [()]  # the answers' prefixes in the cache: clip b's prefix j on row b * len + j
         for depth in range(max(map(len, answers))):
-            logp = F.log_softmax(self.backbone.lm_head(h).float(), -1).view(B, len(level), -1)
+            logp = F.log_softmax(self.backbone.lm_head(cache.last).float(), -1)
+            logp = logp.view(B, len(prefixes), -1)
             for c, a in enumerate(answers):
                 if depth < len(a):
-                    loglik[:, c] += logp[:, level.index(a[:depth]), a[depth]]
-            nodes = sorted({a[: depth + 1] for a in answers if len(a) > depth + 1})
-            if nodes:  # each next prefix continues its parent's row
-                rows = [b * len(level) + level.index(n[:-1]) for b in range(B) for n in nodes]
-                h = step(torch.tensor([n[-1] for n in nodes] * B, device=device)[:, None], rows)[
-                    :, -1
-                ]
-            level = nodes
+                    loglik[:, c] += logp[:, prefixes.index(a[:depth]), a[depth]]
+            longer = sorted({a[: depth + 1] for a in answers if len(a) > depth + 1})
+            if not longer:
+                break
+            parents = [prefixes.index(p[:-1]) for p in longer]  # each goes on from its parent
+            cache.select([b * len(prefixes) + j for b in range(B) for j in parents])
+            cache.feed(torch.tensor([p[-1] for p in longer] * B, device=device)[:, None])
+            prefixes = longer
         return values, loglik
 
 
 def combine(scores, rule):
     """(B, k) parsed answers (NaN: unparseable) -> (B,): their median or mean; NaN where none parsed."""
     reduce = np.mean if rule == "mean" else np.median  # greedy: k = 1
-    return np.array(
-        [reduce(row[~np.isnan(row)]) if (~np.isnan(row)).any() else math.nan for row in scores]
-    )
+    parsed = [row[~np.isnan(row)] for row in scores]
+    return np.array([reduce(p) if len(p) else math.nan for p in parsed])
 
 
 class Mean(Disc):
@@ -492,7 +551,6 @@ class Mean(Disc):
 
 
 READOUTS = {"disc": Disc, "gen": Gen, "mean": Mean}
-DECODE = ("greedy", "median", "mean", "expected")  # gen's decoding rules
 
 
 # A number: optional sign (+, -, or the Unicode minus, replaced first), then 3, 3., 3.5 or .5; not part of a
@@ -521,22 +579,18 @@ def parse_score(text):
 
 def build(cfg, device, lora=True):
     """(readout, processor) of the run `cfg` describes: backbone, LoRA over it (lora=False: none), readout."""
+    check_model(cfg)
     backbone, processor = load_backbone(
         cfg["model"], cfg["quant"], device, cfg["trust_remote_code"]
     )
     kind = backbone.config.model_type
-    if kind not in THINKER_TYPES and cfg["modalities"] != "t":
-        raise UserError(
-            f"--model {cfg['model']} is a text model ({kind}): only --modalities t is possible"
-        )
     if lora:
         targets = cfg["lora_targets"] or LORA_TARGETS.get(kind)
         if targets is None:
             raise UserError(
-                f"no default LoRA targets for a {kind} model: pass --lora_targets REGEX (dotted names "
-                "of its linear layers, e.g. the attention and MLP projections)"
+                f"no default LoRA targets for a {kind} model: pass --lora_targets REGEX (dotted names of "
+                "its linear layers, e.g. the attention and MLP projections)"
             )
         add_lora(backbone, targets, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"])
-    return READOUTS[cfg["readout"]](
-        backbone, getattr(processor, "tokenizer", processor), cfg
-    ), processor
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return READOUTS[cfg["readout"]](backbone, tokenizer, cfg), processor

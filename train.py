@@ -2,14 +2,16 @@
 
 python train.py --model tiny --data toy                  # offline, about 2 minutes on 2 CPU cores
 python train.py --readout disc --data mosi               # Qwen2.5-Omni-7B on $MSA_DATA/MOSI, one GPU
-torchrun --nproc_per_node 4 train.py --data mosei        # data parallel: one process per GPU (gloo on CPU)
+torchrun --nproc_per_node 4 train.py --data mosei        # data parallel: one process per GPU
 """
 
 import argparse
+import fcntl
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,8 +24,13 @@ from tqdm import tqdm
 
 from data import SPLITS, UserError, load_clips, make_loader, to_device, write_atomically
 from eval import (
+    RUN_FILES,
     Help,
+    autocast,
+    check_device,
+    check_values,
     evaluate,
+    given_flags,
     load_config,
     load_weights,
     machine_flags,
@@ -38,7 +45,7 @@ from eval import (
     trained_state,
 )
 from lora import count_parameters
-from readout import build
+from readout import build, check_model
 
 
 def lr_at(step, total, warmup, peak):
@@ -49,163 +56,128 @@ def lr_at(step, total, warmup, peak):
 
 
 def train(cfg):
-    """Train the run `cfg` describes -> (folder, metrics). Under torchrun every process runs it; rank 0 writes."""
+    """Train the run `cfg` describes -> (folder, metrics). Under torchrun every process runs it; rank 0
+    writes. The folder is locked while it trains; what it holds is always a whole epoch's state."""
     rank, world = distributed(cfg)
     torch.manual_seed(cfg["seed"])
+    out = Path(cfg["out"])
+    # What can be known before the clips are decoded: the folder, the device, the model's configuration
+    check_device(cfg["device"])
+    check_model(cfg)
+    lock = hold(out, cfg, rank)
+    try:
+        # a bad input stops the run here, before the model loads
+        clips = {split: load_clips(cfg, split) for split in SPLITS}
+        if len(clips["train"]) < cfg["batch_size"] * world:
+            raise UserError(
+                f"--data {cfg['data']}: {len(clips['train'])} training clips, fewer than one batch "
+                f"(--batch_size {cfg['batch_size']} x {world} process(es)): no optimizer step"
+            )
+        return train_loaded(cfg, clips, rank, world)
+    except KeyboardInterrupt:
+        message = f"interrupted (Ctrl-C or SIGTERM): {kept_so_far(out)}"
+        if (out / "last.safetensors").exists():
+            message += f"; python train.py --resume {out} continues"
+        raise UserError(message) from None
+    except FloatingPointError as e:
+        raise UserError(
+            f"{e}: stopped, nothing of it saved; {kept_so_far(out)}; the same settings diverge again: "
+            "train anew with a lower --lr (--overwrite replaces this run)"
+        ) from None
+    finally:
+        release(lock, out)
+
+
+def train_loaded(cfg, clips, rank, world):
     device, out = torch.device(cfg["device"]), Path(cfg["out"])
-    clips = {
-        split: load_clips(cfg, split) for split in SPLITS
-    }  # a bad input stops the run before the model loads
     readout, processor = build(cfg, device)
-    if (
-        world > 1
-    ):  # after the model: transformers' save_pretrained (the tiny model) writes on rank 0 alone once
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo"
-        )  # a process group exists
+    if world > 1:  # after the model: transformers' save_pretrained (the tiny model) on rank 0 alone
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg["grad_ckpt"]:
         readout.backbone.activation_checkpointing_enable({"use_reentrant": False})
     counts = count_parameters(readout)
-    print(
-        f"trainable {counts['trainable']:,} of {counts['total']:,} parameters ({counts['trainable_pct']:.2f}%)"
-    )
-    # float32: the weights (4 bytes a value) and last.safetensors (with AdamW's two moments, 12), twice while replaced
-    need = 28 * counts["trainable"] + 2**20
-    free = shutil.disk_usage(next(p for p in [out, *out.parents] if p.exists())).free
-    if need > free:
-        raise UserError(
-            f"{out}: the checkpoint files need about {need / 2**20:.1f} MiB, {free / 2**20:.1f} free"
-        )
-    loader = make_loader(
-        cfg,
-        clips["train"],
-        processor,
-        cfg["batch_size"],
-        shuffle=True,
-        seed=cfg["seed"],
-        drop_last=True,
-        rank=rank,
-        world=world,
-    )  # drop_last: a batch norm needs two clips
+    trainable = f"{counts['trainable']:,} of {counts['total']:,}"
+    print(f"trainable {trainable} parameters ({counts['trainable_pct']:.2f}%)")
+    check_space(out, counts["trainable"])
+    # drop_last: a batch norm needs two clips
+    shuffled = dict(shuffle=True, seed=cfg["seed"], drop_last=True, rank=rank, world=world)
+    loader = make_loader(cfg, clips["train"], processor, cfg["batch_size"], **shuffled)
     valid = make_loader(cfg, clips["valid"], processor, rank=rank, world=world)
-    in_order = make_loader(
-        cfg, clips["train"], processor, cfg["batch_size"]
-    )  # for readout.prepare()
+    in_order = make_loader(cfg, clips["train"], processor, cfg["batch_size"])  # for prepare()
+    per_step = cfg["batch_size"] * world * cfg["grad_accum"]
     print(
-        f"effective batch: {cfg['batch_size']} clips x {world} process(es) x {cfg['grad_accum']} accumulation "
-        f"steps = {cfg['batch_size'] * world * cfg['grad_accum']} clips per optimizer step"
+        f"effective batch: {cfg['batch_size']} clips x {world} process(es) x {cfg['grad_accum']} "
+        f"accumulation steps = {per_step} clips per optimizer step"
     )
-    optimizer = torch.optim.AdamW(
-        [p for p in readout.parameters() if p.requires_grad],
-        lr=cfg["lr"],
-        weight_decay=cfg["weight_decay"],
-    )
-    log, start, step = (
-        [
-            dict(
-                data={
-                    s: dict(
-                        clips=len(c), skipped=c.skip_counts(), empty_transcripts=c.empty_transcripts
-                    )
-                    for s, c in clips.items()
-                }
-            )
-        ],
-        0,
-        0,
-    )
+    trained = [p for p in readout.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    log = [dict(data={s: c.counts() for s, c in clips.items()})]
+    start, step = 0, 0
     if cfg["resume"]:
         start, step = load_last(out / "last.safetensors", readout, optimizer, loader)
-        log = [
-            r
-            for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())
-            if r.get("epoch", 0) <= start
-        ]
+        log = read_log(out, start)
         print(f"resuming {out} after epoch {start}")
     for epoch in range(start + 1, cfg["epochs"] + 1):
         started = time.time()
         train_loss, step, waited = train_epoch(readout, loader, optimizer, cfg, epoch, step, world)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             readout.prepare(to_device(b, device) for b in in_order)
-        result = evaluate(readout, valid, device, cfg["parse_fallback"])[0]
-        improved = result["MAE"] < min(
-            (r["valid"]["MAE"] for r in log[1:]), default=math.inf
-        )  # best so far
-        log.append(
-            dict(
-                epoch=epoch,
-                step=step,
-                lr=optimizer.param_groups[0]["lr"],
-                train_loss=train_loss,
-                improved=improved,
-                seconds=time.time() - started,
-                data_wait_seconds=waited,
-                valid=result,
-            )
-        )
-        if (
-            rank == 0
-        ):  # in this order, so that a crash anywhere leaves a folder that --resume continues
-            if improved:
-                save_tensors(out / "weights.safetensors", trained_state(readout))
-            if epoch == 1:
-                save_json(out / "config.json", run_config(cfg))
-            write_atomically(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log).encode())
-            save_last(out / "last.safetensors", readout, optimizer, loader, epoch, step)
-        unparsed = (
-            f"  unparseable {result['parse_fail_rate']:.0%}" if "parse_fail_rate" in result else ""
-        )
-        print(
-            f"epoch {epoch:3d}  loss {train_loss:.4f}  valid MAE {result['MAE']:.4f}  Corr {result['Corr']:.4f}"
-            f"{unparsed}{'  *' if improved else ''}  ({log[-1]['seconds']:.1f}s, {waited:.1f}s waiting for data)"
-        )
-    return finish(cfg, out, readout, processor, clips["test"], log, counts, rank, world)
+        result = evaluate(readout, valid, device)[0]
+        best = min((r["valid"]["MAE"] for r in log[1:]), default=math.inf)
+        improved = result["MAE"] < best
+        seconds = time.time() - started
+        lr = optimizer.param_groups[0]["lr"]
+        record = dict(epoch=epoch, step=step, lr=lr, train_loss=train_loss, improved=improved)
+        log.append(dict(record, seconds=seconds, data_wait_seconds=waited, valid=result))
+        if rank == 0:
+            save_epoch(cfg, readout, optimizer, loader, log, improved)
+        say(log[-1])
+    return finish(cfg, readout, processor, clips["test"], log, counts, rank, world)
+
+
+def say(r):
+    """An epoch's line of the log, printed."""
+    unparsed = ""
+    if "parse_fail_rate" in r["valid"]:
+        unparsed = f"  unparseable {r['valid']['parse_fail_rate']:.0%}"
+    star = "  *" if r["improved"] else ""
+    print(
+        f"epoch {r['epoch']:3d}  loss {r['train_loss']:.4f}  valid MAE {r['valid']['MAE']:.4f}  Corr "
+        f"{r['valid']['Corr']:.4f}{unparsed}{star}  ({r['seconds']:.1f}s, {r['data_wait_seconds']:.1f}s "
+        "waiting for data)"
+    )
 
 
 def train_epoch(readout, loader, optimizer, cfg, epoch, step, world):
-    """One pass over the training batches -> (mean loss, optimizer steps so far, seconds spent waiting for data)."""
+    """One pass over the training batches -> (mean loss, optimizer steps so far, seconds waiting for data)."""
     readout.train()
-    device, params = (
-        torch.device(cfg["device"]),
-        [p for g in optimizer.param_groups for p in g["params"]],
-    )
+    device = torch.device(cfg["device"])
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     total = cfg["epochs"] * math.ceil(len(loader) / cfg["grad_accum"])
+    warmup = max(1, round(cfg["warmup_ratio"] * total))
     losses, waited, ready = [], 0.0, time.perf_counter()
-    bar = tqdm(
-        loader,
-        desc=f"epoch {epoch}/{cfg['epochs']}",
-        leave=False,
-        disable=os.environ.get("RANK", "0") != "0",
-    )
+    quiet = os.environ.get("RANK", "0") != "0"
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg['epochs']}", leave=False, disable=quiet)
     for i, batch in enumerate(bar):
         waited += time.perf_counter() - ready
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             loss = readout.loss(to_device(batch, device))
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"the training loss is {loss.item()} at epoch {epoch}, batch {i + 1}: stopped; "
-                f"--resume {cfg['out']} continues after the last good epoch (lower --lr?)"
+                f"the training loss is {loss.item()} at epoch {epoch}, batch {i + 1}"
             )
         (loss / cfg["grad_accum"]).backward()
         losses.append(loss.item())
         if (i + 1) % cfg["grad_accum"] == 0 or i + 1 == len(loader):
-            if (
-                world > 1
-            ):  # what DistributedDataParallel does, without its wrapper: any readout's loss() works
-                flat = torch.cat(
-                    [
-                        p.grad.flatten() if p.grad is not None else p.new_zeros(p.numel())
-                        for p in params
-                    ]
-                )
-                dist.all_reduce(flat)
-                for p, g in zip(params, (flat / world).split([p.numel() for p in params])):
-                    p.grad = g.view_as(p).clone()
+            if world > 1:
+                average_gradients(params, world)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(
-                    step, total, max(1, round(cfg["warmup_ratio"] * total)), cfg["lr"]
+                group["lr"] = lr_at(step, total, warmup, cfg["lr"])
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+            if not torch.isfinite(norm):
+                raise FloatingPointError(
+                    f"the gradient norm is {norm.item()} at epoch {epoch}, batch {i + 1}"
                 )
-            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -214,21 +186,43 @@ def train_epoch(readout, loader, optimizer, cfg, epoch, step, world):
     return float(np.mean(losses)), step, waited
 
 
-def finish(cfg, out, readout, processor, test_clips, log, counts, rank, world):
+def average_gradients(params, world):
+    """What DistributedDataParallel does, without its wrapper: any readout's loss() works."""
+    grads = [p.grad.flatten() if p.grad is not None else p.new_zeros(p.numel()) for p in params]
+    flat = torch.cat(grads)
+    dist.all_reduce(flat)
+    for p, g in zip(params, (flat / world).split([p.numel() for p in params])):
+        p.grad = g.view_as(p).clone()
+
+
+def save_epoch(cfg, readout, optimizer, loader, log, improved):
+    """The end of an epoch, in this order, so that a crash anywhere leaves a folder that --resume continues;
+    nothing that is not finite is written."""
+    out, epoch, step = Path(cfg["out"]), log[-1]["epoch"], log[-1]["step"]
+    state = trained_state(readout)
+    broken = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if broken:
+        raise FloatingPointError(
+            f"after epoch {epoch}, {len(broken)} trained tensors are not finite"
+        )
+    if improved:
+        save_tensors(out / "weights.safetensors", state)
+    if epoch == 1:
+        save_json(out / "config.json", run_config(cfg))
+    write_atomically(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log).encode())
+    save_last(out / "last.safetensors", readout, optimizer, loader, epoch, step)
+
+
+def finish(cfg, readout, processor, test_clips, log, counts, rank, world):
     """The kept epoch's weights on the test split -> (folder, metrics), metrics.json written."""
-    device = torch.device(cfg["device"])
+    device, out = torch.device(cfg["device"]), Path(cfg["out"])
     if world > 1:
         dist.barrier()  # rank 0 has written the best weights
     kept = min(log[1:], key=lambda r: r["valid"]["MAE"])
-    load_weights(
-        readout, read_tensors(out / "weights.safetensors", device), out / "weights.safetensors"
-    )
-    test, _, labels = evaluate(
-        readout,
-        make_loader(cfg, test_clips, processor, rank=rank, world=world),
-        device,
-        cfg["parse_fallback"],
-    )
+    weights = out / "weights.safetensors"
+    load_weights(readout, read_tensors(weights, device), weights)
+    test_loader = make_loader(cfg, test_clips, processor, rank=rank, world=world)
+    test, _, labels = evaluate(readout, test_loader, device)
     result = dict(
         valid=kept["valid"],
         test=test,
@@ -245,9 +239,9 @@ def finish(cfg, out, readout, processor, test_clips, log, counts, rank, world):
         result["test"],
         result["test_mean_baseline"],
     )
+    ratio = result["test"]["MAE"] / result["test_mean_baseline"]["MAE"]
     print(
-        f"test MAE / train-mean MAE = {result['test']['MAE'] / result['test_mean_baseline']['MAE']:.3f}   "
-        f"kept epoch {kept['epoch']}   checkpoint: {out}"
+        f"test MAE / train-mean MAE = {ratio:.3f}   kept epoch {kept['epoch']}   checkpoint: {out}"
     )
     if world > 1:
         dist.destroy_process_group()
@@ -265,19 +259,84 @@ def distributed(cfg):
     return rank, world
 
 
+def hold(out, cfg, rank):
+    """Lock the run's folder (made here) for this process, after checking that training into it is
+    what the user asked for -> the lock (None on ranks > 0, which write nothing)."""
+    if rank > 0:
+        return None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = os.open(out, os.O_RDONLY)  # the folder itself is locked: nothing is left in it
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot be used ({e.strerror or e})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise UserError(f"--out {out}: another process is training into this folder now") from None
+    holds = [f for f in RUN_FILES if (out / f).exists()]
+    if holds and not (cfg["resume"] or cfg["overwrite"]):
+        release(lock, out)
+        raise UserError(
+            f"--out {out}: holds a run already ({', '.join(holds)}); --resume {out} continues it, "
+            "another --out trains elsewhere, --overwrite replaces it"
+        )
+    if cfg["overwrite"] and not cfg["resume"]:  # the run's own files, not the folder
+        for pattern in (*RUN_FILES, "*.png", "test@*.json"):
+            for file in out.glob(pattern):
+                file.unlink()
+    return lock
+
+
+def release(lock, out):
+    """Unlock the folder; an empty one goes (a run that ends before its first epoch leaves nothing)."""
+    if lock is None:
+        return
+    os.close(lock)
+    if not any(out.iterdir()):
+        out.rmdir()
+
+
+def read_log(out, epochs):
+    """log.jsonl's data line and its lines of epochs 1 to `epochs`."""
+    lines = (out / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("epoch", 0) <= epochs]
+
+
+def kept_so_far(out):
+    """What a stopped run leaves, in words."""
+    file = out / "last.safetensors"
+    if not file.exists():
+        return "no epoch had finished, nothing was kept"
+    with safe_open(file, framework="pt") as f:
+        epoch = json.loads(f.metadata()["train"])["epoch"]
+    return f"{out} holds epoch {epoch}, the last good one"
+
+
+def check_space(out, trainable):
+    """Stop before training where the checkpoint files would not fit on the disk."""
+    # float32: the weights (4 bytes a value) and last.safetensors (with AdamW's two moments, 12),
+    # twice while replaced
+    need = 28 * trainable + 2**20
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise UserError(
+            f"{out}: the checkpoint files need about {need / 2**20:.1f} MiB, {free / 2**20:.1f} free"
+        )
+
+
 def save_last(file, readout, optimizer, loader, epoch, step):
-    """What continuing after `epoch` needs: trained tensors, optimizer state, random states; the rest as metadata."""
+    """What continuing after `epoch` needs: trained tensors, optimizer state, random states; the rest as
+    metadata."""
     tensors = {f"model.{k}": v for k, v in trained_state(readout).items()}
     state = optimizer.state_dict()
     tensors.update({f"optim.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()})
-    tensors.update({"rng.torch": torch.get_rng_state(), "rng.loader": loader.generator.get_state()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.loader"] = loader.generator.get_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_tensors(
-        file,
-        tensors,
-        {"train": json.dumps(dict(epoch=epoch, step=step, param_groups=state["param_groups"]))},
-    )
+    meta = dict(epoch=epoch, step=step, param_groups=state["param_groups"])
+    save_tensors(file, tensors, {"train": json.dumps(meta)})
 
 
 def load_last(file, readout, optimizer, loader):
@@ -299,40 +358,59 @@ def load_last(file, readout, optimizer, loader):
     return meta["epoch"], meta["step"]
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+def parser(
+    out_help="the checkpoint folder (default: runs/DATA-READOUT-MODALITIES-sSEED)", resume=True
+):
+    """train.py's flags (ablate.py's too, less --resume and --overwrite)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help, allow_abbrev=False)
     run_flags(p)
     machine = p.add_argument_group(
-        "this machine (not saved with the run; --resume takes them from this command)"
+        "this machine (not saved with the run; --resume takes them from here)"
     )
     machine_flags(machine)
     machine.add_argument(
         "--grad_ckpt", action="store_true", help="activation checkpointing: less memory, slower"
     )
-    p.add_argument(
-        "--out", help="the checkpoint folder (default: runs/DATA-READOUT-MODALITIES-sSEED)"
-    )
-    p.add_argument(
-        "--resume",
-        default=None,
-        metavar="DIR",
-        help="continue the run in DIR from its last finished epoch",
-    )
+    p.add_argument("--out", help=out_help)
+    if resume:
+        again = "continue the run in DIR after its last finished epoch, with its own run settings"
+        p.add_argument("--resume", default=None, metavar="DIR", help=again)
+        p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
+    return p
+
+
+def parse_args(argv=None):
+    """The command line -> the run's settings; with --resume, those of the run in its folder, which a run
+    flag given here may not contradict."""
+    p = parser()
     cfg = resolve(vars(p.parse_args(argv)))
+    if cfg["resume"]:
+        given = given_flags(p, argv)
+        saved = load_config(cfg["resume"])
+        changed = [
+            f"--{k} {given[k]} (the run's: {saved[k]})"
+            for k in given.keys() & saved.keys()
+            if given[k] != saved[k]
+        ]
+        if changed:
+            raise UserError(
+                f"--resume {cfg['resume']} continues the run with its own settings, not {'; '.join(changed)}: "
+                "train a new run (another --out, or --overwrite) for other settings"
+            )
+        cfg = {**cfg, **saved, "out": cfg["resume"]}
     data = Path(cfg["data"].replace(":", "")).name
     cfg["out"] = cfg["out"] or f"runs/{data}-{cfg['readout']}-{cfg['modalities']}-s{cfg['seed']}"
+    check_values(cfg)
     return cfg
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    if cfg["resume"]:  # the folder's config.json defines the run; this command line, the machine
-        cfg = {**cfg, **load_config(cfg["resume"]), "out": cfg["resume"]}
-    return train(cfg)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM stops as Ctrl-C does
+    return train(parse_args(argv))
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (UserError, FloatingPointError) as e:
+    except UserError as e:
         raise SystemExit(f"error: {e}") from None

@@ -2,15 +2,20 @@ import json
 import subprocess
 import sys
 
+import torch
+
+import ablate
+from readout import READOUTS, Disc, Flag, at_last_token
+
 
 def run(*args):
-    return subprocess.run(
-        [sys.executable, "ablate.py", *args], check=True, capture_output=True, text=True
-    ).stdout
+    done = subprocess.run([sys.executable, "ablate.py", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
-def test_ablation_table_over_subsets_and_seeds(toy_root, tmp_path):
-    common = [
+def common(toy_root, tmp_path):
+    return [
         "--model",
         "tiny",
         "--data",
@@ -20,17 +25,17 @@ def test_ablation_table_over_subsets_and_seeds(toy_root, tmp_path):
         "--device",
         "cpu",
     ]
-    out = run(
-        "--subsets",
-        "t,tv",
-        "--seeds",
-        "0,1",
-        "--epochs",
-        "1",
-        "--out",
-        str(tmp_path / "abl"),
-        *common,
-    )
+
+
+def folder(parent, prefix):
+    """The one run folder named PREFIX-HASH under `parent`."""
+    (found,) = parent.glob(f"{prefix}-*")
+    return found
+
+
+def test_ablation_table_over_subsets_and_seeds(toy_root, tmp_path):
+    args = ["--subsets", "t,tv", "--seeds", "0,1", "--epochs", "1", "--out", str(tmp_path / "abl")]
+    out = run(*args, *common(toy_root, tmp_path))
     table = (tmp_path / "abl" / "ablation.md").read_text()
     assert table.strip() in out
     rows = [line for line in table.splitlines() if line.startswith("| t")]
@@ -38,98 +43,134 @@ def test_ablation_table_over_subsets_and_seeds(toy_root, tmp_path):
     assert all("±" in r and r.rstrip(" |").endswith("2") for r in rows)  # mean ± std over 2 seeds
     results = json.loads((tmp_path / "abl" / "ablation.json").read_text())["results"]
     assert len(results["tv"]) == 2 and results["tv"][0]["n"] == 12
-    assert (tmp_path / "abl" / "tv-s1" / "metrics.json").exists()
+    assert (folder(tmp_path / "abl", "tv-s1") / "metrics.json").exists()
 
 
 def test_readout_comparison_with_zero_shot_row_and_reuse_of_finished_runs(toy_root, tmp_path):
-    args = [
-        "--model",
-        "tiny",
-        "--data",
-        str(toy_root),
-        "--cache_dir",
-        str(tmp_path / "cache"),
-        "--device",
-        "cpu",
-        "--subsets",
+    base = [
+        *common(toy_root, tmp_path),
+        "--modalities",
         "t",
-        "--readouts",
-        "gen0,gen,disc",
         "--epochs",
         "1",
         "--out",
         str(tmp_path / "cmp"),
     ]
-    out = run(*args)
+    out = run(
+        *base, "--readouts", "gen0,gen,disc"
+    )  # --readouts alone: the runs' --modalities, one subset
     results = json.loads((tmp_path / "cmp" / "ablation.json").read_text())["results"]
     assert list(results) == ["gen0", "gen", "disc"]
     assert "parse_fail_rate" in results["gen"][0] and "parse_fail_rate" not in results["disc"][0]
     header = next(line for line in out.splitlines() if line.startswith("| readout"))
     assert "parse_fail_rate" in header and "ms_per_clip" in header
     assert "reusing" not in out
-    disc_folder = tmp_path / "cmp" / "disc-t-s0"
-    stamp = (disc_folder / "metrics.json").stat().st_mtime_ns
+    disc = folder(tmp_path / "cmp", "disc-t-s0")
+    stamp = (disc / "metrics.json").stat().st_mtime_ns
+    # another machine's flags: the same runs
     again = run(
-        *args, "--cache_dir", str(tmp_path / "other"), "--eval_batch_size", "2"
-    )  # another machine's flags:
-    assert (
-        again.count("reusing") == 3 and (disc_folder / "metrics.json").stat().st_mtime_ns == stamp
-    )  # the same runs
-    assert json.loads((tmp_path / "cmp" / "ablation.json").read_text())["results"] == results
-    changed = run(*[a if a != "gen0,gen,disc" else "disc" for a in args], "--lr", "1e-3")
-    assert (
-        "reusing" not in changed and (disc_folder / "metrics.json").stat().st_mtime_ns != stamp
-    )  # trained again
-    gen_stamp = (tmp_path / "cmp" / "gen-t-s0" / "metrics.json").stat().st_mtime_ns
-    head_flags = run(
-        *[a if a != "gen0,gen,disc" else "gen" for a in args],
-        "--pool_norm",
-        "batch",
-        "--loss",
-        "l1",
+        *base,
+        "--readouts",
+        "gen0,gen,disc",
+        "--cache_dir",
+        str(tmp_path / "other"),
+        "--eval_batch_size",
+        "2",
     )
-    assert head_flags.count("reusing") == 1  # gen has no head: its run stands for any head flags
-    assert (tmp_path / "cmp" / "gen-t-s0" / "metrics.json").stat().st_mtime_ns == gen_stamp
+    assert again.count("reusing") == 3 and (disc / "metrics.json").stat().st_mtime_ns == stamp
+    assert json.loads((tmp_path / "cmp" / "ablation.json").read_text())["results"] == results
+    # other run settings: another folder, the finished run untouched
+    changed = run(*base, "--readouts", "disc", "--lr", "1e-3")
+    assert "reusing" not in changed and (disc / "metrics.json").stat().st_mtime_ns == stamp
+    assert len(list((tmp_path / "cmp").glob("disc-t-s0-*"))) == 2
+    gen_stamp = (folder(tmp_path / "cmp", "gen-t-s0") / "metrics.json").stat().st_mtime_ns
+    head_flags = run(*base, "--readouts", "gen", "--pool_norm", "batch", "--loss", "l1")
+    assert (
+        head_flags.count("reusing") == 1
+    )  # gen reads no head flags: its run stands for any of them
+    assert (folder(tmp_path / "cmp", "gen-t-s0") / "metrics.json").stat().st_mtime_ns == gen_stamp
 
 
 def test_gen_read_with_other_decoding_rules_reuses_the_trained_run(toy_root, tmp_path):
     args = [
-        "--model",
-        "tiny",
-        "--data",
-        str(toy_root),
-        "--cache_dir",
-        str(tmp_path / "cache"),
-        "--device",
-        "cpu",
+        *common(toy_root, tmp_path),
         "--subsets",
         "t",
         "--epochs",
         "1",
         "--out",
         str(tmp_path / "cmp"),
-        "--samples",
-        "3",
     ]
+    args += ["--samples", "3"]
     run(*args, "--readouts", "gen")
-    stamp = (tmp_path / "cmp" / "gen-t-s0" / "metrics.json").stat().st_mtime_ns
+    gen = folder(tmp_path / "cmp", "gen-t-s0")
+    stamp = (gen / "metrics.json").stat().st_mtime_ns
     out = run(*args, "--readouts", "gen,gen@expected,gen@median,gen0@expected")
     results = json.loads((tmp_path / "cmp" / "ablation.json").read_text())["results"]
-    assert (
-        list(results) == ["gen", "gen@expected", "gen@median", "gen0@expected"]
-        and out.count("reusing") == 3
-    )
-    assert (
-        tmp_path / "cmp" / "gen-t-s0" / "metrics.json"
-    ).stat().st_mtime_ns == stamp  # not trained again
+    assert list(results) == ["gen", "gen@expected", "gen@median", "gen0@expected"]
+    assert out.count("reusing") == 3
+    assert (gen / "metrics.json").stat().st_mtime_ns == stamp  # not trained again
     for rule in ("expected", "median"):
-        assert (tmp_path / "cmp" / "gen-t-s0" / f"test@{rule}.json").exists()
-    assert (
-        results["gen@expected"][0]["parse_fail_rate"] == 0.0
-        and results["gen@expected"][0]["tokens_per_clip"] == 0
-    )
-    assert results["gen@expected"][0]["MAE"] != results["gen"][0]["MAE"]
+        assert (gen / f"test@{rule}.json").exists()
+    expected = results["gen@expected"][0]
+    assert expected["parse_fail_rate"] == 0.0 and expected["tokens_per_clip"] == 0
+    assert expected["MAE"] != results["gen"][0]["MAE"]
     assert (
         json.loads((tmp_path / "cmp" / "gen0@expected-t.json").read_text())["settings"]["decode"]
         == "expected"
     )
+
+
+class Middle(Disc):
+    """Disc on the state after decoder layer --read_layer (a fork, as a user would write one)."""
+
+    flags = Disc.flags + (Flag("read_layer", int, 1, "the decoder layer read (0: the embeddings)"),)
+
+    def pooled(self, batch):
+        h = self.hidden_states(batch["inputs"], layer=self.cfg["read_layer"])
+        return at_last_token(h, batch["inputs"]["attention_mask"]).float()
+
+
+def test_a_forked_readout_with_its_own_flag_trains_beside_disc_which_is_reused(
+    toy_root, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setitem(READOUTS, "middle", Middle)  # in a fork: one line in READOUTS
+    args = [
+        *common(toy_root, tmp_path),
+        "--modalities",
+        "t",
+        "--epochs",
+        "2",
+        "--out",
+        str(tmp_path / "fork"),
+    ]
+    args += ["--readouts", "disc,middle"]
+    ablate.main([*args, "--read_layer", "1"])
+    first = capsys.readouterr().out
+    results = json.loads((tmp_path / "fork" / "ablation.json").read_text())["results"]
+    assert list(results) == ["disc", "middle"] and "reusing" not in first
+    middle = folder(tmp_path / "fork", "middle-t-s0")
+    assert json.loads((middle / "config.json").read_text())["read_layer"] == 1  # saved with the run
+    disc = folder(tmp_path / "fork", "disc-t-s0")
+    assert "read_layer" not in json.loads(
+        (disc / "config.json").read_text()
+    )  # disc does not read it
+    assert results["middle"][0]["MAE"] != results["disc"][0]["MAE"]
+    stamp = (disc / "metrics.json").stat().st_mtime_ns
+
+    ablate.main([*args, "--read_layer", "0"])  # the fork's flag changed: disc's run stands
+    second = capsys.readouterr().out
+    assert second.count("reusing") == 1 and f"reusing {disc}" in second
+    assert (disc / "metrics.json").stat().st_mtime_ns == stamp
+    assert len(list((tmp_path / "fork").glob("middle-t-s0-*"))) == 2
+
+
+def test_hidden_states_of_a_layer_are_the_full_models_states_there(make_cfg):
+    from readout import build
+
+    readout, processor = build(make_cfg("--modalities", "t"), torch.device("cpu"))
+    inputs = dict(processor(text=["the movie was good", "bad"], return_tensors="pt", padding=True))
+    model = readout.text_model()
+    full = model(**inputs, output_hidden_states=True, use_cache=False)
+    assert torch.equal(readout.hidden_states(inputs, layer=1), full.hidden_states[1])
+    assert torch.equal(readout.hidden_states(inputs), full.last_hidden_state)

@@ -211,7 +211,6 @@ def test_a_row_names_gen_with_its_decoding_rule(make_cfg):
         "bootstrap": 0,
         "plot": False,
     }
-    cfg, name, result = run_split(None, args, given=set())[:3]
-    assert (
-        name == "gen@expected zero-shot (t, test)" and result["parse_failures"] == 0
-    )  # expected always answers
+    scored = run_split(None, args, {})
+    assert scored.name == "gen@expected zero-shot (t, test)"
+    assert scored.result["parse_failures"] == 0  # expected always answers

@@ -293,7 +293,9 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_epoch(make_cfg,
 
     monkeypatch.setattr(Disc, "loss", loss_that_blows_up_in_epoch_2)
     cfg = make_cfg("--modalities", "t", "--epochs", "3", "--batch_size", "4")
-    with pytest.raises(FloatingPointError, match="loss is nan at epoch 2, batch 4.*--resume"):
+    with pytest.raises(
+        UserError, match="loss is nan at epoch 2, batch 4.*holds epoch 1, the last good one"
+    ):
         train(cfg)
     out = Path(cfg["out"])
     with safe_open(out / "last.safetensors", framework="pt") as f:
