@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 
 from data import UserError
-from eval import check_values, resolve, run_config, run_split, save_json, table
+from eval import check_values, run_config, run_split, save_json, table
 from readout import DECODE, READOUTS
-from train import parser, train
+from train import parser, read_flags, train
 
 SUBSETS = "t,a,v,ta,tv,av,tav"
 
@@ -37,9 +37,9 @@ def parse_args(argv=None):
     group.add_argument(
         "--readouts", default=None, help=f"{readouts} rule (default: --readout, a row per subset)"
     )
-    base = vars(p.parse_args(argv))
+    base = read_flags(p, argv)
     args = {k: base.pop(k) for k in ("subsets", "seeds", "readouts")}
-    base = resolve({**base, "resume": None, "overwrite": False})
+    base.update(resume=None, overwrite=False)
     check_values(base)
     args["compare_readouts"] = args["readouts"] is not None
     args["readouts"] = (args["readouts"] or base["readout"]).split(",")

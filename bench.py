@@ -41,6 +41,7 @@ from lora import add_lora, count_parameters, freeze, quantize_nf4
 from readout import (
     DECODE,
     LORA_TARGETS,
+    PAPER_TARGETS,
     READOUTS,
     SKIP_QUANT,
     Gen,
@@ -468,7 +469,9 @@ def rule_times(cfg, disc, gen):
 # ------------------------------------------------------------------------------ 7B counts, no weights needed
 
 
-def param_counts(ranks=(8, 16, 32, 64), targets=LORA_TARGETS["qwen2_5_omni_thinker"]):
+def param_counts(
+    ranks=(8, 16, 32, 64), targets=LORA_TARGETS["qwen2_5_omni_thinker"], head="linear"
+):
     """The Qwen2.5-Omni-7B Thinker built on the meta device: parameters per part, LoRA parameters at each rank
     for the default targets, and the trainable share (LoRA + a linear head) under two conventions: real
     parameters, and packed storage elements (an NF4 weight of n parameters is n / 2 uint8 elements, which is
@@ -501,7 +504,10 @@ def param_counts(ranks=(8, 16, 32, 64), targets=LORA_TARGETS["qwen2_5_omni_think
         for n, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and re.search(targets, n)
     ]
-    head = config.text_config.hidden_size + 1
+    hidden = config.text_config.hidden_size
+    size = hidden + 1
+    if head == "mlp":  # LayerNorm, hidden -> 256, 256 -> 1
+        size = 2 * hidden + (hidden + 1) * 256 + 257
     rows = []
     for r in ranks:
         lora = sum(r * (i + o) for i, o in targets_in_out)
@@ -509,9 +515,9 @@ def param_counts(ranks=(8, 16, 32, 64), targets=LORA_TARGETS["qwen2_5_omni_think
             dict(
                 rank=r,
                 lora=lora,
-                trainable=lora + head,
-                pct_real=100 * (lora + head) / (total + lora + head),
-                pct_packed=100 * (lora + head) / (total - quantised // 2 + lora + head),
+                trainable=lora + size,
+                pct_real=100 * (lora + size) / (total + lora + size),
+                pct_packed=100 * (lora + size) / (total - quantised // 2 + lora + size),
                 pct_of_text_decoder=100 * lora / language,
             )
         )
@@ -531,7 +537,7 @@ def params_table(c):
     lines += [
         f"| **total** | **{c['total']:,}** |",
         "",
-        f"LoRA on the {c['lora_layers']} default target layers, plus a linear head "
+        f"LoRA on the {c['lora_layers']} target layers, plus the head "
         f"({c['ranks'][0]['trainable'] - c['ranks'][0]['lora']:,}):",
         "",
         "| rank | LoRA parameters | trainable % (real parameters) | trainable % (packed 4-bit elements) "
@@ -590,18 +596,20 @@ def parse_args(argv=None):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    result = (
-        param_counts()
-        if cfg["params"]
-        else pipeline(cfg, cfg["pipeline"], cfg["pipeline"] // 100)
-        if cfg["pipeline"]
-        else rule_times(cfg, *cfg["rules"])
-        if cfg["rules"]
-        else bench(cfg)
-    )
-    if cfg["params"]:
-        print(params_table(result))
+    if cfg["params"]:  # the default targets with a linear head, then the paper's with its MLP head
+        result = dict(default=param_counts(), paper=param_counts(targets=PAPER_TARGETS, head="mlp"))
+        for name, counts in result.items():
+            print(
+                f"\n{name} targets ({'the text decoder' if name == 'default' else 'matched anywhere'}):"
+            )
+            print(params_table(counts))
     else:
+        if cfg["pipeline"]:
+            result = pipeline(cfg, cfg["pipeline"], cfg["pipeline"] // 100)
+        elif cfg["rules"]:
+            result = rule_times(cfg, *cfg["rules"])
+        else:
+            result = bench(cfg)
         for k, v in result.items():
             print(f"{k:28s} {json.dumps(v) if isinstance(v, dict) else v}")
     if cfg["json"]:

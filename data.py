@@ -97,6 +97,13 @@ def row_problem(r, first_line):
         return "bad row", "not as many fields as the header"
     if first_line is not None:
         return "duplicate id", f"the clip id is also on line {first_line}"
+    for key in ("video_id", "clip_id"):  # a path in an id could read a file outside Raw/
+        name = r[key]
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            return (
+                "bad id",
+                f"the {key} {name!r} is not a plain file name (it must stay inside Raw/)",
+            )
     if any("\udc80" <= ch <= "\udcff" for ch in r["text"]):
         return "bad transcript", "the transcript is not valid UTF-8"
     if not r["label"].strip():

@@ -62,7 +62,12 @@ def reading_flags():
 
 
 TRAINING_FLAGS = (  # the run flags of every readout that say how it trains (None: the preset's)
-    Flag("lora_targets", str, None, "a regex over module names (default: by architecture)"),
+    Flag(
+        "lora_targets",
+        str,
+        None,
+        "a regex over module names, or 'paper' (default: by architecture)",
+    ),
     Flag("lora_r", int, None, "LoRA rank (default: 16 tiny, 32 otherwise)"),
     Flag("lora_alpha", float, None, "LoRA scale = alpha / r (default: 2 r)"),
     Flag("lora_dropout", float, 0.05, "dropout on the LoRA input"),
@@ -164,6 +169,14 @@ PRESETS = {
     "pretrained": dict(epochs=5, lr=1e-4, batch_size=4, grad_accum=4, lora_r=32),
 }
 
+
+# --recipe paper: the settings two re-implementations of the paper agree on (their reading, not ours)
+RECIPES = dict(
+    paper=dict(
+        head="mlp", loss="l1", standardize=True, lora_r=32, lora_alpha=32.0, lora_dropout=0.1
+    ),
+)
+RECIPES["paper"].update(lora_targets="paper", lr=2e-4, head_lr=1e-3, max_frames=16)
 
 RESOLVED = {*PRESETS["tiny"], "lora_alpha"}  # the flags that resolve() gives a value
 
@@ -277,11 +290,11 @@ def value_problem(flag, value):
     return None
 
 
-def load_checkpoint(folder, flags, overrides):
+def load_checkpoint(folder, flags, overrides=None):
     """(cfg, readout, processor) from a checkpoint folder: config.json (validated) but for `overrides`, then `flags`
     (a command line's) for the rest, such as the machine's settings. Only safetensors files are read."""
     config = load_config(folder)
-    cfg = {**flags, **config, **{k: v for k, v in overrides.items() if k in config}}
+    cfg = {**flags, **config, **{k: v for k, v in (overrides or {}).items() if k in config}}
     device = torch.device(cfg["device"])
     weights = read_tensors(Path(folder) / "weights.safetensors", device)
     readout, processor = build(cfg, device)
@@ -329,7 +342,7 @@ def evaluate(readout, loader, device):
     metrics over answered clips; preds, an unanswered clip as readout.fallback; labels). Under torchrun, all
     ranks' clips in order."""
     readout.eval()
-    preds, labels, times, info = [], [], [], Counter()
+    preds, labels, times, info, per_clip = [], [], [], Counter(), {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)  # sampled answers: the same in every evaluation, whatever came before
         for batch in tqdm(loader, desc="evaluating", leave=False):
@@ -342,7 +355,11 @@ def evaluate(readout, loader, device):
             times.append((time.perf_counter() - start, len(p)))
             preds.append(p.float().cpu())
             labels.append(batch["label"].cpu())
-            info.update(extra)
+            for k, v in extra.items():  # a tensor: a value per clip (bins' std), else a count
+                if torch.is_tensor(v):
+                    per_clip.setdefault(k, []).append(v.float().cpu())
+                else:
+                    info[k] += v
     timed = times[1:] or times
     ms = 1000 * sum(t for t, _ in timed) / sum(n for _, n in timed)
     preds, labels = torch.cat(preds).numpy(), torch.cat(labels).numpy()
@@ -358,7 +375,9 @@ def evaluate(readout, loader, device):
         if not np.isfinite(preds).all():
             bad = int((~np.isfinite(preds)).sum())
             raise FloatingPointError(f"{bad} of {len(preds)} predictions are not finite")
-        return dict(metrics(preds, labels), n=len(labels), ms_per_clip=ms), preds, labels
+        result = dict(metrics(preds, labels), n=len(labels), ms_per_clip=ms)
+        result.update({f"mean_{k}": float(torch.cat(v).mean()) for k, v in per_clip.items()})
+        return result, preds, labels
     failed = np.isnan(preds)
     scored = np.where(failed, readout.fallback, preds)
     result = dict(metrics(scored, labels), n=len(labels), ms_per_clip=ms)
@@ -366,6 +385,7 @@ def evaluate(readout, loader, device):
         parse_failures=int(failed.sum()),
         parse_fail_rate=float(failed.mean()),
         tokens_per_clip=info["generated_tokens"] / len(labels),
+        out_of_bounds_rate=info["out_of_bounds"] / max(1, info["answers"]),
         parsed=metrics(preds[~failed], labels[~failed]) if (~failed).sum() > 1 else None,
     )
     return result, scored, labels

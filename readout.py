@@ -43,6 +43,8 @@ THINKER_TYPES = ("qwen2_5_omni", "qwen2_5_omni_thinker")
 SKIP_QUANT = ["model.audio_tower", "model.visual", "lm_head"]
 # Default LoRA targets by config.model_type: every decoder layer's attention and MLP projections.
 DECODER = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
+# The paper's target names, as peft matches them: anywhere, so also in the audio and vision towers.
+PAPER_TARGETS = r"(q|k|v|o|gate|up|down)_proj$"
 LORA_TARGETS = {
     "qwen2_5_omni_thinker": r"language_model\." + DECODER,
     "llama": DECODER,
@@ -291,9 +293,8 @@ class Readout(nn.Module):
     the run flags it reads in `flags`; self.cfg holds their values."""
 
     flags = ()
-    fallback = (
-        None  # what an unanswered clip (NaN) is scored as; None: predictions are always numbers
-    )
+    # What an unanswered clip (NaN) is scored as; None: predictions are always numbers.
+    fallback = None
 
     def __init__(self, backbone, tokenizer, cfg):
         super().__init__()
@@ -302,9 +303,7 @@ class Readout(nn.Module):
         self.cfg = cfg
         self.model_kwargs = {}  # what every call of the model needs
         if cfg["audio_in_video"]:
-            self.model_kwargs["use_audio_in_video"] = (
-                True  # the rope positions of interleaved audio
-            )
+            self.model_kwargs["use_audio_in_video"] = True  # rope positions of interleaved audio
 
     def text_model(self):
         """The model under the LM head (the Thinker's or a causal LM's), or an encoder itself."""
@@ -319,28 +318,58 @@ class Readout(nn.Module):
         out = model(**inputs, **self.model_kwargs, use_cache=False, output_hidden_states=True)
         return out.hidden_states[layer]
 
+    def start(self, labels):
+        """Called once before training with the training labels (N,) (e.g. to standardise targets)."""
+
     def prepare(self, batches):
         """Called before each evaluation with the training batches (e.g. to refresh statistics)."""
 
 
+BINS = torch.linspace(-3, 3, 61)  # the bins head's values: the 61 answers gen is trained to write
+
+
 class Disc(Readout):
-    """Discriminative readout: a linear head on the last non-padding token's hidden state."""
+    """Discriminative readout: a regression head on the last non-padding token's hidden state."""
 
     flags = (
+        Flag(
+            "head",
+            str,
+            "linear",
+            "linear; mlp (the paper's); bins (HL-Gauss)",
+            ("linear", "mlp", "bins"),
+        ),
+        Flag("bin_sigma", float, 0.75, "bins: the width of a label's Gaussian, in bins"),
+        Flag(
+            "standardize",
+            bool,
+            False,
+            "linear, mlp: regress labels standardised on the training set",
+        ),
+        Flag("layer", int, -1, "read the state after this decoder layer (negative: from the end)"),
+        Flag("head_lr", float, None, "the head's peak learning rate (default: --lr)"),
         Flag("pool_norm", str, "none", "standardised pooled states", ("none", "batch")),
-        Flag("loss", str, "mse", "the regression loss", ("mse", "l1")),
+        Flag("loss", str, "mse", "linear, mlp: the regression loss", ("mse", "l1")),
     )
 
     def __init__(self, backbone, tokenizer, cfg):
         super().__init__(backbone, tokenizer, cfg)
+        keep_layers(backbone, cfg["layer"])  # the layers after it are neither run nor kept
         hidden = backbone.config.get_text_config().hidden_size
-        self.head = nn.Linear(hidden, 1, device=backbone.device)
+        self.head = make_head(cfg["head"], hidden).to(backbone.device)
         self.loss_fn = dict(mse=F.mse_loss, l1=F.l1_loss)[cfg["loss"]]
         # pool_norm 'batch': pooled states that vary across clips by a few percent of their norm are too
         # alike for the head; standardise them with batch statistics in training, training-set ones after.
         self.norm = nn.Identity()
         if cfg["pool_norm"] == "batch":
             self.norm = nn.BatchNorm1d(hidden, affine=False, momentum=None, device=backbone.device)
+        # The training labels' mean and std (--standardize), saved with the head
+        stats = torch.tensor([0.0, 1.0], device=backbone.device)
+        self.register_buffer("label_stats", stats, persistent=cfg["standardize"])
+
+    def start(self, labels):
+        if self.cfg["standardize"]:
+            self.label_stats = torch.stack([labels.mean(), labels.std()]).to(self.label_stats)
 
     @torch.no_grad()
     def prepare(self, batches):
@@ -357,14 +386,71 @@ class Disc(Readout):
         return at_last_token(h, batch["inputs"]["attention_mask"]).float()  # (B, H)
 
     def forward(self, batch):
-        return self.head(self.norm(self.pooled(batch))).squeeze(-1)  # (B,)
+        return self.head(self.norm(self.pooled(batch)))  # (B, 1), or (B, bins)
 
     def loss(self, batch):
-        return self.loss_fn(self(batch), batch["label"])
+        out, labels = self(batch), batch["label"]
+        if self.cfg["head"] == "bins":
+            return F.cross_entropy(out, hl_gauss(labels, self.cfg["bin_sigma"] * 0.1))
+        mean, std = self.label_stats
+        return self.loss_fn(out[:, 0], (labels - mean) / std)
 
     @torch.no_grad()
     def predict(self, batch):
-        return self(batch), {}
+        out = self(batch)
+        if self.cfg["head"] != "bins":
+            mean, std = self.label_stats
+            return out[:, 0] * std + mean, {}
+        p = out.softmax(
+            -1
+        )  # the predictive distribution over the bins: its mean, and its std per clip
+        values = BINS.to(p.device)
+        mean = p @ values
+        return mean, dict(std=(p @ values**2 - mean**2).clamp(min=0).sqrt())
+
+
+def make_head(kind, hidden):
+    """linear: one layer. mlp: the paper's, hidden -> 256 -> 1 with LayerNorm, ReLU and dropout 0.2.
+    bins: one layer to the logits of the 61 bins."""
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.LayerNorm(hidden),
+            nn.Linear(hidden, 256),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Linear(256, 1),
+        )
+    return nn.Linear(hidden, len(BINS) if kind == "bins" else 1)
+
+
+def hl_gauss(labels, sigma):
+    """HL-Gauss targets (Farebrother et al., 2024): each label's Gaussian (std sigma) integrated over the
+    bins, which end halfway between their values; the mass beyond the outer bins goes to them."""
+    edges = torch.cat([BINS[:1] - 1e3, (BINS[1:] + BINS[:-1]) / 2, BINS[-1:] + 1e3]).to(
+        labels.device
+    )
+    cdf = torch.special.ndtr((edges - labels[:, None]) / sigma)
+    return cdf[:, 1:] - cdf[:, :-1]
+
+
+def keep_layers(backbone, layer):
+    """Cut the decoder after `layer` (0: the embeddings; negative: from the end), so that its last hidden
+    state is the state output_hidden_states gives there: the later layers and the final norm go."""
+    # The decoder's layers: the backbone's largest ModuleList (the towers' are smaller)
+    lists = {n: m for n, m in backbone.named_modules() if isinstance(m, nn.ModuleList)}
+    name = max(lists, key=lambda n: sum(p.numel() for p in lists[n].parameters()))
+    count = len(lists[name])
+    if not -count - 1 <= layer <= count:
+        raise UserError(
+            f"--layer {layer}: the model has {count} decoder layers (0 to {count}, or -1 to {-count - 1})"
+        )
+    keep = layer % (count + 1)
+    if keep == count:
+        return
+    backbone.set_submodule(name, lists[name][:keep])
+    decoder = backbone.get_submodule(name.rpartition(".")[0])
+    if hasattr(decoder, "norm"):
+        decoder.norm = nn.Identity()
 
 
 class PromptCache:
@@ -474,7 +560,9 @@ class Gen(Readout):
         rule, inputs = self.cfg["decode"], batch["inputs"]
         if rule == "expected":
             values, loglik = self.answer_loglik(inputs)
-            return loglik.softmax(-1) @ values, dict(parse_failures=0, generated_tokens=0)
+            return loglik.softmax(-1) @ values, dict(
+                parse_failures=0, generated_tokens=0, out_of_bounds=0
+            )
         k = 1 if rule == "greedy" else self.cfg["samples"]
         if k > 1:
             new = self.sample(inputs, k)  # clip i's answers: rows i * k to i * k + k - 1
@@ -487,12 +575,14 @@ class Gen(Readout):
             )
             new = out[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        scores = [parse_score(t) for t in texts]
-        answers = np.array([math.nan if s is None else s for s in scores]).reshape(-1, k)
-        preds = combine(answers, rule)
+        scores = [parse_score(t, clip=False) for t in texts]
+        written = np.array([math.nan if s is None else s for s in scores])
+        preds = combine(written.clip(-3, 3).reshape(-1, k), rule)
         ended = torch.isin(new, self.eos_ids)
         lengths = torch.where(ended.any(-1), ended.int().argmax(-1) + 1, new.shape[1])  # to the end
         info = dict(parse_failures=int(np.isnan(preds).sum()), generated_tokens=int(lengths.sum()))
+        # the paper's "out of bounds": answers outside [-3, 3] before they are clipped (of all answers)
+        info.update(out_of_bounds=int((np.abs(written) > 3).sum()), answers=len(written))
         return torch.tensor(preds), info
 
     def sample(self, inputs, k):
@@ -568,13 +658,17 @@ SCALE = re.compile(
 )
 
 
-def parse_score(text):
-    """The score in a text, clipped to [-3, 3], or None: the number after the last cue word (score, sentiment,
-    rating, answer), else the first number. Never raises on a string."""
+def parse_score(text, clip=True):
+    """The score in a text, clipped to [-3, 3] (clip=False: as written), or None: the number after the
+    last cue word (score, sentiment, rating, answer), else the first number. Never raises on a string."""
     text = SCALE.sub(" ", text.replace("\u2212", "-"))
     cued = CUED.findall(text)
     number = cued[-1] if cued else next(iter(re.findall(NUMBER, text)), None)
-    return None if number is None else min(max(float(number), -3.0), 3.0)
+    if number is None:
+        return None
+    if not clip:
+        return float(number)
+    return min(max(float(number), -3.0), 3.0)
 
 
 def build(cfg, device, lora=True):
@@ -586,6 +680,8 @@ def build(cfg, device, lora=True):
     kind = backbone.config.model_type
     if lora:
         targets = cfg["lora_targets"] or LORA_TARGETS.get(kind)
+        if targets == "paper":
+            targets = PAPER_TARGETS
         if targets is None:
             raise UserError(
                 f"no default LoRA targets for a {kind} model: pass --lora_targets REGEX (dotted names of "

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from data import SPLITS, UserError, load_clips, make_loader, to_device, write_atomically
 from eval import (
+    RECIPES,
     RUN_FILES,
     Help,
     autocast,
@@ -80,9 +81,11 @@ def train(cfg):
             message += f"; python train.py --resume {out} continues"
         raise UserError(message) from None
     except FloatingPointError as e:
+        advice = "train again with a lower --lr"  # the same settings diverge again, resumed or not
+        if (out / "last.safetensors").exists():
+            advice += " and --overwrite"
         raise UserError(
-            f"{e}: stopped, nothing of it saved; {kept_so_far(out)}; the same settings diverge again: "
-            "train anew with a lower --lr (--overwrite replaces this run)"
+            f"{e}: stopped, nothing of it saved; {kept_so_far(out)}; {advice}"
         ) from None
     finally:
         release(lock, out)
@@ -109,8 +112,8 @@ def train_loaded(cfg, clips, rank, world):
         f"effective batch: {cfg['batch_size']} clips x {world} process(es) x {cfg['grad_accum']} "
         f"accumulation steps = {per_step} clips per optimizer step"
     )
-    trained = [p for p in readout.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = torch.optim.AdamW(param_groups(readout, cfg), weight_decay=cfg["weight_decay"])
+    readout.start(torch.tensor([r["label"] for r in clips["train"].rows]))
     log = [dict(data={s: c.counts() for s, c in clips.items()})]
     start, step = 0, 0
     if cfg["resume"]:
@@ -172,7 +175,7 @@ def train_epoch(readout, loader, optimizer, cfg, epoch, step, world):
             if world > 1:
                 average_gradients(params, world)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, warmup, cfg["lr"])
+                group["lr"] = lr_at(step, total, warmup, group["peak"])
             norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
             if not torch.isfinite(norm):
                 raise FloatingPointError(
@@ -184,6 +187,24 @@ def train_epoch(readout, loader, optimizer, cfg, epoch, step, world):
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         ready = time.perf_counter()
     return float(np.mean(losses)), step, waited
+
+
+def param_groups(readout, cfg):
+    """LoRA's parameters at --lr, the readout's own (a head) at --head_lr where it has that flag."""
+    lora = [
+        p for n, p in readout.named_parameters() if p.requires_grad and n.startswith("backbone.")
+    ]
+    own = [
+        p
+        for n, p in readout.named_parameters()
+        if p.requires_grad and not n.startswith("backbone.")
+    ]
+    head_lr = cfg.get("head_lr") or cfg["lr"]
+    groups = [
+        dict(params=lora, lr=cfg["lr"], peak=cfg["lr"]),
+        dict(params=own, lr=head_lr, peak=head_lr),
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def average_gradients(params, world):
@@ -372,6 +393,10 @@ def parser(
         "--grad_ckpt", action="store_true", help="activation checkpointing: less memory, slower"
     )
     p.add_argument("--out", help=out_help)
+    recipe = (
+        "the paper's settings as reported (README): mlp head, l1, LoRA r 32 on its targets, lr 2e-4"
+    )
+    p.add_argument("--recipe", default=None, choices=list(RECIPES), help=recipe)
     if resume:
         again = "continue the run in DIR after its last finished epoch, with its own run settings"
         p.add_argument("--resume", default=None, metavar="DIR", help=again)
@@ -379,11 +404,21 @@ def parser(
     return p
 
 
+def read_flags(p, argv):
+    """The settings a command line gives, --recipe's as the defaults (a flag given still wins)."""
+    recipe = p.parse_args(argv).recipe
+    if recipe:
+        p.set_defaults(**RECIPES[recipe])
+    cfg = resolve(vars(p.parse_args(argv)))
+    del cfg["recipe"]
+    return cfg
+
+
 def parse_args(argv=None):
     """The command line -> the run's settings; with --resume, those of the run in its folder, which a run
     flag given here may not contradict."""
     p = parser()
-    cfg = resolve(vars(p.parse_args(argv)))
+    cfg = read_flags(p, argv)
     if cfg["resume"]:
         given = given_flags(p, argv)
         saved = load_config(cfg["resume"])

@@ -176,6 +176,29 @@ BAD_INPUTS = {  # name: (label.csv rows after the good one, how to break clip b/
     ),
     "duplicate id": ("g,1,again,0.0,train\n", None, "t", "line 3 .*also on line 2", "duplicate id"),
     "short row": ("b,1,hi\n", None, "t", "not as many fields", "bad row"),
+    # ids that would take the media path out of Raw/: to g/1.mp4 through "..", or to any absolute path
+    "video id with ..": (
+        "b/../g,1,hi,0.5,train\n",
+        None,
+        "tav",
+        "video_id 'b/../g' is not a plain",
+        "bad id",
+    ),
+    "clip id ..": ("b,..,hi,0.5,train\n", None, "tav", "clip_id '..' is not a plain", "bad id"),
+    "absolute video id": (
+        "/tmp,1,hi,0.5,train\n",
+        None,
+        "tav",
+        "video_id '/tmp' is not a plain",
+        "bad id",
+    ),
+    "clip id with a backslash": (
+        "b,..\\1,hi,0.5,train\n",
+        None,
+        "t",
+        "is not a plain file name",
+        "bad id",
+    ),
     "transcript not UTF-8": (None, None, "t", "not valid UTF-8", "bad transcript"),
     "missing mp4": (
         "b,1,hi,0.5,train\n",
@@ -563,3 +586,22 @@ def test_a_real_mosi_clip_with_audio_in_video_goes_through_the_thinker(tmp_path)
     with torch.no_grad():
         h = model.model(**batch["inputs"], use_audio_in_video=True).last_hidden_state
     assert h.shape[1] == batch["inputs"]["input_ids"].shape[1] and torch.isfinite(h).all()
+
+
+def test_a_damaged_cache_file_is_decoded_again_and_said_once(toy_root, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    data.DAMAGED.clear()
+    first = data.Clips(toy_root, "valid", "tav", cache_dir=cache)
+    items = [first.media(r) for r in first.rows[:2]]
+    for file in sorted(cache.glob("*.npy"))[:3]:  # truncated, as a crash or a full disk leaves one
+        file.write_bytes(file.read_bytes()[:50])
+    capsys.readouterr()
+    again = data.Clips(toy_root, "valid", "tav", cache_dir=cache)
+    for r, item in zip(again.rows[:2], items):
+        for key, array in again.media(r).items():
+            assert np.array_equal(array, item[key])
+    for r in again.rows:
+        again.media(r)  # every entry reads
+    out = capsys.readouterr().out
+    assert out.count("a damaged cache file") == 1 and "decoded again" in out
+    assert len(data.DAMAGED) == 3

@@ -344,3 +344,103 @@ def test_sampling_draws_k_answers_per_clip_from_one_prompt_pass(make_cfg):
     assert torch.allclose(gen.predict(batch)[0], preds, equal_nan=True)  # the same draws again
     gen.cfg["decode"] = "greedy"  # the random model's most likely token is never the end token
     assert gen.predict(batch)[1]["generated_tokens"] == 2 * cfg["max_new_tokens"]
+
+
+@pytest.mark.parametrize("head", [["linear"], ["mlp", "--standardize"], ["bins"]])
+def test_each_head_trains_beats_the_train_mean_and_its_checkpoint_reproduces(make_cfg, head):
+    from eval import load_checkpoint, read_tensors
+    from train import train
+
+    flags = ["--modalities", "t", "--epochs", "10", "--head", *head, "--head_lr", "3e-3"]
+    out, result = train(make_cfg(*flags))
+    assert result["test"]["MAE"] < result["test_mean_baseline"]["MAE"]
+    cfg, readout, processor = load_checkpoint(out, make_cfg())
+    assert cfg["head"] == head[0] and cfg["head_lr"] == 3e-3
+    again = evaluate_split(cfg, readout, processor)
+    assert again["MAE"] == result["test"]["MAE"]
+    if head[0] == "bins":  # the predictive distribution's spread, per clip, averaged
+        assert 0 < again["mean_std"] < 3
+    if "--standardize" in head:  # the training labels' mean and std travel with the head
+        mean, std = read_tensors(out / "weights.safetensors")["label_stats"].tolist()
+        assert std > 0.5 and mean != 0
+
+
+def evaluate_split(cfg, readout, processor, split="test"):
+    from data import load_clips, make_loader
+    from eval import evaluate
+
+    loader = make_loader(cfg, load_clips(cfg, split), processor)
+    return evaluate(readout, loader, torch.device("cpu"))[0]
+
+
+def test_bins_put_their_mass_where_a_one_value_training_set_puts_it(make_cfg):
+    from readout import BINS, hl_gauss
+
+    targets = hl_gauss(torch.tensor([1.0, -3.0]), 0.075)
+    assert torch.allclose(targets.sum(-1), torch.ones(2)) and targets[0].argmax() == 40  # bin 1.0
+    assert targets[1, 0] > 0.5  # the mass beyond -3 goes to the outer bin
+    torch.manual_seed(0)
+    readout, processor = build(make_cfg("--modalities", "t", "--head", "bins"), torch.device("cpu"))
+    prompts = [prompt(t, "t", processor) for t in ["good", "the plot was bad", "okay"]]
+    batch = dict(inputs=dict(processor(text=prompts, padding=True, return_tensors="pt")))
+    batch["label"] = torch.full((3,), 1.0)  # every training label is 1.0
+    optimizer = torch.optim.Adam([p for p in readout.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(100):
+        optimizer.zero_grad()
+        readout.loss(batch).backward()
+        optimizer.step()
+    readout.eval()
+    preds, info = readout.predict(batch)
+    p = readout(batch).softmax(-1)
+    assert (BINS[p.argmax(-1)] == 1.0).all() and torch.allclose(preds, torch.ones(3), atol=0.05)
+    assert (info["std"] < 0.2).all()
+
+
+@pytest.mark.parametrize("layer", [0, 1, -2])
+def test_a_layer_reads_the_full_models_state_there_and_runs_only_the_layers_before(make_cfg, layer):
+    torch.manual_seed(0)
+    full, processor = build(
+        make_cfg("--modalities", "t", "--lora_dropout", "0"), torch.device("cpu")
+    )
+    torch.manual_seed(0)
+    cut, _ = build(
+        make_cfg("--modalities", "t", "--lora_dropout", "0", "--layer", str(layer)),
+        torch.device("cpu"),
+    )
+    inputs = dict(
+        processor(
+            text=[prompt("fine", "t", processor), prompt("bad", "t", processor)],
+            padding=True,
+            return_tensors="pt",
+        )
+    )
+    called = []
+    for block in cut.text_model().language_model.layers:
+        block.register_forward_hook(lambda *_: called.append(1))
+    with torch.no_grad():
+        states = full.text_model()(
+            **inputs, output_hidden_states=True, use_cache=False
+        ).hidden_states
+        assert torch.allclose(cut.hidden_states(inputs), states[layer], atol=1e-6)
+    assert len(called) == layer % 3 and len(cut.text_model().language_model.layers) == layer % 3
+
+
+def test_the_papers_target_names_reach_into_the_towers_and_the_default_ones_do_not(make_cfg):
+    default, _ = build(make_cfg("--modalities", "t"), torch.device("cpu"))
+    paper, _ = build(make_cfg("--modalities", "t", "--lora_targets", "paper"), torch.device("cpu"))
+
+    def adapted(readout):
+        return {
+            n.rpartition(".lora_A")[0]
+            for n, _ in readout.backbone.named_parameters()
+            if "lora_A" in n
+        }
+
+    towers = {n for n in adapted(paper) if "audio_tower" in n or "visual" in n}
+    assert towers and not {n for n in adapted(default) if "audio_tower" in n or "visual" in n}
+    assert adapted(default) < adapted(paper)  # the decoder's layers in both
+
+
+def test_out_of_bounds_answers_are_counted_before_they_are_clipped():
+    assert parse_score("score: 4.5") == 3.0 and parse_score("score: 4.5", clip=False) == 4.5
+    assert parse_score("-7", clip=False) == -7.0 and parse_score("none", clip=False) is None

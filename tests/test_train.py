@@ -1,7 +1,9 @@
 import importlib.util
 import json
+import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from data import UserError, load_clips, make_loader
 from eval import evaluate, load_checkpoint
@@ -229,13 +232,8 @@ def test_one_lora_step_on_real_minilm_in_4bit_with_real_mosi_transcripts(make_cf
 
 
 def run_train(*flags, **kw):
-    return subprocess.Popen(
-        [sys.executable, "train.py", *flags],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,
-    )
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, "train.py", *flags], **{**pipes, **kw})
 
 
 def test_a_run_killed_mid_epoch_and_resumed_ends_as_if_left_alone(make_cfg, tmp_path):
@@ -675,3 +673,182 @@ def test_a_bad_flag_combination_is_one_line(flags, message, toy_root, bert_dir, 
         and message in done.stderr.strip().splitlines()[-1]
     )
     assert not (tmp_path / "run").exists()
+
+
+def tiny_flags(cfg, *more):
+    return [
+        "--model",
+        "tiny",
+        "--data",
+        cfg["data"],
+        "--cache_dir",
+        cfg["cache_dir"],
+        "--device",
+        "cpu",
+        *more,
+    ]
+
+
+def test_a_diverging_run_keeps_nothing_that_is_not_finite(make_cfg, tmp_path):
+    flags = tiny_flags(
+        make_cfg(),
+        "--modalities",
+        "t",
+        "--epochs",
+        "4",
+        "--lr",
+        "3",
+        "--out",
+        str(tmp_path / "run"),
+    )
+    done = subprocess.run([sys.executable, "train.py", *flags], capture_output=True, text=True)
+    error = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert (
+        "is nan at epoch 2" in error
+        and "holds epoch 1, the last good one" in error
+        and "lower --lr" in error
+    )
+    for file in (tmp_path / "run").glob("*.safetensors"):  # no NaN tensor anywhere
+        assert all(torch.isfinite(t).all() for t in load_file(file).values()), file
+    assert not (tmp_path / "run" / "metrics.json").exists()  # not presented as done
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r.get("epoch") for r in log] == [None, 1] and math.isfinite(log[1]["valid"]["MAE"])
+
+
+def test_a_run_that_exists_is_never_changed_unasked(make_cfg, tmp_path):
+    out = tmp_path / "run"
+    flags = tiny_flags(make_cfg(), "--modalities", "t", "--epochs", "1", "--out", str(out))
+    assert subprocess.run([sys.executable, "train.py", *flags], capture_output=True).returncode == 0
+    stamps = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    again = subprocess.run([sys.executable, "train.py", *flags], capture_output=True, text=True)
+    assert again.returncode == 1 and again.stderr.count("\n") == 1
+    assert f"--out {out}: holds a run already" in again.stderr and "--overwrite" in again.stderr
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == stamps
+    (out / "test_scatter.png").write_bytes(b"an old plot")
+    replaced = subprocess.run(
+        [sys.executable, "train.py", *flags, "--overwrite", "--seed", "1"], capture_output=True
+    )
+    assert replaced.returncode == 0 and not (out / "test_scatter.png").exists()
+    assert json.loads((out / "config.json").read_text())["seed"] == 1
+    other = subprocess.run(
+        [sys.executable, "train.py", "--resume", str(out), "--lr", "0.5"],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        other.returncode == 1
+        and "continues the run with its own settings, not --lr 0.5" in other.stderr
+    )
+
+
+def test_two_processes_on_one_out_folder(make_cfg, tmp_path):
+    out = tmp_path / "run"
+    flags = tiny_flags(make_cfg(), "--epochs", "40", "--out", str(out))
+    first = run_train(*flags)
+    while not out.exists():  # the first process holds the folder
+        assert first.poll() is None, first.stdout.read()
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, "train.py", *flags], capture_output=True, text=True)
+    assert (
+        second.returncode == 1 and "another process is training into this folder" in second.stderr
+    )
+    assert first.poll() is None  # the second ran while the first trained
+    assert first.wait() == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r.get("epoch") for r in log] == [None, *range(1, 41)]  # one run's log, whole
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["valid"] == min(log[1:], key=lambda r: r["valid"]["MAE"])["valid"]
+
+
+def test_ctrl_c_says_what_was_kept_and_resume_ends_as_if_left_alone(make_cfg, tmp_path):
+    flags = tiny_flags(make_cfg(), "--modalities", "t", "--epochs", "4", "--batch_size", "4")
+    alone = run_train(*flags, "--out", str(tmp_path / "alone"))
+    assert alone.wait() == 0
+    stopped = tmp_path / "stopped"
+    job = run_train(*flags, "--out", str(stopped), stderr=subprocess.PIPE)
+    while (
+        len(
+            (stopped / "log.jsonl").read_text().splitlines()
+            if (stopped / "log.jsonl").exists()
+            else []
+        )
+        < 2
+    ):
+        assert job.poll() is None
+        time.sleep(0.02)
+    job.send_signal(signal.SIGINT)
+    error = job.communicate()[1]
+    assert job.returncode == 1 and "Traceback" not in error
+    last = error.strip().splitlines()[-1]
+    assert (
+        last.startswith("error: interrupted")
+        and f"python train.py --resume {stopped} continues" in last
+    )
+    resumed = run_train("--resume", str(stopped))
+    assert resumed.wait() == 0, resumed.stdout.read()
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "alone", stopped))
+    for split in ("valid", "test"):
+        a[split].pop("ms_per_clip"), b[split].pop("ms_per_clip")
+    assert a == b
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--device", "cuda:7"], "--device cuda:7: cannot be used here"),
+        (["--device", "gpu"], "--device gpu: cannot be used here"),
+        (["--out", "FILE"], "cannot be used"),
+        (["--model", "/no/such/model"], "--model /no/such/model: cannot be loaded"),
+        (["--batch_size", "64"], "36 training clips, fewer than one batch"),
+        (
+            ["--epochs", "0", "--lora_dropout", "2"],
+            "--epochs 0 (must be above 0), --lora_dropout 2.0 (must be",
+        ),
+    ],
+)
+def test_what_can_be_known_early_is_one_line_before_the_clips_are_decoded(
+    flags, message, toy_root, tmp_path
+):
+    (tmp_path / "FILE").write_text("in the way")
+    flags = [str(tmp_path / "FILE" / "run") if f == "FILE" else f for f in flags]
+    cache = tmp_path / "cache"
+    started = time.time()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--model",
+            "tiny",
+            "--data",
+            str(toy_root),
+            "--cache_dir",
+            str(cache),
+        ]
+        + ["--out", str(tmp_path / "run"), *flags],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]
+    if "--batch_size" not in flags:  # the one check that needs the usable clips counted
+        assert not cache.exists()  # no clip was decoded
+    assert not (tmp_path / "run").exists() and time.time() - started < 60
+
+
+def test_the_paper_recipe_sets_its_settings_and_a_flag_given_wins(make_cfg):
+    cfg = make_cfg("--recipe", "paper", "--lr", "1e-3")
+    assert (cfg["head"], cfg["loss"], cfg["standardize"], cfg["lora_targets"]) == (
+        "mlp",
+        "l1",
+        True,
+        "paper",
+    )
+    assert (cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["max_frames"]) == (
+        32,
+        32.0,
+        0.1,
+        16,
+    )
+    assert cfg["head_lr"] == 1e-3 and cfg["lr"] == 1e-3  # --lr given: not the recipe's 2e-4
+    assert "recipe" not in cfg  # a run saves the settings, not the shorthand
