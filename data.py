@@ -126,11 +126,9 @@ def decode_video(path, fps, max_frames, max_pixels):
             raise DataError(f"{path}: no video stream", "bad media")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        duration = (
-            float(stream.duration * stream.time_base)
-            if stream.duration
-            else (container.duration or 0) / 1e6
-        )
+        duration = (container.duration or 0) / 1e6
+        if stream.duration:
+            duration = float(stream.duration * stream.time_base)
         n = min(max(round(duration * fps), 2), max_frames)
         targets = [(i + 0.5) * duration / n for i in range(n)]
         scale = min(1.0, math.sqrt(max_pixels / (stream.width * stream.height)))
@@ -378,22 +376,13 @@ class ModelInputs(torch.utils.data.Dataset):
 
 def model_inputs(processor, text, media, fps=2.0, max_pixels=128 * 28 * 28, audio_in_video=False):
     """The processor's output (a batch of 1) for a clip's prompt and decoded media: {'videos': ..., 'audio': ...}."""
-    if not hasattr(
-        processor, "tokenizer"
-    ):  # a text model's tokenizer: an encoder (no chat template) gets [CLS] etc.
-        return dict(
-            processor(
-                [text], return_tensors="pt", add_special_tokens=processor.chat_template is None
-            )
-        )
+    if not hasattr(processor, "tokenizer"):  # a text model's tokenizer
+        encoder = processor.chat_template is None  # it gets [CLS] and [SEP]
+        return dict(processor([text], return_tensors="pt", add_special_tokens=encoder))
     kwargs = {k: [v] for k, v in media.items()}
-    if (
-        audio_in_video
-    ):  # Qwen's own layout: the audio goes into the video's placeholder, in 2-s chunks by time
+    if audio_in_video:  # Qwen's own layout: the audio in the video's placeholder, in 2-s chunks
         kwargs.update(load_audio_from_video=True, audio_from_video_indices=[0])
-    if (
-        "audio" in media
-    ):  # Whisper features of the whole clip (the extractor's default pads or cuts to 30 s)
+    if "audio" in media:  # Whisper features of the whole clip (by default cut or padded to 30 s)
         kwargs["audio_kwargs"] = dict(max_length=len(media["audio"]) + 480)
     if "videos" in media:
         kwargs["videos_kwargs"] = dict(
@@ -407,11 +396,11 @@ def prompt(text, modalities, processor, audio_in_video=False):
     the same question through its chat template (an encoder, which has none, reads the transcript alone)."""
     question = (f'Transcript: "{text}"\n' if "t" in modalities else "") + QUESTION
     if hasattr(processor, "tokenizer"):
-        media = ("<|vision_bos|><|VIDEO|><|vision_eos|>" if "v" in modalities else "") + (
-            "<|audio_bos|><|AUDIO|><|audio_eos|>"
-            if "a" in modalities and not audio_in_video
-            else ""
-        )
+        media = ""
+        if "v" in modalities:
+            media += "<|vision_bos|><|VIDEO|><|vision_eos|>"
+        if "a" in modalities and not audio_in_video:
+            media += "<|audio_bos|><|AUDIO|><|audio_eos|>"
         return (
             f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
             f"<|im_start|>user\n{media}{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -473,16 +462,13 @@ def load_clips(cfg, split):
 def make_loader(
     cfg, clips, processor, batch_size=None, shuffle=False, seed=0, drop_last=False, rank=0, world=1
 ):
-    """A DataLoader over `clips` (eval_batch_size unless told otherwise). With world > 1, this rank's
-    share: shuffled, its part of each global batch (ShardedShuffle); not shuffled, every world-th clip
-    from the rank-th."""
+    """A DataLoader over `clips` (eval_batch_size unless told otherwise). Shuffled with world > 1: this
+    rank's part of each global batch (ShardedShuffle); not shuffled, every clip on every rank."""
     batch_size = batch_size or cfg["eval_batch_size"]
     generator = torch.Generator().manual_seed(seed)
     sampler = None
     if world > 1 and shuffle:
         sampler = ShardedShuffle(len(clips), batch_size, rank, world, generator)
-    elif world > 1:
-        sampler = range(rank, len(clips), world)
     tokenizer = getattr(processor, "tokenizer", processor)
     return torch.utils.data.DataLoader(
         ModelInputs(clips, processor, cfg["cache_processed"]),

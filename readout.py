@@ -260,7 +260,8 @@ honestly really very good great bad awful okay fine -3.0 -2.5 -2.0 -1.5 -1.0 -0.
 )
 
 
-DECODE = ("greedy", "median", "mean", "expected")  # gen's decoding rules
+# gen's decoding rules (median and mean of sampled answers went: expected beat both on SmolLM2 and Qwen)
+DECODE = ("greedy", "expected")
 
 
 def last_token_index(attention_mask):
@@ -401,9 +402,8 @@ class Disc(Readout):
         if self.cfg["head"] != "bins":
             mean, std = self.label_stats
             return out[:, 0] * std + mean, {}
-        p = out.softmax(
-            -1
-        )  # the predictive distribution over the bins: its mean, and its std per clip
+        # The predictive distribution over the bins: its mean, and its std per clip
+        p = out.softmax(-1)
         values = BINS.to(p.device)
         mean = p @ values
         return mean, dict(std=(p @ values**2 - mean**2).clamp(min=0).sqrt())
@@ -455,28 +455,26 @@ def keep_layers(backbone, layer):
 
 class PromptCache:
     """A batch of prompts run once, their keys and values kept for what follows them (nanochat's KV cache):
-    `copies` rows per prompt; `select` chooses which rows go on, `feed` runs tokens after each row's."""
+    a row per prompt at first; `select` chooses which rows go on, `feed` runs tokens after each row's."""
 
-    def __init__(self, model, inputs, model_kwargs, copies=1):
+    def __init__(self, model, inputs, model_kwargs):
         mask = inputs["attention_mask"]
         numbered = {}  # real tokens numbered from 0 past the padding, as generate() does
         if not hasattr(model, "rope_deltas"):  # (the Thinker numbers them itself)
             numbered["position_ids"] = mask.cumsum(1) - 1
         out = model(**inputs, **model_kwargs, **numbered, use_cache=True)
-        out.cache.batch_repeat_interleave(copies)
         self.model = model
         self.cache = out.cache
-        self.mask = mask.repeat_interleave(copies, 0)  # (rows, tokens so far)
-        start = mask.sum(1, True) + getattr(model, "rope_deltas", 0)  # the Thinker's rope offset
-        self.position = start.repeat_interleave(copies, 0)  # (rows, 1): the next token's position
-        self.last = out.last_hidden_state[:, -1].repeat_interleave(copies, 0)  # (rows, H)
+        self.mask = mask  # (rows, tokens so far)
+        # (rows, 1): the next token's position, past the Thinker's rope offset
+        self.position = mask.sum(1, True) + getattr(model, "rope_deltas", 0)
+        self.last = out.last_hidden_state[:, -1]  # (rows, H)
 
     def select(self, rows):
         """Keep these rows, in this order (a row may be kept more than once)."""
         self.cache.batch_select_indices(rows)
         self.mask = self.mask[rows]
         self.position = self.position[rows]
-        self.last = self.last[rows]
 
     def feed(self, ids):
         """Run tokens (rows, n) after each row's -> the state after the last of them (rows, H)."""
@@ -497,13 +495,10 @@ class PromptCache:
 class Gen(Readout):
     """Generative readout: the model writes the score as text, which parse_score reads (an unparseable answer
     is NaN). Trained with cross-entropy on the answer (the label with one decimal, then the end token).
-    --decode: greedy, the median or mean of --samples answers that parse, or the expected answer under the
-    model's probabilities."""
+    --decode: greedy, or the expected answer under the model's probabilities."""
 
     flags = (
         Flag("decode", str, "greedy", "how answers become a prediction", DECODE, reading=True),
-        Flag("samples", int, 8, "median and mean: answers drawn per clip", reading=True),
-        Flag("temperature", float, 1.0, "median and mean: the sampling temperature", reading=True),
         Flag("max_new_tokens", int, 8, "at most this many tokens are generated", reading=True),
         Flag("parse_fallback", float, 0.0, "the prediction of an unparseable answer", reading=True),
     )
@@ -531,20 +526,17 @@ class Gen(Readout):
         return torch.tensor([*ids, self.end_id], device=device)
 
     def with_answers(self, inputs, labels):
-        """Each prompt followed by its answer, left-padded again -> (inputs, targets: the answer's ids, else
-        -100)."""
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        answers = [self.answer(y, ids.device) for y in labels.tolist()]
-        rows = [torch.cat([ids[i][mask[i].bool()], a]) for i, a in enumerate(answers)]
-        prompts_ignored = [torch.full_like(r[: -len(a)], -100) for r, a in zip(rows, answers)]
-        targets = [torch.cat([p, a]) for p, a in zip(prompts_ignored, answers)]
-        pad = functools.partial(pad_sequence, batch_first=True, padding_side="left")
-        padded = dict(
-            inputs,
-            input_ids=pad(rows, padding_value=self.tokenizer.pad_token_id),
-            attention_mask=pad([torch.ones_like(r) for r in rows]),
-        )
-        return padded, pad(targets, padding_value=-100)
+        """Each prompt followed by its answer (padded on the right, after every real token, so that it
+        changes none of them) -> (inputs, targets: the answers' ids, else -100)."""
+        answers = [self.answer(y, labels.device) for y in labels.tolist()]
+        ids = pad_sequence(answers, batch_first=True, padding_value=self.tokenizer.pad_token_id)
+        real = pad_sequence([torch.ones_like(a) for a in answers], batch_first=True)
+        prompt = torch.full_like(inputs["input_ids"], -100)
+        targets = torch.cat([prompt, ids.masked_fill(real == 0, -100)], 1)
+        mask = torch.cat([inputs["attention_mask"], real], 1)
+        return dict(
+            inputs, input_ids=torch.cat([inputs["input_ids"], ids], 1), attention_mask=mask
+        ), targets
 
     def token_loss(self, inputs, targets):
         """Cross-entropy of the tokens where targets != -100; the LM head runs on those positions only."""
@@ -557,47 +549,25 @@ class Gen(Readout):
 
     @torch.no_grad()
     def predict(self, batch):
-        rule, inputs = self.cfg["decode"], batch["inputs"]
-        if rule == "expected":
+        inputs = batch["inputs"]
+        if self.cfg["decode"] == "expected":  # never unparseable, never out of bounds
             values, loglik = self.answer_loglik(inputs)
-            return loglik.softmax(-1) @ values, dict(
-                parse_failures=0, generated_tokens=0, out_of_bounds=0
-            )
-        k = 1 if rule == "greedy" else self.cfg["samples"]
-        if k > 1:
-            new = self.sample(inputs, k)  # clip i's answers: rows i * k to i * k + k - 1
-        else:  # greedy: as generate() does it
-            out = self.backbone.generate(
-                **inputs,
-                **self.model_kwargs,
-                max_new_tokens=self.cfg["max_new_tokens"],
-                do_sample=False,
-            )
-            new = out[:, inputs["input_ids"].shape[1] :]
+            return loglik.softmax(-1) @ values, {}
+        max_new = self.cfg["max_new_tokens"]
+        out = self.backbone.generate(
+            **inputs, **self.model_kwargs, max_new_tokens=max_new, do_sample=False
+        )
+        new = out[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         scores = [parse_score(t, clip=False) for t in texts]
         written = np.array([math.nan if s is None else s for s in scores])
-        preds = combine(written.clip(-3, 3).reshape(-1, k), rule)
         ended = torch.isin(new, self.eos_ids)
         lengths = torch.where(ended.any(-1), ended.int().argmax(-1) + 1, new.shape[1])  # to the end
-        info = dict(parse_failures=int(np.isnan(preds).sum()), generated_tokens=int(lengths.sum()))
-        # the paper's "out of bounds": answers outside [-3, 3] before they are clipped (of all answers)
-        info.update(out_of_bounds=int((np.abs(written) > 3).sum()), answers=len(written))
-        return torch.tensor(preds), info
-
-    def sample(self, inputs, k):
-        """k answers per clip, drawn at --temperature after one run of the prompt -> tokens (B * k, T)."""
-        cache = PromptCache(self.text_model(), inputs, self.model_kwargs, copies=k)
-        ended = torch.zeros(len(cache.last), dtype=torch.bool, device=cache.last.device)
-        tokens = []
-        while len(tokens) < self.cfg["max_new_tokens"] and not ended.all():
-            if tokens:
-                cache.feed(tokens[-1][:, None])
-            logits = self.backbone.lm_head(cache.last).float()
-            token = (logits / self.cfg["temperature"]).softmax(-1).multinomial(1)[:, 0]
-            tokens.append(torch.where(ended, self.end_id, token))  # an ended answer: end tokens
-            ended |= torch.isin(token, self.eos_ids)
-        return torch.stack(tokens, 1)
+        # out_of_bounds: the paper's count of answers outside [-3, 3], before they are clipped
+        info = dict(
+            generated_tokens=int(lengths.sum()), out_of_bounds=int((np.abs(written) > 3).sum())
+        )
+        return torch.tensor(written.clip(-3, 3)), info
 
     def answer_loglik(self, inputs):
         """(values (C,), log-likelihoods (B, C)) of the C = 61 answers gen is trained to write, -3.0 to 3.0
@@ -622,13 +592,6 @@ class Gen(Readout):
             cache.feed(torch.tensor([p[-1] for p in longer] * B, device=device)[:, None])
             prefixes = longer
         return values, loglik
-
-
-def combine(scores, rule):
-    """(B, k) parsed answers (NaN: unparseable) -> (B,): their median or mean; NaN where none parsed."""
-    reduce = np.mean if rule == "mean" else np.median  # greedy: k = 1
-    parsed = [row[~np.isnan(row)] for row in scores]
-    return np.array([reduce(p) if len(p) else math.nan for p in parsed])
 
 
 class Mean(Disc):

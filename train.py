@@ -105,7 +105,7 @@ def train_loaded(cfg, clips, rank, world):
     # drop_last: a batch norm needs two clips
     shuffled = dict(shuffle=True, seed=cfg["seed"], drop_last=True, rank=rank, world=world)
     loader = make_loader(cfg, clips["train"], processor, cfg["batch_size"], **shuffled)
-    valid = make_loader(cfg, clips["valid"], processor, rank=rank, world=world)
+    valid = make_loader(cfg, clips["valid"], processor)
     in_order = make_loader(cfg, clips["train"], processor, cfg["batch_size"])  # for prepare()
     per_step = cfg["batch_size"] * world * cfg["grad_accum"]
     print(
@@ -190,21 +190,14 @@ def train_epoch(readout, loader, optimizer, cfg, epoch, step, world):
 
 
 def param_groups(readout, cfg):
-    """LoRA's parameters at --lr, the readout's own (a head) at --head_lr where it has that flag."""
-    lora = [
-        p for n, p in readout.named_parameters() if p.requires_grad and n.startswith("backbone.")
-    ]
-    own = [
-        p
-        for n, p in readout.named_parameters()
-        if p.requires_grad and not n.startswith("backbone.")
-    ]
-    head_lr = cfg.get("head_lr") or cfg["lr"]
-    groups = [
-        dict(params=lora, lr=cfg["lr"], peak=cfg["lr"]),
-        dict(params=own, lr=head_lr, peak=head_lr),
-    ]
-    return [g for g in groups if g["params"]]
+    """LoRA's parameters at --lr, the readout's own (a head) at --head_lr where it has that flag; one group
+    for each learning rate, its peak kept for the schedule."""
+    groups = {}
+    for name, p in readout.named_parameters():
+        if p.requires_grad:
+            lr = cfg["lr"] if name.startswith("backbone.") else cfg.get("head_lr") or cfg["lr"]
+            groups.setdefault(lr, []).append(p)
+    return [dict(params=params, lr=lr, peak=lr) for lr, params in groups.items()]
 
 
 def average_gradients(params, world):
@@ -242,7 +235,7 @@ def finish(cfg, readout, processor, test_clips, log, counts, rank, world):
     kept = min(log[1:], key=lambda r: r["valid"]["MAE"])
     weights = out / "weights.safetensors"
     load_weights(readout, read_tensors(weights, device), weights)
-    test_loader = make_loader(cfg, test_clips, processor, rank=rank, world=world)
+    test_loader = make_loader(cfg, test_clips, processor)
     test, _, labels = evaluate(readout, test_loader, device)
     result = dict(
         valid=kept["valid"],

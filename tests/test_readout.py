@@ -1,6 +1,5 @@
 import random
 
-import numpy as np
 import pytest
 import torch
 
@@ -217,7 +216,7 @@ def test_gen_loss_is_over_the_answer_tokens_only(make_cfg):
     ]
     for i, answer in enumerate(answers):
         kept = targets[i][targets[i] != -100].tolist()
-        assert kept == answer and full["input_ids"][i, -len(answer) :].tolist() == answer
+        assert kept == answer and full["input_ids"][i][targets[i] != -100].tolist() == answer
         assert full["attention_mask"][i, 0] == 0 or i == 1  # left padding kept
     loss = readout.token_loss(full, targets)
     # The same loss through the model's own full forward and its labels (shifted inside transformers).
@@ -269,7 +268,7 @@ def test_expected_scores_every_answer_as_separate_forward_passes_would(make_cfg,
     assert torch.allclose(probs.sum(-1), torch.ones(3)) and torch.allclose(
         preds.float(), (probs @ values).float()
     )
-    assert info["parse_failures"] == 0 and not preds.isnan().any()
+    assert info == {} and not preds.isnan().any()  # nothing unparseable, nothing out of bounds
 
 
 def test_expected_on_a_llama_decoder_with_left_padding(make_cfg):
@@ -306,43 +305,15 @@ def test_expected_on_a_llama_decoder_with_left_padding(make_cfg):
         )
 
 
-def test_sampled_answers_are_combined_over_those_that_parse():
-    from readout import combine
-
-    nan = float("nan")
-    scores = np.array([[1.0, nan, 3.0, 2.5], [nan, nan, nan, nan], [-1.0, -2.0, nan, 0.0]])
-    assert combine(scores, "median")[[0, 2]].tolist() == [2.5, -1.0] and np.isnan(
-        combine(scores, "median")[1]
-    )
-    assert combine(scores, "mean")[[0, 2]].tolist() == pytest.approx([6.5 / 3, -1.0])
-    assert combine(np.array([[0.7]]), "greedy").tolist() == [0.7]
-
-
-def test_sampling_draws_k_answers_per_clip_from_one_prompt_pass(make_cfg):
+def test_greedy_counts_its_generated_tokens_up_to_the_end_token(make_cfg):
     from data import load_clips, make_loader
 
-    cfg = make_cfg("--readout", "gen", "--modalities", "t", "--decode", "median", "--samples", "4")
+    cfg = make_cfg("--readout", "gen", "--modalities", "t")
     torch.manual_seed(0)
     gen, processor = build(cfg, torch.device("cpu"), lora=False)
     batch = next(iter(make_loader(cfg, load_clips(cfg, "valid"), processor, batch_size=2)))
     gen.eval()
-    passes = []
-    gen.backbone.model.register_forward_hook(
-        lambda module, args, kwargs, out: passes.append(kwargs["input_ids"].shape), with_kwargs=True
-    )
-    torch.manual_seed(1)
-    preds, info = gen.predict(batch)
-    # 4 answers of at most max_new_tokens for each of the 2 clips: more than one answer could hold
-    assert (
-        preds.shape == (2,)
-        and 2 * cfg["max_new_tokens"] < info["generated_tokens"] <= 2 * 4 * cfg["max_new_tokens"]
-    )
-    assert passes[0][0] == 2 and all(
-        shape == (8, 1) for shape in passes[1:]
-    )  # the prompts ran once
-    torch.manual_seed(1)
-    assert torch.allclose(gen.predict(batch)[0], preds, equal_nan=True)  # the same draws again
-    gen.cfg["decode"] = "greedy"  # the random model's most likely token is never the end token
+    # the random model's most likely token is never the end token: every answer runs to the limit
     assert gen.predict(batch)[1]["generated_tokens"] == 2 * cfg["max_new_tokens"]
 
 
@@ -358,8 +329,6 @@ def test_each_head_trains_beats_the_train_mean_and_its_checkpoint_reproduces(mak
     assert cfg["head"] == head[0] and cfg["head_lr"] == 3e-3
     again = evaluate_split(cfg, readout, processor)
     assert again["MAE"] == result["test"]["MAE"]
-    if head[0] == "bins":  # the predictive distribution's spread, per clip, averaged
-        assert 0 < again["mean_std"] < 3
     if "--standardize" in head:  # the training labels' mean and std travel with the head
         mean, std = read_tensors(out / "weights.safetensors")["label_stats"].tolist()
         assert std > 0.5 and mean != 0
