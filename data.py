@@ -55,10 +55,9 @@ def read_split(root, split, on_bad="error"):
             f"{path}: not found (an MMSA-layout folder needs label.csv and Raw/<video_id>/<clip_id>.mp4)"
         )
     rows, skipped, seen = [], [], {}
-    # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate, so that its row can be named
-    with open(
-        path, newline="", encoding="utf-8-sig", errors="surrogateescape"
-    ) as f:  # -sig: a spreadsheet's BOM
+    # -sig: a spreadsheet's BOM; surrogateescape: a byte that is not UTF-8 becomes a lone surrogate, so
+    # that its row can be named
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -221,9 +220,7 @@ def read_cached(file, load):
         return None
     try:
         return load(file.read_bytes())
-    except (
-        Exception
-    ) as e:  # whatever a truncated or overwritten file makes numpy or safetensors raise
+    except Exception as e:  # whatever numpy or safetensors raise on a damaged file
         if not DAMAGED:
             print(
                 f"data: {file}: a damaged cache file ({type(e).__name__}), decoded again (said once)"

@@ -76,14 +76,11 @@ def quantize_nf4(model, skip=()):
 
 def count_parameters(model):
     """Trainable and total parameters, a 4-bit weight counted by its elements, not by the bytes it is packed in."""
-    sizes = [
-        (
-            p.quant_state.shape.numel()
-            if isinstance(p, bnb.nn.Params4bit) and p.quant_state
-            else p.numel(),
-            p.requires_grad,
-        )
-        for p in model.parameters()
-    ]
-    trainable, total = sum(n for n, grad in sizes if grad), sum(n for n, _ in sizes)
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if isinstance(p, bnb.nn.Params4bit) and p.quant_state:
+            n = p.quant_state.shape.numel()  # its uint8 storage holds two values an element
+        total += n
+        trainable += n * p.requires_grad
     return dict(trainable=trainable, total=total, trainable_pct=100.0 * trainable / total)

@@ -319,9 +319,6 @@ class Readout(nn.Module):
         out = model(**inputs, **self.model_kwargs, use_cache=False, output_hidden_states=True)
         return out.hidden_states[layer]
 
-    def start(self, labels):
-        """Called once before training with the training labels (N,) (e.g. to standardise targets)."""
-
     def prepare(self, batches):
         """Called before each evaluation with the training batches (e.g. to refresh statistics)."""
 
@@ -341,12 +338,6 @@ class Disc(Readout):
             ("linear", "mlp", "bins"),
         ),
         Flag("bin_sigma", float, 0.75, "bins: the width of a label's Gaussian, in bins"),
-        Flag(
-            "standardize",
-            bool,
-            False,
-            "linear, mlp: regress labels standardised on the training set",
-        ),
         Flag("layer", int, -1, "read the state after this decoder layer (negative: from the end)"),
         Flag("head_lr", float, None, "the head's peak learning rate (default: --lr)"),
         Flag("pool_norm", str, "none", "standardised pooled states", ("none", "batch")),
@@ -364,13 +355,6 @@ class Disc(Readout):
         self.norm = nn.Identity()
         if cfg["pool_norm"] == "batch":
             self.norm = nn.BatchNorm1d(hidden, affine=False, momentum=None, device=backbone.device)
-        # The training labels' mean and std (--standardize), saved with the head
-        stats = torch.tensor([0.0, 1.0], device=backbone.device)
-        self.register_buffer("label_stats", stats, persistent=cfg["standardize"])
-
-    def start(self, labels):
-        if self.cfg["standardize"]:
-            self.label_stats = torch.stack([labels.mean(), labels.std()]).to(self.label_stats)
 
     @torch.no_grad()
     def prepare(self, batches):
@@ -393,15 +377,13 @@ class Disc(Readout):
         out, labels = self(batch), batch["label"]
         if self.cfg["head"] == "bins":
             return F.cross_entropy(out, hl_gauss(labels, self.cfg["bin_sigma"] * 0.1))
-        mean, std = self.label_stats
-        return self.loss_fn(out[:, 0], (labels - mean) / std)
+        return self.loss_fn(out[:, 0], labels)
 
     @torch.no_grad()
     def predict(self, batch):
         out = self(batch)
         if self.cfg["head"] != "bins":
-            mean, std = self.label_stats
-            return out[:, 0] * std + mean, {}
+            return out[:, 0], {}
         # The predictive distribution over the bins: its mean, and its std per clip
         p = out.softmax(-1)
         values = BINS.to(p.device)
@@ -516,7 +498,6 @@ class Gen(Readout):
             raise UserError(
                 f"--readout gen: {cfg['model']} has no eos_token_id in its generation config"
             )
-        self.eos_ids = torch.tensor(eos, device=backbone.device).view(-1)
         self.fallback = cfg["parse_fallback"]
 
     def answer(self, label, device):
@@ -561,12 +542,8 @@ class Gen(Readout):
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         scores = [parse_score(t, clip=False) for t in texts]
         written = np.array([math.nan if s is None else s for s in scores])
-        ended = torch.isin(new, self.eos_ids)
-        lengths = torch.where(ended.any(-1), ended.int().argmax(-1) + 1, new.shape[1])  # to the end
         # out_of_bounds: the paper's count of answers outside [-3, 3], before they are clipped
-        info = dict(
-            generated_tokens=int(lengths.sum()), out_of_bounds=int((np.abs(written) > 3).sum())
-        )
+        info = dict(out_of_bounds=int((np.abs(written) > 3).sum()))
         return torch.tensor(written.clip(-3, 3)), info
 
     def answer_loglik(self, inputs):

@@ -113,12 +113,12 @@ def train_loaded(cfg, clips, rank, world):
         f"accumulation steps = {per_step} clips per optimizer step"
     )
     optimizer = torch.optim.AdamW(param_groups(readout, cfg), weight_decay=cfg["weight_decay"])
-    readout.start(torch.tensor([r["label"] for r in clips["train"].rows]))
     log = [dict(data={s: c.counts() for s, c in clips.items()})]
     start, step = 0, 0
     if cfg["resume"]:
         start, step = load_last(out / "last.safetensors", readout, optimizer, loader)
-        log = read_log(out, start)
+        lines = (out / "log.jsonl").read_text().splitlines()
+        log = [r for r in map(json.loads, lines) if r.get("epoch", 0) <= start]
         print(f"resuming {out} after epoch {start}")
     for epoch in range(start + 1, cfg["epochs"] + 1):
         started = time.time()
@@ -309,12 +309,6 @@ def release(lock, out):
     os.close(lock)
     if not any(out.iterdir()):
         out.rmdir()
-
-
-def read_log(out, epochs):
-    """log.jsonl's data line and its lines of epochs 1 to `epochs`."""
-    lines = (out / "log.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("epoch", 0) <= epochs]
 
 
 def kept_so_far(out):

@@ -111,7 +111,7 @@ def test_gen_read_with_other_decoding_rules_reuses_the_trained_run(toy_root, tmp
     assert (gen / "metrics.json").stat().st_mtime_ns == stamp  # not trained again
     assert (gen / "test@expected.json").exists()
     expected = results["gen@expected"][0]
-    assert expected["parse_fail_rate"] == 0.0 and expected["tokens_per_clip"] == 0
+    assert expected["parse_fail_rate"] == 0.0 and expected["out_of_bounds_rate"] == 0
     assert expected["MAE"] != results["gen"][0]["MAE"]
     assert (
         json.loads((tmp_path / "cmp" / "gen0@expected-t.json").read_text())["settings"]["decode"]

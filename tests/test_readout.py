@@ -305,21 +305,9 @@ def test_expected_on_a_llama_decoder_with_left_padding(make_cfg):
         )
 
 
-def test_greedy_counts_its_generated_tokens_up_to_the_end_token(make_cfg):
-    from data import load_clips, make_loader
-
-    cfg = make_cfg("--readout", "gen", "--modalities", "t")
-    torch.manual_seed(0)
-    gen, processor = build(cfg, torch.device("cpu"), lora=False)
-    batch = next(iter(make_loader(cfg, load_clips(cfg, "valid"), processor, batch_size=2)))
-    gen.eval()
-    # the random model's most likely token is never the end token: every answer runs to the limit
-    assert gen.predict(batch)[1]["generated_tokens"] == 2 * cfg["max_new_tokens"]
-
-
-@pytest.mark.parametrize("head", [["linear"], ["mlp", "--standardize"], ["bins"]])
+@pytest.mark.parametrize("head", [["linear"], ["mlp"], ["bins"]])
 def test_each_head_trains_beats_the_train_mean_and_its_checkpoint_reproduces(make_cfg, head):
-    from eval import load_checkpoint, read_tensors
+    from eval import load_checkpoint
     from train import train
 
     flags = ["--modalities", "t", "--epochs", "10", "--head", *head, "--head_lr", "3e-3"]
@@ -329,9 +317,6 @@ def test_each_head_trains_beats_the_train_mean_and_its_checkpoint_reproduces(mak
     assert cfg["head"] == head[0] and cfg["head_lr"] == 3e-3
     again = evaluate_split(cfg, readout, processor)
     assert again["MAE"] == result["test"]["MAE"]
-    if "--standardize" in head:  # the training labels' mean and std travel with the head
-        mean, std = read_tensors(out / "weights.safetensors")["label_stats"].tolist()
-        assert std > 0.5 and mean != 0
 
 
 def evaluate_split(cfg, readout, processor, split="test"):
@@ -410,6 +395,18 @@ def test_the_papers_target_names_reach_into_the_towers_and_the_default_ones_do_n
     assert adapted(default) < adapted(paper)  # the decoder's layers in both
 
 
-def test_out_of_bounds_answers_are_counted_before_they_are_clipped():
+def test_out_of_bounds_answers_are_counted_before_they_are_clipped(make_cfg, monkeypatch):
     assert parse_score("score: 4.5") == 3.0 and parse_score("score: 4.5", clip=False) == 4.5
     assert parse_score("-7", clip=False) == -7.0 and parse_score("none", clip=False) is None
+    gen, processor = build(make_cfg("--readout", "gen", "--modalities", "t"), torch.device("cpu"))
+    gen.eval()
+    answers = ["4.5", "score: -7", "0.5", "none"]
+    monkeypatch.setattr(
+        gen.tokenizer, "batch_decode", lambda *a, **k: answers
+    )  # what the model wrote
+    prompts = [prompt(t, "t", processor) for t in ["a", "b", "c", "d"]]
+    batch = dict(inputs=dict(processor(text=prompts, padding=True, return_tensors="pt")))
+    preds, info = gen.predict(batch)
+    assert (
+        info == {"out_of_bounds": 2} and preds[:3].tolist() == [3.0, -3.0, 0.5] and preds[3].isnan()
+    )

@@ -140,8 +140,13 @@ def test_training_gen_makes_its_answers_parseable(make_cfg):
         for line in (out / "log.jsonl").read_text().splitlines()[1:]
     ]
     assert before >= 0.3 and after[-1] <= 0.1, (before, after)
-    assert result["test"]["tokens_per_clip"] <= cfg["max_new_tokens"]
-    assert set(result["test"]) >= {"parse_failures", "parse_fail_rate", "parsed", "ms_per_clip"}
+    assert 0 <= result["test"]["out_of_bounds_rate"] <= 1
+    assert set(result["test"]) >= {
+        "parse_failures",
+        "parse_fail_rate",
+        "out_of_bounds_rate",
+        "ms_per_clip",
+    }
 
 
 def test_gradient_checkpointing_changes_no_number(make_cfg, tmp_path):
@@ -472,7 +477,7 @@ def test_gguf_causal_lm_quantised_in_memory_trains_disc_and_gen_on_real_transcri
         optimizer.step()
         optimizer.zero_grad()
     preds, info = gen.predict(batch)
-    assert preds.shape == (4,) and 1 <= info["generated_tokens"] <= 4 * cfg["max_new_tokens"]
+    assert preds.shape == (4,) and 0 <= info["out_of_bounds"] <= 4
 
 
 @pytest.mark.parametrize(
@@ -838,12 +843,7 @@ def test_what_can_be_known_early_is_one_line_before_the_clips_are_decoded(
 
 def test_the_paper_recipe_sets_its_settings_and_a_flag_given_wins(make_cfg):
     cfg = make_cfg("--recipe", "paper", "--lr", "1e-3")
-    assert (cfg["head"], cfg["loss"], cfg["standardize"], cfg["lora_targets"]) == (
-        "mlp",
-        "l1",
-        True,
-        "paper",
-    )
+    assert (cfg["head"], cfg["loss"], cfg["lora_targets"]) == ("mlp", "l1", "paper")
     assert (cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["max_frames"]) == (
         32,
         32.0,
