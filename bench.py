@@ -337,7 +337,7 @@ def bench(cfg):
             cfg["warmup"],
             cfg["repeats"],
         )
-        generated = gen.predict(batch)[1]["generated_tokens"] / cfg["batch_size"]
+        generated = new_tokens(gen, batch, cfg["max_new_tokens"])
         peak_mb(device, reset=True)
         timed({"disc": lambda: disc.predict(batch)}, device, 0, 1)
     out.update(
@@ -467,6 +467,18 @@ def rule_times(cfg, disc, gen):
 
 
 # ------------------------------------------------------------------------------ 7B counts, no weights needed
+
+
+def new_tokens(gen, batch, max_new_tokens):
+    """Tokens gen writes per clip, greedily, up to and with the end token."""
+    inputs = batch["inputs"]
+    out = gen.backbone.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[:, inputs["input_ids"].shape[1] :]
+    eos = torch.tensor(gen.backbone.generation_config.eos_token_id, device=new.device).view(-1)
+    ended = torch.isin(new, eos)
+    return (
+        torch.where(ended.any(-1), ended.int().argmax(-1) + 1, new.shape[1]).float().mean().item()
+    )
 
 
 def param_counts(
