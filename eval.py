@@ -161,6 +161,11 @@ RECIPES = dict(
 )
 RECIPES["paper"].update(lora_targets="paper", lr=2e-4, head_lr=1e-3, max_frames=16)
 
+RETIRED = {
+    "samples",
+    "temperature",
+}  # gen's median and mean rules' flags: gone, and nothing else read them
+
 RESOLVED = {*PRESETS["tiny"], "lora_alpha"}  # the flags that resolve() gives a value
 
 
@@ -248,7 +253,7 @@ def load_config(folder):
         raise UserError(f"{file}: not a JSON object")
     flags = {f.name: f for f in reading_flags() + TRAINING_FLAGS}
     own = {f.name: f for f in getattr(READOUTS.get(cfg.get("readout")), "flags", ())}
-    others = readout_flags().keys() - own.keys()
+    others = readout_flags().keys() - own.keys() | RETIRED
     cfg = {k: v for k, v in cfg.items() if k not in others}
     cfg = {**{k: f.default for k, f in own.items()}, **cfg}
     flags.update(own)
@@ -553,6 +558,7 @@ def main(argv=None):
     run = p.add_argument_group("the run (with --ckpt: only those given replace the run's own)")
     run_flags(run, training=False)
     args = vars(p.parse_args(argv))
+    check_device(args["device"])
     overrides = {k: v for k, v in given_flags(p, argv).items() if k in run_config()}
     if args["compare"]:
         a, b = [run_split(folder, args, overrides) for folder in args["compare"]]

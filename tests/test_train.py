@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from data import UserError, load_clips, make_loader
-from eval import evaluate, load_checkpoint
+from eval import evaluate, load_checkpoint, load_config
 from readout import build
 from train import lr_at, train
 
@@ -852,3 +852,26 @@ def test_the_paper_recipe_sets_its_settings_and_a_flag_given_wins(make_cfg):
     )
     assert cfg["head_lr"] == 1e-3 and cfg["lr"] == 1e-3  # --lr given: not the recipe's 2e-4
     assert "recipe" not in cfg  # a run saves the settings, not the shorthand
+
+
+def test_a_checkpoint_saved_before_readouts_owned_their_flags_still_loads(checkpoint, make_cfg):
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    # what train.py wrote then: every readout's flags in every run, and gen's sampling flags since retired
+    old = {
+        **cfg,
+        "decode": "greedy",
+        "samples": 8,
+        "temperature": 1.0,
+        "max_new_tokens": 8,
+        "parse_fallback": 0.0,
+    }
+    old = {
+        k: v for k, v in old.items() if k not in ("head", "bin_sigma", "layer", "head_lr")
+    }  # newer than it
+    (checkpoint / "config.json").write_text(json.dumps(old))
+    loaded, _, _ = load_checkpoint(checkpoint, make_cfg())
+    assert (
+        loaded["head"] == "linear"
+        and loaded["layer"] == -1
+        and "samples" not in load_config(checkpoint)
+    )
