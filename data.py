@@ -331,12 +331,6 @@ class Clips:
     def __len__(self):
         return len(self.rows)
 
-    def media_files(self, r):
-        """The files a row's media come from."""
-        return [
-            r["mp4"].with_suffix(s) for s in (".mp4", ".wav") if r["mp4"].with_suffix(s).exists()
-        ]
-
 
 class ModelInputs(torch.utils.data.Dataset):
     """Clips as the processor's output, a batch of one each; with cache_processed, kept on disk, so that later
@@ -358,7 +352,9 @@ class ModelInputs(torch.utils.data.Dataset):
         file = None
         if self.processed_key:
             folder = Path(c.cache_dir) / "processed"
-            key = [text, *c.media_files(r), c.video, self.processed_key]
+            media = [r["mp4"].with_suffix(s) for s in (".mp4", ".wav")]
+            files = [m for m in media if m.exists()]  # those its media come from
+            key = [text, *files, c.video, self.processed_key]
             file = cache_file(folder, *key, suffix=".safetensors")
         inputs = read_cached(file, safetensors.torch.load)
         if inputs is None:

@@ -559,7 +559,8 @@ def main(argv=None):
     run_flags(run, training=False)
     args = vars(p.parse_args(argv))
     check_device(args["device"])
-    overrides = {k: v for k, v in given_flags(p, argv).items() if k in run_config()}
+    run_settings = run_config()  # the given ones among them replace the run's
+    overrides = {k: v for k, v in given_flags(p, argv).items() if k in run_settings}
     if args["compare"]:
         a, b = [run_split(folder, args, overrides) for folder in args["compare"]]
         result = compare(a, b, args["compare"], args["split"])

@@ -35,11 +35,11 @@ def ridge(x, y, strength):
 def states(readout, loader, device):
     """Every layer's pooled states of a split -> ({pooling: (clips, layers + 1, H)}, labels)."""
     pooled, labels = {"last": [], "mean": []}, []
+    model = readout.text_model()
     for batch in tqdm(loader, desc="states", leave=False):
         batch = to_device(batch, device)
         mask = batch["inputs"]["attention_mask"]
         with autocast(device):
-            model = readout.text_model()
             out = model(
                 **batch["inputs"],
                 **readout.model_kwargs,

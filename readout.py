@@ -91,12 +91,8 @@ def load_backbone(name, quant="nf4", device="cpu", trust_remote_code=False):
         model = kind.from_pretrained(folder, **source, **load)
         side = "left" if causal else "right"  # left padding: a causal LM generates
         tokenizer = AutoTokenizer.from_pretrained(folder, padding_side=side, **source)
-    except (
-        OSError,
-        ValueError,
-        ImportError,
-    ) as e:  # not found, not a model, gated, a package missing
-        raise cannot_load(name, e) from None
+    except (OSError, ValueError, ImportError) as e:
+        raise cannot_load(name, e) from None  # not found, not a model, gated, a package missing
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     if quant == "nf4" and "gguf_file" in source:  # llama.cpp weights, dequantised by transformers
         quantize_nf4(model, SKIP_QUANT)
@@ -114,8 +110,9 @@ def model_source(name, trust_remote_code=False):
     return folder, source
 
 
+@functools.cache  # train.py reads it before decoding, build() and load_backbone() again: read once
 def model_config(name, trust_remote_code=False):
-    """The transformers configuration of --model NAME, read without its weights."""
+    """The transformers configuration of --model NAME, read without its weights (do not change it)."""
     folder, source = model_source(name, trust_remote_code)
     try:
         return AutoConfig.from_pretrained(folder, **source)
