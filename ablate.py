@@ -26,6 +26,7 @@ def parse_args(argv=None):
         out_help="the folder of the runs and the table (default: runs/DATA-READOUT-ablation)",
         resume=False,
     )
+    p.description = __doc__  # not train.py's
     group = p.add_argument_group("the comparison")
     subsets = (
         f"comma-separated modality subsets (default: {SUBSETS}; with --readouts: --modalities)"

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint (its config.json defines the run but for the run flags given here, e.g. --modalities t),
 or the gen readout zero-shot: MMSA metrics, ms per clip, the train-mean baseline.
 
-    python eval.py --ckpt runs/toy-disc-tav-s0 [--split test] [--bootstrap 1000] [--plot] [--out test.json]
+    python eval.py --ckpt runs/toy-disc-tav-s0 [--split test] [--bootstrap 1000] [--plot] [--json test.json]
     python eval.py --model tiny --data toy --readout gen              # zero-shot: no training, no LoRA
     python eval.py --compare runs/toy-disc-tav-s0 runs/toy-gen-tav-s0  # clip by clip, with a paired test
 """
@@ -157,9 +157,18 @@ PRESETS = {
 
 # --recipe paper: the settings two re-implementations of the paper agree on (their reading, not ours)
 RECIPES = dict(
-    paper=dict(head="mlp", loss="l1", lora_r=32, lora_alpha=32.0, lora_dropout=0.1),
+    paper=dict(
+        head="mlp",
+        loss="l1",
+        lora_r=32,
+        lora_alpha=32.0,
+        lora_dropout=0.1,
+        lora_targets="paper",
+        lr=2e-4,
+        head_lr=1e-3,
+        max_frames=16,
+    ),
 )
-RECIPES["paper"].update(lora_targets="paper", lr=2e-4, head_lr=1e-3, max_frames=16)
 
 RETIRED = {
     "samples",
@@ -373,7 +382,7 @@ def bootstrap(preds, labels, n=1000, seed=0, keys=("MAE", "Corr", "Acc2_non0", "
 
 def paired(preds_a, preds_b, labels, n=10000, seed=0):
     """A against B on the same clips: d = |error of A| - |error of B| per clip, its mean with a bootstrap 95% interval,
-    a two-sided paired permutation test (each clip's sign flipped at random n times), and who is closer how often."""
+    a two-sided paired permutation test (each clip's sign flipped at random n times), who is closer how often, and d."""
     d = np.abs(preds_a - labels) - np.abs(preds_b - labels)
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, len(d), (n, len(d)))].mean(1)
@@ -386,6 +395,7 @@ def paired(preds_a, preds_b, labels, n=10000, seed=0):
         a_closer=float(np.mean(d < 0)),
         b_closer=float(np.mean(d > 0)),
         n=len(d),
+        per_clip=d.tolist(),  # for statistics over several comparisons (pooled.py)
     )
 
 
@@ -527,8 +537,7 @@ def given_flags(p, argv):
 
 def compare(a, b, folders, split):
     """Two runs' predictions on the same clips, side by side and tested clip by clip."""
-    same_data = data_root(a.cfg["data"]).resolve() == data_root(b.cfg["data"]).resolve()
-    if not same_data or a.ids != b.ids:
+    if a.ids != b.ids or not np.array_equal(a.labels, b.labels):
         raise UserError(
             f"--compare: {folders[0]} ({a.cfg['data']}, {len(a.ids)} clips) and {folders[1]} "
             f"({b.cfg['data']}, {len(b.ids)} clips) are not evaluated on the same clips of {split!r}"
@@ -553,7 +562,9 @@ def main(argv=None):
     resamplings = "95%% intervals from N resamplings of clips"
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help=resamplings)
     p.add_argument("--plot", action="store_true", help="scatter plot and learning curve PNGs")
-    p.add_argument("--out", default=None, help="write the results as JSON to this file")
+    p.add_argument(
+        "--json", default=None, metavar="FILE", help="write the results as JSON to this file"
+    )
     machine_flags(p.add_argument_group("this machine"))
     run = p.add_argument_group("the run (with --ckpt: only those given replace the run's own)")
     run_flags(run, training=False)
@@ -568,8 +579,8 @@ def main(argv=None):
         scored = run_split(args["ckpt"], args, overrides)
         result = scored.result
         report(scored.name, result, mean_baseline(scored.cfg, scored.labels))
-    if args["out"]:
-        save_json(Path(args["out"]), result)
+    if args["json"]:
+        save_json(Path(args["json"]), result)
 
 
 if __name__ == "__main__":

@@ -456,7 +456,7 @@ class PromptCache:
         self.position = self.position[rows]
 
     def feed(self, ids):
-        """Run tokens (rows, n) after each row's -> the state after the last of them (rows, H)."""
+        """Run tokens (rows, n) after each row's; `last` becomes the state after the last of them (rows, H)."""
         positions = self.position + torch.arange(ids.shape[1], device=ids.device)
         self.mask = torch.cat([self.mask, torch.ones_like(ids)], 1)
         out = self.model(
@@ -466,9 +466,8 @@ class PromptCache:
             attention_mask=self.mask,
             position_ids=positions,
         )
-        self.position = self.position + ids.shape[1]
+        self.position += ids.shape[1]
         self.last = out.last_hidden_state[:, -1]
-        return self.last
 
 
 class Gen(Readout):

@@ -48,6 +48,8 @@ from eval import (
 from lora import count_parameters
 from readout import build, check_model
 
+STOPS = (signal.SIGINT, signal.SIGTERM)  # what stops a run: Ctrl-C, SIGTERM
+
 
 def lr_at(step, total, warmup, peak):
     """Linear warm-up to `peak`, then cosine decay to zero."""
@@ -60,6 +62,10 @@ def train(cfg):
     """Train the run `cfg` describes -> (folder, metrics). Under torchrun every process runs it; rank 0
     writes. The folder is locked while it trains; what it holds is always a whole epoch's state."""
     rank, world = distributed(cfg)
+    for (
+        s
+    ) in STOPS:  # a SIGTERM stops as Ctrl-C does (also where a shell started it ignoring Ctrl-C)
+        signal.signal(s, signal.default_int_handler)
     torch.manual_seed(cfg["seed"])
     out = Path(cfg["out"])
     # What can be known before the clips are decoded: the folder, the device, the model's configuration
@@ -76,16 +82,13 @@ def train(cfg):
             )
         return train_loaded(cfg, clips, rank, world)
     except KeyboardInterrupt:
-        message = f"interrupted (Ctrl-C or SIGTERM): {kept_so_far(out)}"
-        if (out / "last.safetensors").exists():
-            message += f"; python train.py --resume {out} continues"
-        raise UserError(message) from None
+        kept = kept_so_far(out, f"python train.py --resume {out} continues")
+        raise UserError(f"interrupted (Ctrl-C or SIGTERM): {kept}") from None
     except FloatingPointError as e:
-        advice = "train again with a lower --lr"  # the same settings diverge again, resumed or not
-        if (out / "last.safetensors").exists():
-            advice += " and --overwrite"
+        # the same settings diverge again, resumed or not
+        kept = kept_so_far(out, "--overwrite replaces it")
         raise UserError(
-            f"{e}: stopped, nothing of it saved; {kept_so_far(out)}; {advice}"
+            f"{e}: stopped, nothing of it saved; {kept}; train again with a lower --lr"
         ) from None
     finally:
         release(lock, out)
@@ -211,7 +214,7 @@ def average_gradients(params, world):
 
 def save_epoch(cfg, readout, optimizer, loader, log, improved):
     """The end of an epoch, in this order, so that a crash anywhere leaves a folder that --resume continues;
-    nothing that is not finite is written."""
+    nothing that is not finite is written, and a stop waits until the epoch is saved whole."""
     out, epoch, step = Path(cfg["out"]), log[-1]["epoch"], log[-1]["step"]
     state = trained_state(readout)
     broken = [k for k, v in state.items() if not torch.isfinite(v).all()]
@@ -219,12 +222,20 @@ def save_epoch(cfg, readout, optimizer, loader, log, improved):
         raise FloatingPointError(
             f"after epoch {epoch}, {len(broken)} trained tensors are not finite"
         )
-    if improved:
-        save_tensors(out / "weights.safetensors", state)
-    if epoch == 1:
-        save_json(out / "config.json", run_config(cfg))
-    write_atomically(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log).encode())
-    save_last(out / "last.safetensors", readout, optimizer, loader, epoch, step)
+    asked = []  # a Ctrl-C or SIGTERM meanwhile stops the run once the epoch's files are all written
+    held = [signal.signal(s, lambda *_: asked.append(1)) for s in STOPS]
+    try:
+        if improved:
+            save_tensors(out / "weights.safetensors", state)
+        if epoch == 1:
+            save_json(out / "config.json", run_config(cfg))
+        write_atomically(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log).encode())
+        save_last(out / "last.safetensors", readout, optimizer, loader, epoch, step)
+    finally:
+        for s, handler in zip(STOPS, held):
+            signal.signal(s, handler)
+    if asked:
+        raise KeyboardInterrupt
 
 
 def finish(cfg, readout, processor, test_clips, log, counts, rank, world):
@@ -237,10 +248,11 @@ def finish(cfg, readout, processor, test_clips, log, counts, rank, world):
     load_weights(readout, read_tensors(weights, device), weights)
     test_loader = make_loader(cfg, test_clips, processor)
     test, _, labels = evaluate(readout, test_loader, device)
+    baseline = mean_baseline(cfg, labels)
     result = dict(
         valid=kept["valid"],
         test=test,
-        test_mean_baseline=mean_baseline(cfg, labels),
+        test_mean_baseline=baseline,
         kept_epoch=kept["epoch"],
         parameters=counts,
     )
@@ -248,12 +260,8 @@ def finish(cfg, readout, processor, test_clips, log, counts, rank, world):
         result["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if rank == 0:
         save_json(out / "metrics.json", result)
-    report(
-        f"{cfg['readout']} ({cfg['modalities']}, test)",
-        result["test"],
-        result["test_mean_baseline"],
-    )
-    ratio = result["test"]["MAE"] / result["test_mean_baseline"]["MAE"]
+    report(f"{cfg['readout']} ({cfg['modalities']}, test)", test, baseline)
+    ratio = test["MAE"] / baseline["MAE"]
     print(
         f"test MAE / train-mean MAE = {ratio:.3f}   kept epoch {kept['epoch']}   checkpoint: {out}"
     )
@@ -311,14 +319,14 @@ def release(lock, out):
         out.rmdir()
 
 
-def kept_so_far(out):
-    """What a stopped run leaves, in words."""
+def kept_so_far(out, then):
+    """What a stopped run leaves, in words, and `then`: what to do with it, if it is anything."""
     file = out / "last.safetensors"
     if not file.exists():
         return "no epoch had finished, nothing was kept"
     with safe_open(file, framework="pt") as f:
         epoch = json.loads(f.metadata()["train"])["epoch"]
-    return f"{out} holds epoch {epoch}, the last good one"
+    return f"{out} holds epoch {epoch}, the last good one; {then}"
 
 
 def check_space(out, trainable):
@@ -427,7 +435,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a SIGTERM stops as Ctrl-C does
     return train(parse_args(argv))
 
 

@@ -172,3 +172,21 @@ def test_hidden_states_of_a_layer_are_the_full_models_states_there(make_cfg):
     full = model(**inputs, output_hidden_states=True, use_cache=False)
     assert torch.equal(readout.hidden_states(inputs, layer=1), full.hidden_states[1])
     assert torch.equal(readout.hidden_states(inputs), full.last_hidden_state)
+
+
+def test_each_script_shows_its_own_help_and_out_is_a_folder_everywhere():
+    def run(*argv):
+        return subprocess.run([sys.executable, *argv], capture_output=True, text=True)
+
+    helped = run("ablate.py", "--help")
+    assert helped.returncode == 0 and "Controlled comparisons" in helped.stdout
+    assert "Train a readout with QLoRA" not in helped.stdout  # train.py's description
+    bad = run("ablate.py", "--model", "tiny", "--seeds", "0", "1")  # space-separated seeds
+    assert bad.returncode == 2 and bad.stderr.startswith("usage: ablate.py")
+    assert "--seeds SEEDS" in bad.stderr and "unrecognized arguments: 1" in bad.stderr
+    # --out names a folder (train.py, ablate.py, probe.py); eval.py writes its JSON with --json FILE
+    for script in ("train.py", "ablate.py", "probe.py"):
+        assert "--out OUT" in run(script, "--help").stdout
+    refused = run("eval.py", "--ckpt", "runs/x", "--out", "r.json")
+    assert refused.returncode == 2 and "unrecognized arguments: --out" in refused.stderr
+    assert "--json FILE" in run("eval.py", "--help").stdout

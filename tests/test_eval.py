@@ -136,7 +136,7 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
     )
     run = [sys.executable, "eval.py", "--device", "cpu"]
     done = subprocess.run(
-        run + ["--compare", str(a), str(b), "--out", str(tmp_path / "c.json")],
+        run + ["--compare", str(a), str(b), "--json", str(tmp_path / "c.json")],
         capture_output=True,
         text=True,
     )
@@ -144,10 +144,14 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
     assert "A: disc (t, test)" in done.stdout and "permutation test p =" in done.stdout
     c = json.loads((tmp_path / "c.json").read_text())
     assert c["paired"]["n"] == c["a"]["n"] == 12 and 0 < c["paired"]["p_value"] <= 1
+    d = c["paired"]["per_clip"]  # each clip's |error of A| - |error of B|, for pooled.py
+    assert len(d) == 12 and np.mean(d) == pytest.approx(c["paired"]["mean_abs_error_diff"])
 
-    shutil.copytree(
-        toy_root, tmp_path / "other"
-    )  # the same clips, but another dataset as far as runs know
+    shutil.copytree(toy_root, tmp_path / "other")  # the same clip ids with other labels
+    labels = (tmp_path / "other" / "label.csv").read_text().splitlines()
+    rows = [r.split(",") for r in labels[1:]]
+    other = [",".join([*r[:3], str(-float(r[3])), r[4]]) for r in rows]
+    (tmp_path / "other" / "label.csv").write_text("\n".join([labels[0], *other]) + "\n")
     cfg = json.loads((b / "config.json").read_text())
     (b / "config.json").write_text(json.dumps({**cfg, "data": str(tmp_path / "other")}))
     refused = subprocess.run(run + ["--compare", str(a), str(b)], capture_output=True, text=True)
@@ -155,7 +159,8 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
     assert "Traceback" not in refused.stderr
 
     done = subprocess.run(
-        run + ["--ckpt", str(a), "--bootstrap", "200", "--plot", "--out", str(tmp_path / "r.json")],
+        run
+        + ["--ckpt", str(a), "--bootstrap", "200", "--plot", "--json", str(tmp_path / "r.json")],
         capture_output=True,
         text=True,
     )

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import train as train_module
 from data import UserError, load_clips, make_loader
 from eval import evaluate, load_checkpoint, load_config
 from readout import build
@@ -398,7 +399,7 @@ def test_a_bad_input_stops_the_run_before_the_model_loads(
     monkeypatch.setattr(
         train_module, "build", lambda *a: pytest.fail("the backbone was loaded first")
     )
-    with pytest.raises(DataError, match="label.csv, line 2 .*not finite"):
+    with pytest.raises(DataError, match="label.csv, line 2 .*not a number in"):
         train({**make_cfg("--modalities", "t"), "data": str(tmp_path / "data")})
 
 
@@ -764,6 +765,28 @@ def test_two_processes_on_one_out_folder(make_cfg, tmp_path):
     assert [r.get("epoch") for r in log] == [None, *range(1, 41)]  # one run's log, whole
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["valid"] == min(log[1:], key=lambda r: r["valid"]["MAE"])["valid"]
+
+
+def test_a_stop_while_an_epoch_is_saved_waits_until_its_files_are_all_written(
+    make_cfg, monkeypatch
+):
+    real = train_module.write_atomically
+
+    def stopped_midway(file, data):  # Ctrl-C between the log and last.safetensors
+        if file.name == "log.jsonl":
+            os.kill(os.getpid(), signal.SIGINT)
+        real(file, data)
+
+    monkeypatch.setattr(train_module, "write_atomically", stopped_midway)
+    cfg = make_cfg("--modalities", "t", "--epochs", "2")
+    with pytest.raises(UserError, match="interrupted") as stop:
+        train(cfg)
+    out = Path(cfg["out"])
+    assert f"{out} holds epoch 1" in str(stop.value) and "--resume" in str(stop.value)
+    with safe_open(out / "last.safetensors", framework="pt") as f:
+        assert json.loads(f.metadata()["train"])["epoch"] == 1
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
 def test_ctrl_c_says_what_was_kept_and_resume_ends_as_if_left_alone(make_cfg, tmp_path):

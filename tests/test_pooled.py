@@ -1,0 +1,46 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from eval import paired
+from pooled import main, pooled
+
+
+def comparison(folder, name, shift, noise_seed):
+    """A file as eval.py --compare --json writes it: A's errors `shift` larger than B's on average."""
+    rng = np.random.default_rng(noise_seed)
+    labels = rng.uniform(-3, 3, 300)
+    b = labels + rng.normal(0, 0.5, 300)
+    a = labels + (np.abs(b - labels) + shift + rng.normal(0, 0.05, 300)) * np.sign(b - labels)
+    file = folder / f"{name}.json"
+    file.write_text(json.dumps(dict(paired=paired(a, b, labels, n=2000), checkpoints=[name, "b"])))
+    return file
+
+
+def test_seeds_that_agree_give_a_narrow_interval_and_seeds_that_disagree_a_wide_one(tmp_path):
+    agree = [comparison(tmp_path, f"agree{s}", -0.1, s) for s in range(3)]
+    result = main([str(f) for f in agree])
+    every = [json.loads(f.read_text())["paired"]["per_clip"] for f in agree]
+    assert result["ci95"][1] < 0 and result["mean_abs_error_diff"] == pytest.approx(np.mean(every))
+    assert result["significantly_ahead"] == {"A": 3, "B": 0, "neither": 0}
+    disagree = [comparison(tmp_path, f"dis{s}", shift, s) for s, shift in enumerate((-0.2, 0.2, 0))]
+    wide = main([str(f) for f in disagree])
+    # two seeds' own intervals exclude 0, on opposite sides: the pooled one does not
+    assert wide["ci95"][0] < 0 < wide["ci95"][1]
+    assert wide["significantly_ahead"] == {"A": 1, "B": 1, "neither": 1}
+    # the same clips' differences as if they were one seed's: the clip-only interval is far narrower
+    clips_only = pooled(
+        np.concatenate([json.loads(f.read_text())["paired"]["per_clip"] for f in disagree])[None]
+    )
+    assert clips_only["ci95"][1] - clips_only["ci95"][0] < (wide["ci95"][1] - wide["ci95"][0]) / 3
+
+
+def test_a_file_without_per_clip_differences_is_one_line_naming_it(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(dict(paired=dict(p_value=0.5, mean_abs_error_diff=0.1))))
+    done = subprocess.run([sys.executable, "pooled.py", str(old)], capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"{old}: not a comparison with per-clip differences" in done.stderr
