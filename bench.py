@@ -5,7 +5,7 @@ and the Qwen2.5-Omni-7B Thinker's parameter and LoRA counts; trained disc and ge
     python bench.py --model tiny --json bench.json                     # CPU, about a minute
     python bench.py --params                                           # 7B counts on the meta device, no weights
     python bench.py --model random-7b --device cuda --json bench.json  # GPU: 7B-shaped Thinker, random NF4 weights
-    python bench.py --rules runs/x/disc-t-s0 runs/x/gen-t-s0 --clips 64  # ms per clip, gen with each --decode rule
+    python bench.py --rules runs/x/disc-t-s0 runs/x/gen-t-s0 --clips 64  # ms per clip, gen with each rule
 
 The fixed batch is MOSI-like: 5 s of video at 2 fps, its audio, 30 words of transcript. Times are medians over
 --repeats after --warmup calls, the compared calls interleaved within each repeat.
@@ -261,9 +261,8 @@ def peft_comparison(cfg, ours, batch, device, warmup, repeats):
         ours.eval(), theirs.eval()
         mine = ours(batch)
         diff = (mine - theirs(batch)).abs().max().item()
-        repeat = (
-            (mine - ours(batch)).abs().max().item()
-        )  # the same model twice: the floor of any difference
+        # the same model twice: the floor of any difference
+        repeat = (mine - ours(batch)).abs().max().item()
     ours.train(), theirs.train()
     optimizers = [
         torch.optim.AdamW([p for p in r.parameters() if p.requires_grad], lr=1e-4)
@@ -303,7 +302,6 @@ def bench(cfg):
                 cfg["max_pixels"],
             ),
             label=c["label"],
-            id=c["id"],
         )
         for c in mosi_like(max(cfg["batch_sizes"]), cfg["seed"])
     ]
@@ -430,40 +428,39 @@ def pipeline(cfg, n_text=20000, n_media=200):
     return out
 
 
-def rule_times(cfg, disc, gen):
-    """Milliseconds per clip of a trained disc run and of a trained gen run read with each decoding rule, the calls
-    interleaved batch by batch over the first --clips test clips in this one process; each also over disc's."""
-    (run, d, processor), (_, g, _) = (load_checkpoint(folder, cfg) for folder in (disc, gen))
-    d.eval()
-    g.eval()
+def rule_times(cfg, *folders):
+    """Milliseconds per clip of trained runs' readouts (a gen run read with each decoding rule), the calls
+    interleaved batch by batch over the first --clips test clips of the first run's data in this one process,
+    and each over the first run's. A run is named by its readout, or by its folder where two share one."""
+    loaded = [load_checkpoint(folder, cfg) for folder in folders]
+    kinds = [c["readout"] for c, _, _ in loaded]
+    names = [k if kinds.count(k) == 1 else Path(f).name for k, f in zip(kinds, folders)]
+    run, _, processor = loaded[0]
+    for _, readout, _ in loaded:
+        readout.eval()
     torch.manual_seed(0)
     clips, device, total = load_clips(run, "test"), torch.device(run["device"]), Counter()
     clips.rows = clips.rows[: cfg["clips"]]
 
-    def read(rule):  # gen's predict with this rule, on the batch of the moment
+    def read(readout, rule, batch):  # a gen run's predict with this rule
         def fn():
-            g.cfg["decode"] = rule
-            return g.predict(batch)
+            readout.cfg["decode"] = rule
+            return readout.predict(batch)
 
         return fn
 
     for i, batch in enumerate(make_loader(run, clips, processor)):
         batch = to_device(batch, device)
-        total.update(
-            timed(
-                {
-                    "disc": lambda batch=batch: d.predict(batch),
-                    **{f"gen@{r}": read(r) for r in DECODE},
-                },
-                device,
-                warmup=int(i == 0),
-                repeats=1,
-            )
-        )
+        calls = {}
+        for name, (c, readout, _) in zip(names, loaded):
+            if c["readout"] == "gen":
+                calls.update({f"{name}@{r}": read(readout, r, batch) for r in DECODE})
+            else:
+                calls[name] = lambda readout=readout, batch=batch: readout.predict(batch)
+        total.update(timed(calls, device, warmup=int(i == 0), repeats=1))
     ms = {name: 1000 * t / len(clips) for name, t in total.items()}
-    return dict(
-        clips=len(clips), ms_per_clip=ms, over_disc={name: t / ms["disc"] for name, t in ms.items()}
-    )
+    first = ms[next(iter(ms))]
+    return dict(clips=len(clips), ms_per_clip=ms, over_first={n: t / first for n, t in ms.items()})
 
 
 # ------------------------------------------------------------------------------ 7B counts, no weights needed
@@ -594,10 +591,10 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--rules",
-        nargs=2,
+        nargs="+",
         default=None,
-        metavar=("DISC", "GEN"),
-        help="instead: ms per clip of two trained runs' readouts, gen with each --decode rule",
+        metavar="RUN",
+        help="instead: ms per clip of trained runs' readouts (gen with each --decode rule), interleaved",
     )
     p.add_argument("--clips", type=int, default=64, help="--rules: on this many test clips")
     p.add_argument("--json", default=None, help="write the results here")

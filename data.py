@@ -274,7 +274,7 @@ class Clips:
         if self.skipped:
             print(
                 f"data: skipped {len(self.skipped)} of {len(self.skipped) + len(self)} clips of {split!r} (--on_bad "
-                f"skip): {self.skip_counts()}; e.g. {self.skipped[0][1]}"
+                f"skip): {self.counts()['skipped']}; e.g. {self.skipped[0][1]}"
             )
         if self.empty_transcripts:
             print(
@@ -299,12 +299,11 @@ class Clips:
                 tqdm(done, total=len(rows), desc=f"decoding {split}", leave=False, disable=quiet)
             )
 
-    def skip_counts(self):
-        return dict(Counter(e.kind for _, e in self.skipped))
-
     def counts(self):
         return dict(
-            clips=len(self), skipped=self.skip_counts(), empty_transcripts=self.empty_transcripts
+            clips=len(self),
+            skipped=dict(Counter(e.kind for _, e in self.skipped)),
+            empty_transcripts=self.empty_transcripts,
         )
 
     def media(self, r, load=True):
@@ -363,7 +362,7 @@ class ModelInputs(torch.utils.data.Dataset):
         if file and not file.exists():
             contiguous = {k: v.contiguous() for k, v in inputs.items()}
             write_atomically(file, safetensors.torch.save(contiguous))
-        return dict(inputs=inputs, label=r["label"], id=r["id"])
+        return dict(inputs=inputs, label=r["label"])
 
 
 def model_inputs(processor, text, media, fps=2.0, max_pixels=128 * 28 * 28, audio_in_video=False):
@@ -429,11 +428,7 @@ def collate(items, tokenizer):
                 for x in rows
             ]
         inputs[key] = torch.cat(rows)
-    return dict(
-        inputs=inputs,
-        label=torch.tensor([it["label"] for it in items]),
-        ids=[it["id"] for it in items],
-    )
+    return dict(inputs=inputs, label=torch.tensor([it["label"] for it in items]))
 
 
 def load_clips(cfg, split):

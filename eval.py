@@ -9,6 +9,7 @@ or the gen readout zero-shot: MMSA metrics, ms per clip, the train-mean baseline
 import argparse
 import dataclasses
 import json
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -355,20 +356,19 @@ def evaluate(readout, loader, device):
     timed = times[1:] or times
     ms = 1000 * sum(t for t, _ in timed) / sum(n for _, n in timed)
     preds, labels = torch.cat(preds).numpy(), torch.cat(labels).numpy()
-    if readout.fallback is None:  # a readout without answers to parse: a NaN is a diverged model
-        if not np.isfinite(preds).all():
-            bad = int((~np.isfinite(preds)).sum())
-            raise FloatingPointError(f"{bad} of {len(preds)} predictions are not finite")
-        return dict(metrics(preds, labels), n=len(labels), ms_per_clip=ms), preds, labels
-    failed = np.isnan(preds)
-    scored = np.where(failed, readout.fallback, preds)
-    result = dict(metrics(scored, labels), n=len(labels), ms_per_clip=ms)
-    result.update(
-        parse_failures=int(failed.sum()),
-        parse_fail_rate=float(failed.mean()),
-        out_of_bounds_rate=info["out_of_bounds"] / len(labels),
-    )
-    return result, scored, labels
+    counts = {}
+    bad = int((~np.isfinite(preds)).sum())
+    if readout.fallback is None and bad:  # a readout without answers to parse: a diverged model
+        raise FloatingPointError(f"{bad} of {len(preds)} predictions are not finite")
+    if readout.fallback is not None:
+        failed = np.isnan(preds)
+        preds = np.where(failed, readout.fallback, preds)
+        counts = dict(
+            parse_failures=int(failed.sum()),
+            parse_fail_rate=float(failed.mean()),
+            out_of_bounds_rate=info["out_of_bounds"] / len(labels),
+        )
+    return dict(metrics(preds, labels), n=len(labels), ms_per_clip=ms, **counts), preds, labels
 
 
 def bootstrap(preds, labels, n=1000, seed=0, keys=("MAE", "Corr", "Acc2_non0", "Acc7")):
@@ -443,47 +443,57 @@ def report(name, result, baseline):
     line = f"{result['ms_per_clip']:.1f} ms/clip"
     if "parse_failures" in result:
         line += (
-            f"  unparseable {result['parse_failures']} of {result['n']} (scored as the fallback)"
+            f"  unparseable {result['parse_failures']} of {result['n']} (scored as the fallback), "
+            f"out of [-3, 3] before clipping {result['out_of_bounds_rate']:.1%}"
         )
-        line += f", out of [-3, 3] before clipping {result['out_of_bounds_rate']:.1%}"
     print(line)
 
 
-def plot(preds, labels, folder, split):
-    """<split>_scatter.png and, for a training run, learning_curve.png (the kept epoch marked) in `folder`."""
+def plot(scored, folder):
+    """PNGs in `folder`, their paths printed: the predictions against the labels, named by what was read
+    (e.g. gen@expected-t-test_scatter.png), and for a training run learning_curve.png."""
     try:
         import matplotlib.pyplot as plt
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install matplotlib)")
         return
+    folder = Path(folder)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(labels, preds, ".", alpha=0.6, label=f"Corr {metrics(preds, labels)['Corr']:.3f}")
+    ax.plot(scored.labels, scored.preds, ".", alpha=0.6)
     ax.plot([-3, 3], [-3, 3], "k--", lw=1)
-    ax.set(xlabel="true score", ylabel="predicted score", title=f"{split}, {len(labels)} clips")
-    ax.legend()
-    fig.savefig(Path(folder) / f"{split}_scatter.png", dpi=120, bbox_inches="tight")
-    if (Path(folder) / "log.jsonl").exists():
-        log = [
-            r
-            for r in map(json.loads, (Path(folder) / "log.jsonl").read_text().splitlines())
-            if "epoch" in r
-        ]
-        kept = json.loads((Path(folder) / "metrics.json").read_text())["kept_epoch"]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(
-            [r["epoch"] for r in log], [r["train_loss"] for r in log], "o-", label="training loss"
-        )
-        ax.plot(
-            [r["epoch"] for r in log],
-            [r["valid"]["MAE"] for r in log],
-            "s-",
-            label="validation MAE",
-        )
-        ax.axvline(kept, color="k", ls=":", label=f"kept epoch ({kept})")
-        ax.set(xlabel="epoch", title=Path(folder).name)
-        ax.legend()
-        fig.savefig(Path(folder) / "learning_curve.png", dpi=120, bbox_inches="tight")
+    title = f"{folder.resolve().name}: {scored.name}\nMAE {scored.result['MAE']:.3f}"
+    ax.set(xlabel="true score", ylabel="predicted score", title=title)
+    stem = "-".join(re.findall(r"[\w@]+", scored.name))  # e.g. gen@expected-t-test
+    files = [folder / f"{stem}_scatter.png"]
+    fig.savefig(files[0], dpi=120, bbox_inches="tight")
+    if (folder / "metrics.json").exists():
+        files.append(learning_curve(plt, folder, scored.cfg))
     plt.close("all")
+    print(f"plots: {', '.join(map(str, files))}")
+
+
+def learning_curve(plt, folder, cfg):
+    """The training loss and the validation MAE by epoch, in two panels, with the train-mean baseline's
+    validation MAE and the kept epoch -> the file."""
+    lines = (folder / "log.jsonl").read_text().splitlines()
+    log = list(map(json.loads, lines))[1:]  # after the data's record, one an epoch
+    kept = json.loads((folder / "metrics.json").read_text())["kept_epoch"]
+    valid = read_split(data_root(cfg["data"]), "valid", on_bad="skip")[0]
+    baseline = mean_baseline(cfg, [r["label"] for r in valid])["MAE"]
+    epochs = [r["epoch"] for r in log]
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(5, 5))
+    top.plot(epochs, [r["train_loss"] for r in log], "o-")
+    bottom.plot(epochs, [r["valid"]["MAE"] for r in log], "s-", label="this run")
+    bottom.axhline(baseline, color="gray", ls="--", label="train-mean baseline")
+    bottom.axvline(kept, color="k", ls=":", label=f"kept epoch ({kept})")
+    top.set(
+        ylabel="training loss",
+        title=f"{folder.resolve().name} ({cfg['readout']}, {cfg['modalities']})",
+    )
+    bottom.set(xlabel="epoch", ylabel="validation MAE")
+    bottom.legend()
+    fig.savefig(folder / "learning_curve.png", dpi=120, bbox_inches="tight")
+    return folder / "learning_curve.png"
 
 
 @dataclasses.dataclass
@@ -521,9 +531,10 @@ def run_split(folder, args, overrides):
     )
     if args["bootstrap"]:
         result["ci95"] = bootstrap(preds, labels, args["bootstrap"])
+    scored = Scored(cfg, name, result, preds, labels, [r["id"] for r in clips.rows])
     if args["plot"]:
-        plot(preds, labels, folder or ".", args["split"])
-    return Scored(cfg, name, result, preds, labels, [r["id"] for r in clips.rows])
+        plot(scored, folder or ".")
+    return scored
 
 
 def given_flags(p, argv):
@@ -555,16 +566,15 @@ def compare(a, b, folders, split):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help, allow_abbrev=False)
-    p.add_argument("--ckpt", default=None, help="a checkpoint folder written by train.py")
-    two = dict(nargs=2, metavar=("CKPT_A", "CKPT_B"))
-    p.add_argument("--compare", **two, help="two checkpoints, tested clip by clip")
+    p.add_argument("--ckpt", help="a checkpoint folder written by train.py")
+    p.add_argument(
+        "--compare", nargs=2, metavar=("A", "B"), help="two checkpoints, tested clip by clip"
+    )
     p.add_argument("--split", default="test", choices=SPLITS, help="the split to evaluate")
     resamplings = "95%% intervals from N resamplings of clips"
     p.add_argument("--bootstrap", type=int, default=0, metavar="N", help=resamplings)
     p.add_argument("--plot", action="store_true", help="scatter plot and learning curve PNGs")
-    p.add_argument(
-        "--json", default=None, metavar="FILE", help="write the results as JSON to this file"
-    )
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON to this file")
     machine_flags(p.add_argument_group("this machine"))
     run = p.add_argument_group("the run (with --ckpt: only those given replace the run's own)")
     run_flags(run, training=False)

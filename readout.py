@@ -273,7 +273,7 @@ def at_last_token(h, attention_mask):
     return h[rows, last_token_index(attention_mask)]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Flag:
     """A run flag that a readout reads: every script shows it as --NAME, and a run saves it. `reading`: it says
     how a trained run is read rather than how it trains, so eval.py may change it (gen's --decode)."""
@@ -299,9 +299,8 @@ class Readout(nn.Module):
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.model_kwargs = {}  # what every call of the model needs
-        if cfg["audio_in_video"]:
-            self.model_kwargs["use_audio_in_video"] = True  # rope positions of interleaved audio
+        # what every call of the model needs: with --audio_in_video, the rope positions of interleaved audio
+        self.model_kwargs = dict(use_audio_in_video=True) if cfg["audio_in_video"] else {}
 
     def text_model(self):
         """The model under the LM head (the Thinker's or a causal LM's), or an encoder itself."""
@@ -530,9 +529,11 @@ class Gen(Readout):
         if self.cfg["decode"] == "expected":  # never unparseable, never out of bounds
             values, loglik = self.answer_loglik(inputs)
             return loglik.softmax(-1) @ values, {}
-        max_new = self.cfg["max_new_tokens"]
         out = self.backbone.generate(
-            **inputs, **self.model_kwargs, max_new_tokens=max_new, do_sample=False
+            **inputs,
+            **self.model_kwargs,
+            max_new_tokens=self.cfg["max_new_tokens"],
+            do_sample=False,
         )
         new = out[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)

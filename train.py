@@ -133,8 +133,18 @@ def train_loaded(cfg, clips, rank, world):
         improved = result["MAE"] < best
         seconds = time.time() - started
         lr = optimizer.param_groups[0]["lr"]
-        record = dict(epoch=epoch, step=step, lr=lr, train_loss=train_loss, improved=improved)
-        log.append(dict(record, seconds=seconds, data_wait_seconds=waited, valid=result))
+        log.append(
+            dict(
+                epoch=epoch,
+                step=step,
+                lr=lr,
+                train_loss=train_loss,
+                improved=improved,
+                seconds=seconds,
+                data_wait_seconds=waited,
+                valid=result,
+            )
+        )
         if rank == 0:
             save_epoch(cfg, readout, optimizer, loader, log, improved)
         say(log[-1])
@@ -223,7 +233,8 @@ def save_epoch(cfg, readout, optimizer, loader, log, improved):
             f"after epoch {epoch}, {len(broken)} trained tensors are not finite"
         )
     asked = []  # a Ctrl-C or SIGTERM meanwhile stops the run once the epoch's files are all written
-    held = [signal.signal(s, lambda *_: asked.append(1)) for s in STOPS]
+    for s in STOPS:
+        signal.signal(s, lambda *_: asked.append(1))
     try:
         if improved:
             save_tensors(out / "weights.safetensors", state)
@@ -232,8 +243,8 @@ def save_epoch(cfg, readout, optimizer, loader, log, improved):
         write_atomically(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in log).encode())
         save_last(out / "last.safetensors", readout, optimizer, loader, epoch, step)
     finally:
-        for s, handler in zip(STOPS, held):
-            signal.signal(s, handler)
+        for s in STOPS:  # as train() set them
+            signal.signal(s, signal.default_int_handler)
     if asked:
         raise KeyboardInterrupt
 
@@ -391,10 +402,10 @@ def parser(
     recipe = (
         "the paper's settings as reported (README): mlp head, l1, LoRA r 32 on its targets, lr 2e-4"
     )
-    p.add_argument("--recipe", default=None, choices=list(RECIPES), help=recipe)
+    p.add_argument("--recipe", choices=list(RECIPES), help=recipe)
     if resume:
         again = "continue the run in DIR after its last finished epoch, with its own run settings"
-        p.add_argument("--resume", default=None, metavar="DIR", help=again)
+        p.add_argument("--resume", metavar="DIR", help=again)
         p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     return p
 

@@ -56,9 +56,8 @@ def test_readout_comparison_with_zero_shot_row_and_reuse_of_finished_runs(toy_ro
         "--out",
         str(tmp_path / "cmp"),
     ]
-    out = run(
-        *base, "--readouts", "gen0,gen,disc"
-    )  # --readouts alone: the runs' --modalities, one subset
+    # --readouts alone: the runs' --modalities, one subset
+    out = run(*base, "--readouts", "gen0,gen,disc")
     results = json.loads((tmp_path / "cmp" / "ablation.json").read_text())["results"]
     assert list(results) == ["gen0", "gen", "disc"]
     assert "parse_fail_rate" in results["gen"][0] and "parse_fail_rate" not in results["disc"][0]
@@ -85,9 +84,8 @@ def test_readout_comparison_with_zero_shot_row_and_reuse_of_finished_runs(toy_ro
     assert len(list((tmp_path / "cmp").glob("disc-t-s0-*"))) == 2
     gen_stamp = (folder(tmp_path / "cmp", "gen-t-s0") / "metrics.json").stat().st_mtime_ns
     head_flags = run(*base, "--readouts", "gen", "--pool_norm", "batch", "--loss", "l1")
-    assert (
-        head_flags.count("reusing") == 1
-    )  # gen reads no head flags: its run stands for any of them
+    # gen reads no head flags: its run stands for any of them
+    assert head_flags.count("reusing") == 1
     assert (folder(tmp_path / "cmp", "gen-t-s0") / "metrics.json").stat().st_mtime_ns == gen_stamp
 
 
@@ -150,9 +148,8 @@ def test_a_forked_readout_with_its_own_flag_trains_beside_disc_which_is_reused(
     middle = folder(tmp_path / "fork", "middle-t-s0")
     assert json.loads((middle / "config.json").read_text())["read_layer"] == 1  # saved with the run
     disc = folder(tmp_path / "fork", "disc-t-s0")
-    assert "read_layer" not in json.loads(
-        (disc / "config.json").read_text()
-    )  # disc does not read it
+    # disc does not read it
+    assert "read_layer" not in json.loads((disc / "config.json").read_text())
     assert results["middle"][0]["MAE"] != results["disc"][0]["MAE"]
     stamp = (disc / "metrics.json").stat().st_mtime_ns
 

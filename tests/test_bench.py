@@ -20,9 +20,8 @@ def test_7b_thinker_counts_match_its_published_shapes():
     layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * t["intermediate_size"] + 2 * h
     assert c["parts"]["text decoder (layers and norm)"] == t["num_hidden_layers"] * layer + h
     assert c["parts"]["text decoder (embeddings)"] == c["parts"]["LM head"] == t["vocab_size"] * h
-    assert (
-        0.6e9 < c["parts"]["vision tower"] < 0.7e9
-    )  # not the 3 B transformers' default vision config gives
+    # not the 3 B transformers' default vision config gives
+    assert 0.6e9 < c["parts"]["vision tower"] < 0.7e9
     assert 0.6e9 < c["parts"]["audio tower"] < 0.7e9
     assert a["encoder_layers"] == v["depth"] == 32 and a["d_model"] == v["hidden_size"] == 1280
     assert c["total"] == sum(c["parts"].values())
@@ -121,4 +120,9 @@ def test_rule_times_reads_both_runs_with_every_rule_on_the_first_clips(make_cfg,
     ]
     out = bench.rule_times({**make_cfg(), "clips": 5, "eval_batch_size": 2}, *runs)
     assert out["clips"] == 5 and set(out["ms_per_clip"]) == {"disc", *(f"gen@{r}" for r in DECODE)}
-    assert all(t > 0 for t in out["ms_per_clip"].values()) and out["over_disc"]["disc"] == 1.0
+    assert all(t > 0 for t in out["ms_per_clip"].values()) and out["over_first"]["disc"] == 1.0
+    # two runs of one readout (a layer against the last): named by their folders
+    cfg = make_cfg("--epochs", "1", "--modalities", "t", "--layer", "1")
+    layer = train({**cfg, "out": str(tmp_path / "disc-layer1")})[0]
+    both = bench.rule_times({**make_cfg(), "clips": 4, "eval_batch_size": 2}, runs[0], layer)
+    assert set(both["ms_per_clip"]) == {"disc", "disc-layer1"}

@@ -73,9 +73,8 @@ def test_agrees_with_an_independent_implementation(seed):
     rng = np.random.default_rng(seed)
     labels = np.round(rng.uniform(-3, 3, 200) * 5) / 5  # MOSI-like steps, many exact zeros and ties
     labels[:20] = 0.0
-    preds = np.concatenate(
-        [np.round(rng.normal(0, 2, 150) * 2) / 2, rng.normal(0, 2, 50)]
-    )  # halves: ties
+    # halves: ties
+    preds = np.concatenate([np.round(rng.normal(0, 2, 150) * 2) / 2, rng.normal(0, 2, 50)])
     ours, ref = metrics(preds, labels), reference(preds.tolist(), labels.tolist())
     assert set(ours) == set(METRIC_KEYS)
     for k in METRIC_KEYS:
@@ -172,8 +171,10 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
         return
     from PIL import Image
 
-    for png in ("test_scatter.png", "learning_curve.png"):
-        image = np.asarray(Image.open(a / png).convert("L"), dtype=float)
+    written = [a / "disc-t-test_scatter.png", a / "learning_curve.png"]  # named by what was read
+    assert f"plots: {', '.join(map(str, written))}" in done.stdout
+    for png in written:
+        image = np.asarray(Image.open(png).convert("L"), dtype=float)
         assert image.shape[0] > 200 and image.std() > 10, png  # drawn, not blank
 
 
@@ -190,7 +191,7 @@ def test_a_checkpoint_is_tested_with_modalities_left_out(make_cfg, tmp_path):
                 "eval.py",
                 "--ckpt",
                 str(out),
-                "--out",
+                "--json",
                 str(tmp_path / "r.json"),
                 *machine,
                 *flags,
@@ -201,8 +202,13 @@ def test_a_checkpoint_is_tested_with_modalities_left_out(make_cfg, tmp_path):
         assert done.returncode == 0, done.stderr
         return done.stdout, json.loads((tmp_path / "r.json").read_text())
 
-    stdout, text_only = test_with("--modalities", "t")
+    stdout, text_only = test_with("--modalities", "t", "--plot")
     assert "disc (t, test)" in stdout and text_only["n"] == result["test"]["n"]
+    if importlib.util.find_spec("matplotlib"):  # the run's own modalities' plot is another file
+        test_with("--plot")
+        assert (out / "disc-t-test_scatter.png").exists() and (
+            out / "disc-tv-test_scatter.png"
+        ).exists()
     assert text_only["MAE"] != result["test"]["MAE"]  # the model saw no video
     assert (
         test_with("--modalities", "tv")[1]["MAE"] == test_with()[1]["MAE"] == result["test"]["MAE"]

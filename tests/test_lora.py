@@ -70,9 +70,8 @@ def test_backbone_lora_only_lora_and_head_get_gradients(make_cfg):
     }
     expected = {n for n, _ in readout.named_parameters() if "lora_" in n or n.startswith("head.")}
     assert trained == expected
-    assert all(
-        ".language_model." in n for n in expected if "lora_" in n
-    )  # not the audio or vision towers
+    # not the audio or vision towers
+    assert all(".language_model." in n for n in expected if "lora_" in n)
     assert len(expected) == 2 * 7 * 2 + 2  # A, B for 7 projections in 2 layers; head weight, bias
 
 
@@ -112,11 +111,12 @@ def test_parameter_count_counts_4bit_weights_by_their_real_size():
     assert sum(p.numel() for p in nf4.parameters()) < count_parameters(nf4)["total"]  # packed bytes
     add_lora(nf4, THINKER, r=4)
     counts = count_parameters(nf4)
+    # tiny text decoder: q,o 64x64; k,v 64x32; gate,up 64x128; down 128x64
     hidden, inter, kv = (
         64,
         128,
         32,
-    )  # tiny text decoder: q,o 64x64; k,v 64x32; gate,up 64x128; down 128x64
+    )
     per_layer = 4 * (2 * (hidden + hidden) + 2 * (hidden + kv) + 3 * (hidden + inter))
     assert counts["trainable"] == 2 * per_layer
     assert counts["total"] == count_parameters(full)["total"] + counts["trainable"]

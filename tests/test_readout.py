@@ -59,9 +59,8 @@ def test_mean_readout_averages_the_real_tokens_only(make_cfg):
         pooled = readout.pooled({"inputs": inputs})
     for i, row_mask in enumerate(inputs["attention_mask"].bool()):
         assert torch.allclose(pooled[i], h[i][row_mask].mean(0), atol=1e-5)
-    assert not torch.allclose(
-        pooled[0], h[0].mean(0), atol=1e-3
-    )  # row 0 is padded: padding is left out
+    # row 0 is padded: padding is left out
+    assert not torch.allclose(pooled[0], h[0].mean(0), atol=1e-3)
 
 
 def test_readout_never_computes_the_lm_head(make_cfg):
@@ -82,9 +81,8 @@ def test_a_text_model_gets_4bit_lora_on_its_default_targets(make_cfg, bert_dir):
         make_cfg("--model", str(bert_dir), "--modalities", "t"), torch.device("cpu")
     )
     wrapped = {n: m for n, m in readout.backbone.named_modules() if isinstance(m, LoRALinear)}
-    assert (
-        len(wrapped) == 2 * 6
-    )  # per layer: query, key, value, attention output, intermediate, output
+    # per layer: query, key, value, attention output, intermediate, output
+    assert len(wrapped) == 2 * 6
     assert all(isinstance(m.base, bnb.nn.Linear4bit) for m in wrapped.values())
     inputs = dict(tokenizer(["the plot was good", "bad"], padding=True, return_tensors="pt"))
     assert inputs["attention_mask"][1, -1] == 0  # an encoder's tokenizer pads on the right
@@ -401,9 +399,8 @@ def test_out_of_bounds_answers_are_counted_before_they_are_clipped(make_cfg, mon
     gen, processor = build(make_cfg("--readout", "gen", "--modalities", "t"), torch.device("cpu"))
     gen.eval()
     answers = ["4.5", "score: -7", "0.5", "none"]
-    monkeypatch.setattr(
-        gen.tokenizer, "batch_decode", lambda *a, **k: answers
-    )  # what the model wrote
+    # what the model wrote
+    monkeypatch.setattr(gen.tokenizer, "batch_decode", lambda *a, **k: answers)
     prompts = [prompt(t, "t", processor) for t in ["a", "b", "c", "d"]]
     batch = dict(inputs=dict(processor(text=prompts, padding=True, return_tensors="pt")))
     preds, info = gen.predict(batch)

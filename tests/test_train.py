@@ -83,7 +83,7 @@ def test_training_lowers_valid_mae_and_the_checkpoint_reproduces(make_cfg, tmp_p
             "eval.py",
             "--ckpt",
             str(out),
-            "--out",
+            "--json",
             str(tmp_path / "test.json"),
             "--device",
             "cpu",
@@ -200,9 +200,8 @@ def test_a_text_model_trains_and_its_checkpoint_reloads(make_cfg, bert_dir):
     )
     out, result = train(cfg)
     cfg, readout, tokenizer = load_checkpoint(out, cfg)
-    assert all(
-        p.abs().sum() > 0 for n, p in readout.named_parameters() if "lora_B" in n
-    )  # trained, loaded
+    # trained, loaded
+    assert all(p.abs().sum() > 0 for n, p in readout.named_parameters() if "lora_B" in n)
     assert (
         evaluate(readout, loader(cfg, "test", tokenizer), torch.device("cpu"))[0]["MAE"]
         == result["test"]["MAE"]
@@ -409,9 +408,8 @@ SMOL = (
     Path(SMOLLM2.submodule_search_locations[0] if SMOLLM2 else "-")
     / "SmolLM2-135M-Instruct.Q4_1.gguf"
 )
-QWEN = (
-    Path(__file__).parents[1] / "qwen.gguf"
-)  # where the README's "Other backbones" recipe assembles it
+# where the README's "Other backbones" recipe assembles it
+QWEN = Path(__file__).parents[1] / "qwen.gguf"
 
 
 @pytest.mark.skipif(GGUF is None or not MOSI_TEXT.exists(), reason="needs gguf and ../shared/data")
@@ -452,9 +450,8 @@ def test_gguf_causal_lm_quantised_in_memory_trains_disc_and_gen_on_real_transcri
         "--loss",
         "l1",
     )
-    disc, tokenizer = build(
-        cfg, torch.device("cpu")
-    )  # the project's own loader: GGUF -> float -> NF4 in memory
+    # the project's own loader: GGUF -> float -> NF4 in memory
+    disc, tokenizer = build(cfg, torch.device("cpu"))
     backbone = disc.backbone
     layers = [m for m in backbone.modules() if isinstance(m, LoRALinear)]
     assert len(layers) == 7 * backbone.config.num_hidden_layers and all(
@@ -464,9 +461,8 @@ def test_gguf_causal_lm_quantised_in_memory_trains_disc_and_gen_on_real_transcri
         type(backbone.lm_head) is torch.nn.Linear and backbone.lm_head.weight.dtype == torch.float32
     )
     gen = Gen(backbone, tokenizer, {**cfg, "readout": "gen"})
-    assert gen.end_id == tokenizer.convert_tokens_to_ids(
-        "<|im_end|>"
-    )  # from the model, not hard-coded
+    # from the model, not hard-coded
+    assert gen.end_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     batch = next(iter(loader(cfg, "train", tokenizer, batch_size=4)))
     params = [p for p in disc.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -574,22 +570,19 @@ def test_two_processes_with_gloo_match_one_process_with_the_same_global_batch(to
         [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()[1:]]
         for run in ("one", "two")
     ]
-    assert (
-        [r["step"] for r in logs[1]] == [r["step"] for r in logs[0]] == [4, 8, 12]
-    )  # 36 clips, 8 per step
+    # 36 clips, 8 per step
+    assert [r["step"] for r in logs[1]] == [r["step"] for r in logs[0]] == [4, 8, 12]
     for a, b in zip(*logs):
         assert (
             abs(a["valid"]["MAE"] - b["valid"]["MAE"]) < 1e-4
             and abs(a["valid"]["Corr"] - b["valid"]["Corr"]) < 1e-4
         )
-        assert (
-            a["valid"]["MAE"] != logs[0][0]["valid"]["MAE"] or a is logs[0][0]
-        )  # training moved the model
+        # training moved the model
+        assert a["valid"]["MAE"] != logs[0][0]["valid"]["MAE"] or a is logs[0][0]
     metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two")]
     for split in ("valid", "test"):
-        assert (
-            metrics[0][split]["n"] == metrics[1][split]["n"] == 12
-        )  # the whole split, each clip once
+        # the whole split, each clip once
+        assert metrics[0][split]["n"] == metrics[1][split]["n"] == 12
         assert abs(metrics[0][split]["MAE"] - metrics[1][split]["MAE"]) < 1e-4
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "cache",
@@ -626,7 +619,7 @@ def test_audio_in_video_trains_and_its_checkpoint_reproduces(make_cfg, tmp_path)
             "eval.py",
             "--ckpt",
             str(out),
-            "--out",
+            "--json",
             str(tmp_path / "r.json"),
             "--device",
             "cpu",
