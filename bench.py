@@ -28,6 +28,7 @@ import torch
 from data import (
     SAMPLE_RATE,
     Clips,
+    UserError,
     collate,
     load_clips,
     make_loader,
@@ -626,4 +627,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None

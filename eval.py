@@ -37,10 +37,7 @@ METRIC_KEYS = ("MAE", "Corr", "Acc2_has0", "F1_has0", "Acc2_non0", "F1_non0", "A
 
 class Help(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):  # each flag's default after its help, where it has one
-        shown = (
-            all(action.default is not v for v in (None, False, argparse.SUPPRESS))
-            and "default" not in action.help
-        )
+        shown = all(action.default is not v for v in (None, False, argparse.SUPPRESS))
         return action.help + (" (default: %(default)s)" if shown else "")
 
 
@@ -171,10 +168,9 @@ RECIPES = dict(
     ),
 )
 
-RETIRED = {
-    "samples",
-    "temperature",
-}  # gen's median and mean rules' flags: gone, and nothing else read them
+# Flags that are gone: gen's median and mean rules' (nothing else read them), disc's --standardize (a run
+# trained with it is refused: its predictions were on the standardised scale)
+RETIRED = {"samples", "temperature", "standardize"}
 
 RESOLVED = {*PRESETS["tiny"], "lora_alpha"}  # the flags that resolve() gives a value
 
@@ -261,6 +257,8 @@ def load_config(folder):
         raise UserError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{file}: not a JSON object")
+    if cfg.get("standardize"):
+        raise UserError(f"{file}: trained with --standardize, which this version no longer reads")
     flags = {f.name: f for f in reading_flags() + TRAINING_FLAGS}
     own = {f.name: f for f in getattr(READOUTS.get(cfg.get("readout")), "flags", ())}
     others = readout_flags().keys() - own.keys() | RETIRED

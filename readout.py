@@ -319,7 +319,7 @@ class Readout(nn.Module):
         """Called before each evaluation with the training batches (e.g. to refresh statistics)."""
 
 
-BINS = torch.linspace(-3, 3, 61)  # the bins head's values: the 61 answers gen is trained to write
+BINS = torch.arange(-30, 31) / 10  # the bins head's values: the 61 answers gen is trained to write
 
 
 class Disc(Readout):
@@ -547,7 +547,7 @@ class Gen(Readout):
         """(values (C,), log-likelihoods (B, C)) of the C = 61 answers gen is trained to write, -3.0 to 3.0
         by 0.1. The prompt runs once; then each prefix the answers share is fed once, level by level."""
         device, B = inputs["input_ids"].device, inputs["input_ids"].shape[0]
-        values = torch.arange(-30, 31, device=device) / 10
+        values = BINS.to(device)
         answers = [tuple(self.answer(v, device).tolist()) for v in values.tolist()]
         cache = PromptCache(self.text_model(), inputs, self.model_kwargs)
         loglik = torch.zeros(B, len(answers), device=device)

@@ -891,3 +891,9 @@ def test_a_checkpoint_saved_before_readouts_owned_their_flags_still_loads(checkp
         and loaded["layer"] == -1
         and "samples" not in load_config(checkpoint)
     )
+    # disc's --standardize went too: off, a run reads as before; on, it is refused (its scale is gone)
+    (checkpoint / "config.json").write_text(json.dumps({**old, "standardize": False}))
+    assert "standardize" not in load_config(checkpoint)
+    (checkpoint / "config.json").write_text(json.dumps({**old, "standardize": True}))
+    with pytest.raises(UserError, match="trained with --standardize"):
+        load_config(checkpoint)
