@@ -24,17 +24,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer
 
 from data import (
     SAMPLE_RATE,
     Clips,
     UserError,
     collate,
+    data_root,
     load_clips,
     make_loader,
     make_toy,
     model_inputs,
     prompt,
+    read_split,
     to_device,
 )
 from eval import autocast, load_checkpoint, machine_flags, resolve, run_flags
@@ -48,6 +51,7 @@ from readout import (
     Gen,
     Qwen2_5OmniThinkerForConditionalGeneration,
     build,
+    model_source,
     thinker_config,
     tiny_processor,
 )
@@ -464,6 +468,50 @@ def rule_times(cfg, *folders):
     return dict(clips=len(clips), ms_per_clip=ms, over_first={n: t / first for n, t in ms.items()})
 
 
+def padding(cfg, megabatch=50, seeds=5):
+    """Padded tokens over real tokens in training batches of --batch_size prompts (the --data train split,
+    text alone, the run's prompt and tokenizer): shuffled as train.py draws them (mean over `seeds` epochs),
+    grouped by length (each run of `megabatch` shuffled batches sorted by length, then cut into batches), and
+    sorted over the whole split (the floor). `processed` is what a forward pass runs over, padding included,
+    relative to the shuffled batches'."""
+    if cfg["model"] == "tiny":
+        tokenizer = tiny_processor()
+    else:
+        folder, source = model_source(cfg["model"], cfg["trust_remote_code"])
+        tokenizer = AutoTokenizer.from_pretrained(folder, **source)
+    rows = read_split(data_root(cfg["data"]), "train", on_bad="skip")[0]
+    texts = [prompt(r["text"], "t", tokenizer) for r in rows]
+    lengths = np.array([model_inputs(tokenizer, t, {})["input_ids"].shape[1] for t in texts])
+    size = cfg["batch_size"]
+
+    def cost(order):  # (padded tokens, tokens processed) over the complete batches of `order`
+        batches = lengths[order[: len(order) // size * size]].reshape(-1, size)
+        processed = batches.max(1).sum() * size
+        return processed - batches.sum(), processed
+
+    shuffled, grouped = [], []
+    for seed in range(seeds):
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).numpy()
+        shuffled.append(cost(order))
+        chunks = [order[i : i + megabatch * size] for i in range(0, len(order), megabatch * size)]
+        grouped.append(cost(np.concatenate([c[np.argsort(-lengths[c])] for c in chunks])))
+    floor = cost(np.argsort(-lengths))
+    real = lengths[: len(lengths) // size * size].sum()
+    pad, done = np.mean(shuffled, 0)
+    return dict(
+        clips=len(lengths),
+        tokens_per_prompt=dict(
+            mean=float(lengths.mean()), min=int(lengths.min()), max=int(lengths.max())
+        ),
+        padded_over_real=dict(
+            shuffled=float(pad / real),
+            grouped=float(np.mean(grouped, 0)[0] / real),
+            sorted=float(floor[0] / real),
+        ),
+        processed=dict(grouped=float(np.mean(grouped, 0)[1] / done), sorted=float(floor[1] / done)),
+    )
+
+
 # ------------------------------------------------------------------------------ 7B counts, no weights needed
 
 
@@ -598,6 +646,11 @@ def parse_args(argv=None):
         help="instead: ms per clip of trained runs' readouts (gen with each --decode rule), interleaved",
     )
     p.add_argument("--clips", type=int, default=64, help="--rules: on this many test clips")
+    p.add_argument(
+        "--padding",
+        action="store_true",
+        help="instead: the padding share of training batches, shuffled and grouped by length",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     cfg = resolve(vars(p.parse_args(argv)))  # train.py's presets
     cfg["batch_sizes"] = [int(n) for n in cfg["batch_sizes"].split(",")] + [cfg["batch_size"]]
@@ -618,6 +671,8 @@ def main(argv=None):
             result = pipeline(cfg, cfg["pipeline"], cfg["pipeline"] // 100)
         elif cfg["rules"]:
             result = rule_times(cfg, *cfg["rules"])
+        elif cfg["padding"]:
+            result = padding(cfg)
         else:
             result = bench(cfg)
         for k, v in result.items():

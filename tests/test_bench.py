@@ -126,3 +126,10 @@ def test_rule_times_reads_both_runs_with_every_rule_on_the_first_clips(make_cfg,
     layer = train({**cfg, "out": str(tmp_path / "disc-layer1")})[0]
     both = bench.rule_times({**make_cfg(), "clips": 4, "eval_batch_size": 2}, runs[0], layer)
     assert set(both["ms_per_clip"]) == {"disc", "disc-layer1"}
+
+
+def test_padding_of_batches_grouped_by_length_is_at_most_that_of_shuffled_ones(make_cfg):
+    out = bench.padding({**make_cfg("--batch_size", "4"), "trust_remote_code": False})
+    share = out["padded_over_real"]
+    assert out["clips"] > 0 and 0 <= share["sorted"] <= share["grouped"] <= share["shuffled"]
+    assert 0 < out["processed"]["sorted"] <= out["processed"]["grouped"] <= 1.0
