@@ -28,14 +28,21 @@ def parse_args(argv=None):
     )
     p.description = __doc__  # not train.py's
     group = p.add_argument_group("the comparison")
-    subsets = (
-        f"comma-separated modality subsets (default: {SUBSETS}; with --readouts: --modalities)"
+    group.add_argument(
+        "--subsets",
+        help=f"comma-separated modality subsets (default: {SUBSETS}; with --readouts: --modalities)",
     )
-    group.add_argument("--subsets", help=subsets)
-    seeds = "comma-separated seeds: cells are mean ± std over them"
-    group.add_argument("--seeds", type=numbers, default=[0], help=seeds)
-    readouts = "comma-separated readouts; gen0: gen zero-shot; gen@RULE, gen0@RULE: read with another --decode"
-    group.add_argument("--readouts", help=f"{readouts} rule (default: --readout, a row per subset)")
+    group.add_argument(
+        "--seeds",
+        type=numbers,
+        default=[0],
+        help="comma-separated seeds: cells are mean ± std over them",
+    )
+    group.add_argument(
+        "--readouts",
+        help="comma-separated readouts; gen0: gen zero-shot; gen@RULE, gen0@RULE: read with another "
+        "--decode rule (default: --readout, a row per subset)",
+    )
     base = read_flags(p, argv)
     args = {k: base.pop(k) for k in ("subsets", "seeds", "readouts")}
     base.update(resume=None, overwrite=False)

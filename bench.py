@@ -55,6 +55,7 @@ from readout import (
     thinker_config,
     tiny_processor,
 )
+from train import checkpoint_trained_layers
 
 # Qwen2.5-Omni-7B's published Thinker configuration (transformers' default vision config is not: its hidden_size
 # 3584 is the output width; the 7B's vision blocks are 1280 wide).
@@ -361,8 +362,8 @@ def bench(cfg):
     if device.type == "cuda":  # training-step peak memory by batch size and gradient checkpointing
         out["peak_mem_train_mb_by"] = {}
         for ckpt in (False, True):
-            if ckpt:
-                thinker.activation_checkpointing_enable({"use_reentrant": False})
+            if ckpt:  # as train.py --grad_ckpt does: the layers LoRA trains
+                checkpoint_trained_layers(thinker)
             for n in cfg["batch_sizes"]:
                 b = batch_of(n)
                 peak_mb(device, reset=True)

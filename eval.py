@@ -43,18 +43,21 @@ class Help(argparse.RawDescriptionHelpFormatter):
 
 def reading_flags():
     """The run flags of every readout that say what is read and how: eval.py may change them."""
-    readouts = "the readout (readout.py: READOUTS)"
-    in_video = "with audio and video: Qwen's own prompt, the audio in the video's place"
     return (
         Flag("model", str, "Qwen/Qwen2.5-Omni-7B", "a hub id, a local folder, a .gguf or 'tiny'"),
         Flag("quant", str, "nf4", "4-bit NF4 weights for the text decoder", ("nf4", "none")),
         Flag("data", str, "mosi", "'toy' or 'toy:N', 'mosi', 'mosei' (in $MSA_DATA) or a folder"),
         Flag("modalities", str, "tav", "any non-empty subset of 'tav': text, audio, video"),
-        Flag("readout", str, "disc", readouts, tuple(READOUTS)),
+        Flag("readout", str, "disc", "the readout (readout.py: READOUTS)", tuple(READOUTS)),
         Flag("fps", float, 2.0, "video frames sampled per second"),
         Flag("max_frames", int, 32, "at most this many frames per clip"),
         Flag("max_pixels", int, 128 * 28 * 28, "each frame resized to fit this many pixels"),
-        Flag("audio_in_video", bool, False, in_video),
+        Flag(
+            "audio_in_video",
+            bool,
+            False,
+            "with audio and video: Qwen's own prompt, the audio in the video's place",
+        ),
     )
 
 
@@ -349,8 +352,7 @@ def evaluate(readout, loader, device):
         times.append((time.perf_counter() - start, len(p)))
         preds.append(p.float().cpu())
         labels.append(batch["label"].cpu())
-        counts = {k: v for k, v in extra.items() if not torch.is_tensor(v)}  # not the per-clip ones
-        info.update(counts)
+        info.update({k: v for k, v in extra.items() if not torch.is_tensor(v)})  # not per-clip ones
     timed = times[1:] or times
     ms = 1000 * sum(t for t, _ in timed) / sum(n for _, n in timed)
     preds, labels = torch.cat(preds).numpy(), torch.cat(labels).numpy()
@@ -459,8 +461,11 @@ def plot(scored, folder):
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot(scored.labels, scored.preds, ".", alpha=0.6)
     ax.plot([-3, 3], [-3, 3], "k--", lw=1)
-    title = f"{folder.resolve().name}: {scored.name}\nMAE {scored.result['MAE']:.3f}"
-    ax.set(xlabel="true score", ylabel="predicted score", title=title)
+    ax.set(
+        xlabel="true score",
+        ylabel="predicted score",
+        title=f"{folder.resolve().name}: {scored.name}\nMAE {scored.result['MAE']:.3f}",
+    )
     stem = "-".join(re.findall(r"[\w@]+", scored.name))  # e.g. gen@expected-t-test
     files = [folder / f"{stem}_scatter.png"]
     fig.savefig(files[0], dpi=120, bbox_inches="tight")
@@ -569,8 +574,13 @@ def main(argv=None):
         "--compare", nargs=2, metavar=("A", "B"), help="two checkpoints, tested clip by clip"
     )
     p.add_argument("--split", default="test", choices=SPLITS, help="the split to evaluate")
-    resamplings = "95%% intervals from N resamplings of clips"
-    p.add_argument("--bootstrap", type=int, default=0, metavar="N", help=resamplings)
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="95%% intervals from N resamplings of clips",
+    )
     p.add_argument("--plot", action="store_true", help="scatter plot and learning curve PNGs")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to this file")
     machine_flags(p.add_argument_group("this machine"))

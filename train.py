@@ -100,20 +100,21 @@ def train_loaded(cfg, clips, rank, world):
     if world > 1:  # after the model: transformers' save_pretrained (the tiny model) on rank 0 alone
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if cfg["grad_ckpt"]:
-        readout.backbone.activation_checkpointing_enable({"use_reentrant": False})
+        checkpoint_trained_layers(readout.backbone)
     counts = count_parameters(readout)
-    trainable = f"{counts['trainable']:,} of {counts['total']:,}"
-    print(f"trainable {trainable} parameters ({counts['trainable_pct']:.2f}%)")
+    print(
+        f"trainable {counts['trainable']:,} of {counts['total']:,} parameters "
+        f"({counts['trainable_pct']:.2f}%)"
+    )
     check_space(out, counts["trainable"])
     # drop_last: a batch norm needs two clips
     shuffled = dict(shuffle=True, seed=cfg["seed"], drop_last=True, rank=rank, world=world)
     loader = make_loader(cfg, clips["train"], processor, cfg["batch_size"], **shuffled)
     valid = make_loader(cfg, clips["valid"], processor)
     in_order = make_loader(cfg, clips["train"], processor, cfg["batch_size"])  # for prepare()
-    per_step = cfg["batch_size"] * world * cfg["grad_accum"]
     print(
         f"effective batch: {cfg['batch_size']} clips x {world} process(es) x {cfg['grad_accum']} "
-        f"accumulation steps = {per_step} clips per optimizer step"
+        f"accumulation steps = {cfg['batch_size'] * world * cfg['grad_accum']} clips per optimizer step"
     )
     optimizer = torch.optim.AdamW(param_groups(readout, cfg), weight_decay=cfg["weight_decay"])
     log = [dict(data={s: c.counts() for s, c in clips.items()})]
@@ -129,18 +130,16 @@ def train_loaded(cfg, clips, rank, world):
         with autocast(device):
             readout.prepare(to_device(b, device) for b in in_order)
         result = evaluate(readout, valid, device)[0]
-        best = min((r["valid"]["MAE"] for r in log[1:]), default=math.inf)
-        improved = result["MAE"] < best
-        seconds = time.time() - started
-        lr = optimizer.param_groups[0]["lr"]
+        # below every earlier epoch's validation MAE
+        improved = result["MAE"] < min((r["valid"]["MAE"] for r in log[1:]), default=math.inf)
         log.append(
             dict(
                 epoch=epoch,
                 step=step,
-                lr=lr,
+                lr=optimizer.param_groups[0]["lr"],
                 train_loss=train_loss,
                 improved=improved,
-                seconds=seconds,
+                seconds=time.time() - started,
                 data_wait_seconds=waited,
                 valid=result,
             )
@@ -149,6 +148,16 @@ def train_loaded(cfg, clips, rank, world):
             save_epoch(cfg, readout, optimizer, loader, log, improved)
         say(log[-1])
     return finish(cfg, readout, processor, clips["test"], log, counts, rank, world)
+
+
+def checkpoint_trained_layers(backbone):
+    """Activation checkpointing in the layers that hold a trained parameter: a frozen tower builds no graph,
+    so recomputing it would buy nothing (unless LoRA reaches into it, as the paper's target names do)."""
+    backbone.activation_checkpointing_enable({"use_reentrant": False})
+    for m in backbone.modules():
+        frozen = not any(p.requires_grad for p in m.parameters())
+        if getattr(m, "gradient_checkpointing", False) and frozen:
+            m.gradient_checkpointing = False
 
 
 def say(r):
@@ -172,7 +181,7 @@ def train_epoch(readout, loader, optimizer, cfg, epoch, step, world):
     total = cfg["epochs"] * math.ceil(len(loader) / cfg["grad_accum"])
     warmup = max(1, round(cfg["warmup_ratio"] * total))
     losses, waited, ready = [], 0.0, time.perf_counter()
-    quiet = os.environ.get("RANK", "0") != "0"
+    quiet = os.environ.get("RANK", "0") != "0"  # ranks above 0 print nothing
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg['epochs']}", leave=False, disable=quiet)
     for i, batch in enumerate(bar):
         waited += time.perf_counter() - ready
@@ -399,13 +408,17 @@ def parser(
         "--grad_ckpt", action="store_true", help="activation checkpointing: less memory, slower"
     )
     p.add_argument("--out", help=out_help)
-    recipe = (
-        "the paper's settings as reported (README): mlp head, l1, LoRA r 32 on its targets, lr 2e-4"
+    p.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        help="the paper's settings as reported (README): mlp head, l1, LoRA r 32 on its targets, lr 2e-4",
     )
-    p.add_argument("--recipe", choices=list(RECIPES), help=recipe)
     if resume:
-        again = "continue the run in DIR after its last finished epoch, with its own run settings"
-        p.add_argument("--resume", metavar="DIR", help=again)
+        p.add_argument(
+            "--resume",
+            metavar="DIR",
+            help="continue the run in DIR after its last finished epoch, with its own run settings",
+        )
         p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     return p
 

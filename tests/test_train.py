@@ -163,6 +163,32 @@ def test_gradient_checkpointing_changes_no_number(make_cfg, tmp_path):
     assert runs[1]["valid"]["MAE"] == pytest.approx(runs[0]["valid"]["MAE"], abs=1e-6)
 
 
+def test_checkpointing_runs_in_the_layers_lora_trains_and_not_in_frozen_towers(make_cfg):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from train import checkpoint_trained_layers
+
+    def checkpointed(targets):  # {part of the Thinker: whether each of its layers checkpoints}
+        readout, _ = build(make_cfg("--lora_targets", targets), torch.device("cpu"))
+        checkpoint_trained_layers(readout.backbone)
+        layers = [
+            (n, m)
+            for n, m in readout.backbone.named_modules()
+            if isinstance(m, GradientCheckpointingLayer)
+        ]
+        parts = {}
+        for name, m in layers:
+            part = next((p for p in ("audio_tower", "visual") if f".{p}." in f".{name}"), "decoder")
+            parts.setdefault(part, set()).add(m.gradient_checkpointing)
+        return parts
+
+    # the default targets: the decoder's projections alone
+    default = r"language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
+    assert checkpointed(default) == {"decoder": {True}, "audio_tower": {False}, "visual": {False}}
+    # the paper's names reach into both towers: every layer checkpoints
+    assert checkpointed("paper") == {"decoder": {True}, "audio_tower": {True}, "visual": {True}}
+
+
 def test_the_processed_cache_changes_no_number_and_is_read_back(make_cfg, tmp_path):
     runs = [
         train(
