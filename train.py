@@ -62,9 +62,8 @@ def train(cfg):
     """Train the run `cfg` describes -> (folder, metrics). Under torchrun every process runs it; rank 0
     writes. The folder is locked while it trains; what it holds is always a whole epoch's state."""
     rank, world = distributed(cfg)
-    for (
-        s
-    ) in STOPS:  # a SIGTERM stops as Ctrl-C does (also where a shell started it ignoring Ctrl-C)
+    # a SIGTERM stops as Ctrl-C does (also where a shell started the run ignoring Ctrl-C)
+    for s in STOPS:
         signal.signal(s, signal.default_int_handler)
     torch.manual_seed(cfg["seed"])
     out = Path(cfg["out"])
@@ -155,9 +154,8 @@ def checkpoint_trained_layers(backbone):
     so recomputing it would buy nothing (unless LoRA reaches into it, as the paper's target names do)."""
     backbone.activation_checkpointing_enable({"use_reentrant": False})
     for m in backbone.modules():
-        frozen = not any(p.requires_grad for p in m.parameters())
-        if getattr(m, "gradient_checkpointing", False) and frozen:
-            m.gradient_checkpointing = False
+        if getattr(m, "gradient_checkpointing", False):
+            m.gradient_checkpointing = any(p.requires_grad for p in m.parameters())
 
 
 def say(r):
