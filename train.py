@@ -403,7 +403,9 @@ def parser(
     )
     machine_flags(machine)
     machine.add_argument(
-        "--grad_ckpt", action="store_true", help="activation checkpointing: less memory, slower"
+        "--grad_ckpt",
+        action="store_true",
+        help="activation checkpointing of the layers that train: less memory, slower",
     )
     p.add_argument("--out", help=out_help)
     p.add_argument(
