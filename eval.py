@@ -357,10 +357,11 @@ def evaluate(readout, loader, device):
     ms = 1000 * sum(t for t, _ in timed) / sum(n for _, n in timed)
     preds, labels = torch.cat(preds).numpy(), torch.cat(labels).numpy()
     counts = {}
-    bad = int((~np.isfinite(preds)).sum())
-    if readout.fallback is None and bad:  # a readout without answers to parse: a diverged model
-        raise FloatingPointError(f"{bad} of {len(preds)} predictions are not finite")
-    if readout.fallback is not None:
+    if readout.fallback is None:  # a readout without answers to parse: a NaN is a diverged model
+        bad = int((~np.isfinite(preds)).sum())
+        if bad:
+            raise FloatingPointError(f"{bad} of {len(preds)} predictions are not finite")
+    else:
         failed = np.isnan(preds)
         preds = np.where(failed, readout.fallback, preds)
         counts = dict(
@@ -475,11 +476,15 @@ def plot(scored, folder):
     print(f"plots: {', '.join(map(str, files))}")
 
 
+def read_log(folder):
+    """A run's log.jsonl: the data's record, then one an epoch."""
+    return [json.loads(line) for line in (Path(folder) / "log.jsonl").read_text().splitlines()]
+
+
 def learning_curve(plt, folder, cfg):
     """The training loss and the validation MAE by epoch, in two panels, with the train-mean baseline's
     validation MAE and the kept epoch -> the file."""
-    lines = (folder / "log.jsonl").read_text().splitlines()
-    log = list(map(json.loads, lines))[1:]  # after the data's record, one an epoch
+    log = read_log(folder)[1:]  # after the data's record, one an epoch
     kept = json.loads((folder / "metrics.json").read_text())["kept_epoch"]
     valid = read_split(data_root(cfg["data"]), "valid", on_bad="skip")[0]
     baseline = mean_baseline(cfg, [r["label"] for r in valid])["MAE"]

@@ -36,6 +36,7 @@ from eval import (
     load_weights,
     machine_flags,
     mean_baseline,
+    read_log,
     read_tensors,
     report,
     resolve,
@@ -120,8 +121,7 @@ def train_loaded(cfg, clips, rank, world):
     start, step = 0, 0
     if cfg["resume"]:
         start, step = load_last(out / "last.safetensors", readout, optimizer, loader)
-        lines = (out / "log.jsonl").read_text().splitlines()
-        log = [r for r in map(json.loads, lines) if r.get("epoch", 0) <= start]
+        log = [r for r in read_log(out) if r.get("epoch", 0) <= start]
         print(f"resuming {out} after epoch {start}")
     for epoch in range(start + 1, cfg["epochs"] + 1):
         started = time.time()
