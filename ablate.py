@@ -8,6 +8,8 @@ its run settings: a finished run is reused, a stopped one continued, and other s
 ablation.md and ablation.json hold the latest comparison. ONE model without some modalities: eval.py --modalities.
 """
 
+import quickhelp  # noqa: F401 (answers --help before torch loads)
+
 import hashlib
 import json
 from pathlib import Path

@@ -11,6 +11,8 @@ The fixed batch is MOSI-like: 5 s of video at 2 fps, its audio, 30 words of tran
 --repeats after --warmup calls, the compared calls interleaved within each repeat.
 """
 
+import quickhelp
+
 import argparse
 import gc
 import json
@@ -653,6 +655,7 @@ def parse_args(argv=None):
         help="instead: the padding share of training batches, shuffled and grouped by length",
     )
     p.add_argument("--json", default=None, help="write the results here")
+    quickhelp.save(p)
     cfg = resolve(vars(p.parse_args(argv)))  # train.py's presets
     cfg["batch_sizes"] = [int(n) for n in cfg["batch_sizes"].split(",")] + [cfg["batch_size"]]
     return cfg

@@ -6,6 +6,8 @@ or the gen readout zero-shot: MMSA metrics, ms per clip, the train-mean baseline
     python eval.py --compare runs/toy-disc-tav-s0 runs/toy-gen-tav-s0  # clip by clip, with a paired test
 """
 
+import quickhelp
+
 import argparse
 import dataclasses
 import json
@@ -591,6 +593,7 @@ def main(argv=None):
     machine_flags(p.add_argument_group("this machine"))
     run = p.add_argument_group("the run (with --ckpt: only those given replace the run's own)")
     run_flags(run, training=False)
+    quickhelp.save(p)
     args = vars(p.parse_args(argv))
     check_device(args["device"])
     run_settings = run_config()  # the given ones among them replace the run's

@@ -8,6 +8,8 @@ split, its strength chosen on valid, and its valid and test MAE are written by l
 An analysis script beside the six modules, as bench.py is: nothing imports it.
 """
 
+import quickhelp  # noqa: F401 (answers --help before torch loads)
+
 import json
 from pathlib import Path
 

@@ -5,6 +5,8 @@ python train.py --readout disc --data mosi               # Qwen2.5-Omni-7B on $M
 torchrun --nproc_per_node 4 train.py --data mosei        # data parallel: one process per GPU
 """
 
+import quickhelp
+
 import argparse
 import fcntl
 import json
@@ -425,6 +427,7 @@ def parser(
 
 def read_flags(p, argv):
     """The settings a command line gives, --recipe's as the defaults (a flag given still wins)."""
+    quickhelp.save(p)
     recipe = p.parse_args(argv).recipe
     if recipe:
         p.set_defaults(**RECIPES[recipe])
