@@ -1,10 +1,10 @@
 """Speed and memory, every comparison side by side in one process: the discriminative readout against the bare
 text-model forward, the full forward (LM head), the generative readout and peft's LoRA; the decoded-input cache;
-and the Qwen2.5-Omni-7B Thinker's parameter and LoRA counts; trained disc and gen runs, gen read with each rule.
+and the Qwen2.5-Omni-7B and -3B Thinkers' parameter and LoRA counts; trained disc and gen runs, gen read with each rule.
 
     python bench.py --model tiny --json bench.json                     # CPU, about a minute
-    python bench.py --params                                           # 7B counts on the meta device, no weights
-    python bench.py --model random-7b --device cuda --json bench.json  # GPU: 7B-shaped Thinker, random NF4 weights
+    python bench.py --params                                           # 7B, 3B counts on the meta device, no weights
+    python bench.py --model random-7b --device cuda --json bench.json  # GPU: 7B-shaped Thinker (or random-3b)
     python bench.py --rules runs/x/disc-t-s0 runs/x/gen-t-s0 --clips 64  # ms per clip, gen with each rule
 
 The fixed batch is MOSI-like: 5 s of video at 2 fps, its audio, 30 words of transcript. Times are medians over
@@ -15,6 +15,7 @@ import quickhelp
 
 import argparse
 import gc
+import itertools
 import json
 import re
 import resource
@@ -33,13 +34,11 @@ from data import (
     Clips,
     UserError,
     collate,
-    data_root,
     load_clips,
     make_loader,
     make_toy,
     model_inputs,
     prompt,
-    read_split,
     to_device,
 )
 from eval import autocast, load_checkpoint, machine_flags, resolve, run_flags
@@ -57,7 +56,7 @@ from readout import (
     thinker_config,
     tiny_processor,
 )
-from train import checkpoint_trained_layers
+from train import checkpoint_trained_layers, param_groups
 
 # Qwen2.5-Omni-7B's published Thinker configuration (transformers' default vision config is not: its hidden_size
 # 3584 is the output width; the 7B's vision blocks are 1280 wide).
@@ -84,6 +83,28 @@ SEVEN_B = dict(
 )
 
 
+# Qwen2.5-Omni-3B's Thinker: its text decoder's shape as two public re-implementations quote its config.json
+# (hidden 2048, 36 layers, 16 heads, 2 key-value heads, MLP 11008, vocabulary 151,936); towers as the 7B's,
+# their outputs at the text width. Not read from the checkpoint itself (not reachable here), so whether its
+# LM head is tied to the embeddings is not known: counted untied, as the 7B's (tied: 311 M fewer).
+THREE_B = dict(
+    text=dict(
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        mrope_section=[16, 24, 24],
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        tie_word_embeddings=False,
+    ),
+    audio=SEVEN_B["audio"],
+    vision=SEVEN_B["vision"],
+)
+SHAPES = {"random-7b": SEVEN_B, "random-3b": THREE_B}
+
+
 def random_thinker(shape, quant="nf4", device="cuda", seed=0):
     """A Thinker of `shape` (SEVEN_B, readout.TINY) with random weights, its text decoder quantised to NF4 in memory
     (no checkpoint needed), with the tiny model's processor (whose token ids are valid for it)."""
@@ -106,10 +127,10 @@ def random_thinker(shape, quant="nf4", device="cuda", seed=0):
 
 
 def build_readout(cfg, device, lora=True):
-    """readout.build, or for --model random-7b the same readout over a random 7B-shaped Thinker."""
-    if cfg["model"] != "random-7b":
+    """readout.build, or for --model random-7b (random-3b) the same readout over a random Thinker of that shape."""
+    if cfg["model"] not in SHAPES:
         return build(cfg, device, lora)
-    backbone, processor = random_thinker(SEVEN_B, cfg["quant"], device)
+    backbone, processor = random_thinker(SHAPES[cfg["model"]], cfg["quant"], device)
     if lora:
         add_lora(
             backbone,
@@ -376,6 +397,8 @@ def bench(cfg):
                     peak_mb=peak_mb(device),
                     step_s=step,
                     sequence_length=b["inputs"]["input_ids"].shape[1],
+                    # MOSI's 1,284 training clips in complete batches, each a step of this clip's length
+                    mosi_epoch_minutes=1284 // n * step / 60,
                 )
             if ckpt:
                 thinker.activation_checkpointing_disable()
@@ -471,19 +494,20 @@ def rule_times(cfg, *folders):
     return dict(clips=len(clips), ms_per_clip=ms, over_first={n: t / first for n, t in ms.items()})
 
 
-def padding(cfg, megabatch=50, seeds=5):
+def padding(cfg, seeds=5):
     """Padded tokens over real tokens in training batches of --batch_size prompts (the --data train split,
-    text alone, the run's prompt and tokenizer): shuffled as train.py draws them (mean over `seeds` epochs),
-    grouped by length (each run of `megabatch` shuffled batches sorted by length, then cut into batches), and
-    sorted over the whole split (the floor). `processed` is what a forward pass runs over, padding included,
-    relative to the shuffled batches'."""
+    text alone, the run's prompt and tokenizer), in the order train.py's sampler draws them (mean over
+    `seeds` epochs): shuffled, and with --group_by_length (runs of 50 batches sorted by transcript tokens);
+    and sorted over the whole split (the floor). `processed` is what a forward pass runs over, padding
+    included, relative to the shuffled batches'."""
     if cfg["model"] == "tiny":
         tokenizer = tiny_processor()
     else:
         folder, source = model_source(cfg["model"], cfg["trust_remote_code"])
         tokenizer = AutoTokenizer.from_pretrained(folder, **source)
-    rows = read_split(data_root(cfg["data"]), "train", on_bad="skip")[0]
-    texts = [prompt(r["text"], "t", tokenizer) for r in rows]
+    text = {**cfg, "modalities": "t", "on_bad": "skip"}
+    clips = load_clips(text, "train")
+    texts = [prompt(r["text"], "t", tokenizer) for r in clips.rows]
     lengths = np.array([model_inputs(tokenizer, t, {})["input_ids"].shape[1] for t in texts])
     size = cfg["batch_size"]
 
@@ -492,12 +516,12 @@ def padding(cfg, megabatch=50, seeds=5):
         processed = batches.max(1).sum() * size
         return processed - batches.sum(), processed
 
-    shuffled, grouped = [], []
-    for seed in range(seeds):
-        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).numpy()
-        shuffled.append(cost(order))
-        chunks = [order[i : i + megabatch * size] for i in range(0, len(order), megabatch * size)]
-        grouped.append(cost(np.concatenate([c[np.argsort(-lengths[c])] for c in chunks])))
+    def drawn(grouped, seed):  # an epoch's order, as train.py's loader draws it
+        run = {**text, "group_by_length": grouped}
+        return np.array(list(make_loader(run, clips, tokenizer, size, True, seed).sampler))
+
+    shuffled = [cost(drawn(False, seed)) for seed in range(seeds)]
+    grouped = [cost(drawn(True, seed)) for seed in range(seeds)]
     floor = cost(np.argsort(-lengths))
     real = lengths[: len(lengths) // size * size].sum()
     pad, done = np.mean(shuffled, 0)
@@ -512,6 +536,45 @@ def padding(cfg, megabatch=50, seeds=5):
             sorted=float(floor[0] / real),
         ),
         processed=dict(grouped=float(np.mean(grouped, 0)[1] / done), sorted=float(floor[1] / done)),
+    )
+
+
+def grouped_steps(cfg, steps, repeats=2):
+    """Seconds of the first `steps` training steps of an epoch (forward, backward, AdamW) on --data's train
+    split, drawn shuffled and with --group_by_length, alternated `repeats` times in one process with the
+    epoch's seed changing: their ratio estimates a training epoch's, since the grouped order is made of runs
+    of 50 batches, each sorted (steps=50: one whole run). Also each order's padding share."""
+    device = torch.device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    readout, processor = build(cfg, device)
+    readout.train()
+    optimizer = torch.optim.AdamW(param_groups(readout, cfg), weight_decay=cfg["weight_decay"])
+    clips = load_clips(cfg, "train")
+    seconds, padded = {False: [], True: []}, {False: [], True: []}
+    for epoch in range(repeats):
+        for grouped in (False, True):
+            run = {**cfg, "group_by_length": grouped}
+            loader = make_loader(run, clips, processor, cfg["batch_size"], True, epoch)
+            start = time.perf_counter()
+            for batch in itertools.islice(loader, steps):
+                padded[grouped].append(1 - batch["inputs"]["attention_mask"].float().mean().item())
+                with autocast(device):
+                    loss = readout.loss(to_device(batch, device))
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            seconds[grouped].append(time.perf_counter() - start)
+            print(
+                f"{'grouped' if grouped else 'shuffled'} pass {epoch + 1}: {seconds[grouped][-1]:.1f} s"
+            )
+    return dict(
+        steps=steps,
+        batch_size=cfg["batch_size"],
+        seconds=dict(shuffled=seconds[False], grouped=seconds[True]),
+        grouped_over_shuffled=sum(seconds[True]) / sum(seconds[False]),
+        padding_share=dict(
+            shuffled=float(np.mean(padded[False])), grouped=float(np.mean(padded[True]))
+        ),
     )
 
 
@@ -531,14 +594,17 @@ def new_tokens(gen, batch, max_new_tokens):
 
 
 def param_counts(
-    ranks=(8, 16, 32, 64), targets=LORA_TARGETS["qwen2_5_omni_thinker"], head="linear"
+    shape=SEVEN_B,
+    ranks=(8, 16, 32, 64),
+    targets=LORA_TARGETS["qwen2_5_omni_thinker"],
+    head="linear",
 ):
     """The Qwen2.5-Omni-7B Thinker built on the meta device: parameters per part, LoRA parameters at each rank
     for the default targets, and the trainable share (LoRA + a linear head) under two conventions: real
     parameters, and packed storage elements (an NF4 weight of n parameters is n / 2 uint8 elements, which is
     what summing numel() over a loaded 4-bit model gives); and, the one reading we found that gives the paper's
     1.14%, LoRA alone over the text decoder's real parameters (embeddings and layers: no towers, no LM head)."""
-    config = thinker_config(tiny_processor().tokenizer, **SEVEN_B)
+    config = thinker_config(tiny_processor().tokenizer, **shape)
     with torch.device("meta"):
         model = Qwen2_5OmniThinkerForConditionalGeneration(config)
     inner = model.model
@@ -631,7 +697,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--params",
         action="store_true",
-        help="print the 7B Thinker's parameter and LoRA counts, exit",
+        help="print the 7B and 3B Thinkers' parameter and LoRA counts, exit",
     )
     p.add_argument(
         "--pipeline",
@@ -654,6 +720,14 @@ def parse_args(argv=None):
         action="store_true",
         help="instead: the padding share of training batches, shuffled and grouped by length",
     )
+    p.add_argument(
+        "--grouped_steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead: seconds of N training steps on --data's train split, shuffled and with "
+        "--group_by_length, alternated twice in one process (N=50: one run of grouped batches)",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     quickhelp.save(p)
     cfg = resolve(vars(p.parse_args(argv)))  # train.py's presets
@@ -663,13 +737,19 @@ def parse_args(argv=None):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    if cfg["params"]:  # the default targets with a linear head, then the paper's with its MLP head
-        result = dict(default=param_counts(), paper=param_counts(targets=PAPER_TARGETS, head="mlp"))
-        for name, counts in result.items():
-            print(
-                f"\n{name} targets ({'the text decoder' if name == 'default' else 'matched anywhere'}):"
+    if cfg[
+        "params"
+    ]:  # each size: the default targets with a linear head, the paper's with its MLP head
+        result = {}
+        for size, shape in SHAPES.items():
+            result[size] = dict(
+                default=param_counts(shape),
+                paper=param_counts(shape, targets=PAPER_TARGETS, head="mlp"),
             )
-            print(params_table(counts))
+            for name, counts in result[size].items():
+                where = "the text decoder" if name == "default" else "matched anywhere"
+                print(f"\n{size}, {name} targets ({where}):")
+                print(params_table(counts))
     else:
         if cfg["pipeline"]:
             result = pipeline(cfg, cfg["pipeline"], cfg["pipeline"] // 100)
@@ -677,6 +757,8 @@ def main(argv=None):
             result = rule_times(cfg, *cfg["rules"])
         elif cfg["padding"]:
             result = padding(cfg)
+        elif cfg["grouped_steps"]:
+            result = grouped_steps(cfg, cfg["grouped_steps"])
         else:
             result = bench(cfg)
         for k, v in result.items():

@@ -446,51 +446,49 @@ def load_clips(cfg, split):
     )
 
 
-def make_loader(
-    cfg, clips, processor, batch_size=None, shuffle=False, seed=0, drop_last=False, rank=0, world=1
-):
-    """A DataLoader over `clips` (eval_batch_size unless told otherwise). Shuffled with world > 1: this
-    rank's part of each global batch (ShardedShuffle); not shuffled, every clip on every rank."""
+def make_loader(cfg, clips, processor, batch_size=None, shuffle=False, seed=0, rank=0, world=1):
+    """A DataLoader over `clips` (eval_batch_size unless told otherwise). Shuffled: this rank's part of
+    each complete global batch (ShardedShuffle); not shuffled, every clip on every rank."""
     batch_size = batch_size or cfg["eval_batch_size"]
     generator = torch.Generator().manual_seed(seed)
-    sampler = None
-    if world > 1 and shuffle:
-        sampler = ShardedShuffle(len(clips), batch_size, rank, world, generator)
     tokenizer = getattr(processor, "tokenizer", processor)
+    sampler = None
+    if shuffle:
+        transcripts = tokenizer([r["text"] for r in clips.rows], return_length=True)
+        lengths = torch.tensor(transcripts["length"])  # standing for the prompts' lengths
+        grouped = cfg["group_by_length"]
+        sampler = ShardedShuffle(lengths, batch_size, rank, world, generator, grouped)
     return torch.utils.data.DataLoader(
         ModelInputs(clips, processor, cfg["cache_processed"]),
         batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
         sampler=sampler,
         generator=generator,
-        drop_last=drop_last,
         num_workers=cfg["num_workers"],
         collate_fn=functools.partial(collate, tokenizer=tokenizer),
     )
 
 
 class ShardedShuffle(torch.utils.data.Sampler):
-    """For one of `world` processes (torchrun): the order DataLoader(shuffle=True, generator) gives one process, cut
-    into global batches of batch_size * world clips, of which this rank takes its contiguous batch_size: together,
-    exactly the batches of one process with the global batch size (incomplete ones dropped)."""
+    """The order DataLoader(shuffle=True, generator) gives one process, cut into global batches of
+    batch_size * world clips (an incomplete one dropped: a batch norm needs two clips), of which `rank` takes
+    its contiguous batch_size: `world` processes (torchrun) see exactly the batches of one process with the
+    global batch size. Grouped (--group_by_length), each run of 50 global batches is sorted by length
+    before it is cut: clips of similar length together, in new batches each epoch."""
 
-    def __init__(self, n, batch_size, rank, world, generator):
-        self.n, self.batch_size, self.rank, self.world, self.generator = (
-            n,
-            batch_size,
-            rank,
-            world,
-            generator,
-        )
+    def __init__(self, lengths, batch_size, rank, world, generator, grouped=False):
+        self.n, self.batch_size, self.rank, self.world = len(lengths), batch_size, rank, world
+        self.lengths, self.generator, self.grouped = lengths, generator, grouped
 
     def __iter__(self):
-        perm = torch.randperm(self.n, generator=self.generator).tolist()
+        perm = torch.randperm(self.n, generator=self.generator)
         torch.randperm(self.n, generator=self.generator)  # RandomSampler draws two an epoch
         size = self.batch_size * self.world
-        for start in range(0, self.n - size + 1, size):
-            yield from perm[
-                start + self.rank * self.batch_size : start + (self.rank + 1) * self.batch_size
-            ]
+        perm = perm[: self.n // size * size]
+        # grouped, as transformers' LengthGroupedSampler does: runs of 50 global batches, each sorted
+        if self.grouped:
+            runs = perm.split(50 * size)
+            perm = torch.cat([run[self.lengths[run].argsort(descending=True)] for run in runs])
+        yield from perm.view(-1, self.world, self.batch_size)[:, self.rank].flatten().tolist()
 
     def __len__(self):
         return self.n // (self.batch_size * self.world) * self.batch_size

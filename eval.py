@@ -9,11 +9,10 @@ or the gen readout zero-shot: MMSA metrics, ms per clip, the train-mean baseline
 import quickhelp
 
 import argparse
-import dataclasses
 import json
 import re
 import time
-from collections import Counter
+from collections import Counter, namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +80,12 @@ TRAINING_FLAGS = (  # the run flags of every readout that say how it trains (Non
     Flag("weight_decay", float, 0.01, "AdamW weight decay"),
     Flag("warmup_ratio", float, 0.1, "share of steps with linear warm-up"),
     Flag("grad_clip", float, 1.0, "max gradient norm"),
+    Flag(
+        "group_by_length",
+        bool,
+        False,
+        "batches of clips of similar transcript length: less padding",
+    ),
 )
 
 
@@ -506,16 +511,8 @@ def learning_curve(plt, folder, cfg):
     return folder / "learning_curve.png"
 
 
-@dataclasses.dataclass
-class Scored:
-    """A run's predictions on a split, with what evaluate() made of them."""
-
-    cfg: dict
-    name: str  # e.g. "gen@expected (t, test)"
-    result: dict
-    preds: np.ndarray
-    labels: np.ndarray
-    ids: list
+# A run's predictions on a split, with what evaluate() made of them; name: e.g. "gen@expected (t, test)"
+Scored = namedtuple("Scored", "cfg name result preds labels ids")
 
 
 def run_split(folder, args, overrides):

@@ -3,7 +3,6 @@
 
 import dataclasses
 import functools
-import math
 import os
 import re
 import tempfile
@@ -537,8 +536,7 @@ class Gen(Readout):
         )
         new = out[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        scores = [parse_score(t, clip=False) for t in texts]
-        written = np.array([math.nan if s is None else s for s in scores])
+        written = np.array([parse_score(t) for t in texts], dtype=float)  # None (no number): NaN
         # out_of_bounds: the paper's count of answers outside [-3, 3], before they are clipped
         info = dict(out_of_bounds=int((np.abs(written) > 3).sum()))
         return torch.tensor(written.clip(-3, 3)), info
@@ -595,17 +593,15 @@ SCALE = re.compile(
 )
 
 
-def parse_score(text, clip=True):
-    """The score in a text, clipped to [-3, 3] (clip=False: as written), or None: the number after the
+def parse_score(text):
+    """The score in a text as written (the readout clips it to [-3, 3]), or None: the number after the
     last cue word (score, sentiment, rating, answer), else the first number. Never raises on a string."""
     text = SCALE.sub(" ", text.replace("\u2212", "-"))
     cued = CUED.findall(text)
     number = cued[-1] if cued else next(iter(re.findall(NUMBER, text)), None)
     if number is None:
         return None
-    if not clip:
-        return float(number)
-    return min(max(float(number), -3.0), 3.0)
+    return float(number)
 
 
 def build(cfg, device, lora=True):

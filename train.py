@@ -109,9 +109,9 @@ def train_loaded(cfg, clips, rank, world):
         f"({counts['trainable_pct']:.2f}%)"
     )
     check_space(out, counts["trainable"])
-    # drop_last: a batch norm needs two clips
-    shuffled = dict(shuffle=True, seed=cfg["seed"], drop_last=True, rank=rank, world=world)
-    loader = make_loader(cfg, clips["train"], processor, cfg["batch_size"], **shuffled)
+    loader = make_loader(
+        cfg, clips["train"], processor, cfg["batch_size"], True, cfg["seed"], rank, world
+    )  # shuffled by the run's seed; this rank's part of each batch
     valid = make_loader(cfg, clips["valid"], processor)
     in_order = make_loader(cfg, clips["train"], processor, cfg["batch_size"])  # for prepare()
     print(
@@ -127,7 +127,9 @@ def train_loaded(cfg, clips, rank, world):
         print(f"resuming {out} after epoch {start}")
     for epoch in range(start + 1, cfg["epochs"] + 1):
         started = time.time()
-        train_loss, step, waited = train_epoch(readout, loader, optimizer, cfg, epoch, step, world)
+        train_loss, step, waited, padded = train_epoch(
+            readout, loader, optimizer, cfg, epoch, step, rank, world
+        )
         with autocast(device):
             readout.prepare(to_device(b, device) for b in in_order)
         result = evaluate(readout, valid, device)[0]
@@ -137,11 +139,11 @@ def train_loaded(cfg, clips, rank, world):
             dict(
                 epoch=epoch,
                 step=step,
-                lr=optimizer.param_groups[0]["lr"],
                 train_loss=train_loss,
                 improved=improved,
                 seconds=time.time() - started,
                 data_wait_seconds=waited,
+                padding_share=padded,
                 valid=result,
             )
         )
@@ -169,22 +171,24 @@ def say(r):
     print(
         f"epoch {r['epoch']:3d}  loss {r['train_loss']:.4f}  valid MAE {r['valid']['MAE']:.4f}  Corr "
         f"{r['valid']['Corr']:.4f}{unparsed}{star}  ({r['seconds']:.1f}s, {r['data_wait_seconds']:.1f}s "
-        "waiting for data)"
+        f"waiting for data, padding {r['padding_share']:.0%})"
     )
 
 
-def train_epoch(readout, loader, optimizer, cfg, epoch, step, world):
-    """One pass over the training batches -> (mean loss, optimizer steps so far, seconds waiting for data)."""
+def train_epoch(readout, loader, optimizer, cfg, epoch, step, rank, world):
+    """One pass over the training batches -> (mean loss, optimizer steps so far, seconds waiting for data,
+    the mean share of padding in a batch's tokens)."""
     readout.train()
     device = torch.device(cfg["device"])
     params = [p for g in optimizer.param_groups for p in g["params"]]
     total = cfg["epochs"] * math.ceil(len(loader) / cfg["grad_accum"])
     warmup = max(1, round(cfg["warmup_ratio"] * total))
-    losses, waited, ready = [], 0.0, time.perf_counter()
-    quiet = os.environ.get("RANK", "0") != "0"  # ranks above 0 print nothing
-    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg['epochs']}", leave=False, disable=quiet)
+    losses, padded, waited, ready = [], [], 0.0, time.perf_counter()
+    epochs = f"epoch {epoch}/{cfg['epochs']}"
+    bar = tqdm(loader, desc=epochs, leave=False, disable=rank > 0)  # rank 0 alone shows it
     for i, batch in enumerate(bar):
         waited += time.perf_counter() - ready
+        padded.append(1 - batch["inputs"]["attention_mask"].float().mean().item())
         with autocast(device):
             loss = readout.loss(to_device(batch, device))
         if not torch.isfinite(loss):
@@ -208,7 +212,7 @@ def train_epoch(readout, loader, optimizer, cfg, epoch, step, world):
             step += 1
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         ready = time.perf_counter()
-    return float(np.mean(losses)), step, waited
+    return np.mean(losses), step, waited, np.mean(padded)  # numpy floats are floats (JSON)
 
 
 def param_groups(readout, cfg):
@@ -281,9 +285,9 @@ def finish(cfg, readout, processor, test_clips, log, counts, rank, world):
     if rank == 0:
         save_json(out / "metrics.json", result)
     report(f"{cfg['readout']} ({cfg['modalities']}, test)", test, baseline)
-    ratio = test["MAE"] / baseline["MAE"]
     print(
-        f"test MAE / train-mean MAE = {ratio:.3f}   kept epoch {kept['epoch']}   checkpoint: {out}"
+        f"test MAE / train-mean MAE = {test['MAE'] / baseline['MAE']:.3f}   kept epoch {kept['epoch']}   "
+        f"checkpoint: {out}"
     )
     if world > 1:
         dist.destroy_process_group()
@@ -344,9 +348,7 @@ def kept_so_far(out, then):
     file = out / "last.safetensors"
     if not file.exists():
         return "no epoch had finished, nothing was kept"
-    with safe_open(file, framework="pt") as f:
-        epoch = json.loads(f.metadata()["train"])["epoch"]
-    return f"{out} holds epoch {epoch}, the last good one; {then}"
+    return f"{out} holds epoch {last_meta(file)['epoch']}, the last good one; {then}"
 
 
 def check_space(out, trainable):
@@ -375,11 +377,16 @@ def save_last(file, readout, optimizer, loader, epoch, step):
     save_tensors(file, tensors, {"train": json.dumps(meta)})
 
 
+def last_meta(file):
+    """What save_last wrote as metadata: the epoch, the step, the optimizer's parameter groups."""
+    with safe_open(file, framework="pt") as f:
+        return json.loads(f.metadata()["train"])
+
+
 def load_last(file, readout, optimizer, loader):
     """Restore what save_last wrote -> (epoch, step)."""
     tensors = read_tensors(file)  # a clear error for a missing, truncated or foreign file
-    with safe_open(file, framework="pt") as f:
-        meta = json.loads(f.metadata()["train"])
+    meta = last_meta(file)
     load_weights(readout, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, file)
     state = {}
     for k, v in tensors.items():

@@ -422,35 +422,56 @@ def test_sharded_shuffle_splits_exactly_the_batches_one_process_would_see():
 
     n, per_rank, world = 23, 3, 2
 
-    def batches(loader, epochs=3):
+    def batches(size, sampler=None, epochs=3):
+        g = torch.Generator().manual_seed(5)
+        if sampler:
+            sampler = sampler(g)
+        loader = torch.utils.data.DataLoader(
+            range(n), size, shuffle=sampler is None, sampler=sampler, generator=g, drop_last=True
+        )
         return [[b.tolist() for b in loader] for _ in range(epochs)]
 
-    one = torch.utils.data.DataLoader(
-        range(n),
-        batch_size=per_rank * world,
-        shuffle=True,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(5),
-    )
-    ranks = []
-    for rank in range(world):
-        g = torch.Generator().manual_seed(5)
-        ranks.append(
-            batches(
-                torch.utils.data.DataLoader(
-                    range(n),
-                    batch_size=per_rank,
-                    generator=g,
-                    drop_last=True,
-                    sampler=ShardedShuffle(n, per_rank, rank, world, g),
-                )
-            )
-        )
+    one = batches(per_rank * world)  # what DataLoader's own shuffle gives one process
+    lengths = torch.zeros(n)
+    alone = batches(per_rank * world, lambda g: ShardedShuffle(lengths, per_rank * world, 0, 1, g))
+    assert alone == one  # one process: exactly DataLoader's own shuffle
+    ranks = [
+        batches(per_rank, lambda g, r=r: ShardedShuffle(lengths, per_rank, r, world, g))
+        for r in range(world)
+    ]
     for epoch, expected in enumerate(
-        batches(one)
-    ):  # epochs differ, and each global batch is the ranks' together
+        one
+    ):  # epochs differ; each global batch is the ranks' together
         assert [a + b for a, b in zip(ranks[0][epoch], ranks[1][epoch])] == expected
     assert ranks[0][0] != ranks[0][1]
+
+
+def test_grouped_batches_hold_clips_of_similar_length_and_change_between_epochs():
+    import torch
+
+    from data import ShardedShuffle
+
+    n, size = 2000, 8
+    lengths = torch.randint(1, 200, (n,), generator=torch.Generator().manual_seed(0))
+
+    def epochs(grouped, rank=0, world=1, count=2):
+        per_rank = size // world
+        g = torch.Generator().manual_seed(1)
+        sampler = ShardedShuffle(lengths, per_rank, rank, world, g, grouped)
+        return [torch.tensor(list(sampler)).view(-1, per_rank) for _ in range(count)]
+
+    def padding(batches):  # padded over real tokens, batches padded to their longest clip
+        per_batch = lengths[batches]
+        return ((per_batch.max(1, keepdim=True).values - per_batch).sum() / per_batch.sum()).item()
+
+    shuffled, grouped = epochs(False), epochs(True)
+    assert padding(grouped[0]) < padding(shuffled[0]) / 5  # lengths 1 to 199: spread in each batch
+    assert not torch.equal(grouped[0], grouped[1])  # new batches each epoch
+    for epoch in grouped:  # every clip once an epoch, as without grouping
+        assert sorted(epoch.flatten().tolist()) == sorted(shuffled[0].flatten().tolist())
+    # two ranks: each global batch of grouped clips split between them, in the same order
+    halves = [epochs(True, r, 2, count=1)[0] for r in range(2)]
+    assert torch.equal(torch.cat(halves, 1), epochs(True, count=1)[0])
 
 
 def test_a_spreadsheet_saved_label_csv_reads_like_a_plain_one(tmp_path):

@@ -1,3 +1,4 @@
+import math
 import random
 
 import pytest
@@ -136,10 +137,10 @@ PARSE_CASES = [
     ("-0.0", 0.0),
     ("  1.5\n", 1.5),
     ("\t-3", -3.0),
-    ("7", 3.0),
-    ("-10", -3.0),
-    ("3.01", 3.0),
-    ("100 out of 100", 3.0),  # clipped
+    ("7", 7.0),  # as written: the readout clips it
+    ("-10", -10.0),
+    ("3.01", 3.01),
+    ("100 out of 100", 100.0),
     ("The sentiment score is 2.5.", 2.5),
     ("Score: **-1**", -1.0),
     ("**Answer:** 1.2", 1.2),
@@ -194,7 +195,7 @@ def test_parse_score_fuzz_never_raises():
         else:
             text = "".join(chr(rng.randrange(0, 0x10FFFF)) for _ in range(n))
         got = parse_score(text)
-        assert got is None or (isinstance(got, float) and -3.0 <= got <= 3.0), repr(text)
+        assert got is None or (isinstance(got, float) and not math.isnan(got)), repr(text)
 
 
 def test_gen_loss_is_over_the_answer_tokens_only(make_cfg):
@@ -394,8 +395,6 @@ def test_the_papers_target_names_reach_into_the_towers_and_the_default_ones_do_n
 
 
 def test_out_of_bounds_answers_are_counted_before_they_are_clipped(make_cfg, monkeypatch):
-    assert parse_score("score: 4.5") == 3.0 and parse_score("score: 4.5", clip=False) == 4.5
-    assert parse_score("-7", clip=False) == -7.0 and parse_score("none", clip=False) is None
     gen, processor = build(make_cfg("--readout", "gen", "--modalities", "t"), torch.device("cpu"))
     gen.eval()
     answers = ["4.5", "score: -7", "0.5", "none"]

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 import train as train_module
 from data import UserError, load_clips, make_loader
-from eval import evaluate, load_checkpoint, load_config
+from eval import evaluate, load_checkpoint, load_config, read_log
 from readout import build
 from train import lr_at, train
 
@@ -923,3 +924,30 @@ def test_a_checkpoint_saved_before_readouts_owned_their_flags_still_loads(checkp
     (checkpoint / "config.json").write_text(json.dumps({**old, "standardize": True}))
     with pytest.raises(UserError, match="trained with --standardize"):
         load_config(checkpoint)
+
+
+def test_each_epoch_logs_its_padding_share_and_group_by_length_lowers_it(
+    make_cfg, tmp_path, capsys
+):
+    shares = {}
+    for flag in ("--no-group_by_length", "--group_by_length"):
+        cfg = make_cfg(
+            "--modalities",
+            "t",
+            "--epochs",
+            "1",
+            "--batch_size",
+            "4",
+            flag,
+            "--out",
+            str(tmp_path / flag),
+        )
+        out, _ = train(cfg)
+        shares[flag] = read_log(out)[1]["padding_share"]
+    # the same share, counted here over the batches of the run's first epoch
+    _, processor = build(cfg, torch.device("cpu"))
+    batches = loader(cfg, "train", processor, batch_size=4, shuffle=True, seed=cfg["seed"])
+    masks = [b["inputs"]["attention_mask"].float() for b in batches]
+    assert shares["--group_by_length"] == pytest.approx(np.mean([1 - m.mean() for m in masks]))
+    assert 0 < shares["--group_by_length"] < 0.5 * shares["--no-group_by_length"]
+    assert "padding" in capsys.readouterr().out
