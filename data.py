@@ -292,12 +292,9 @@ class Clips:
                 where = f"clip {r['id']}, {self.root / 'label.csv'} line {r['line']}"
                 return DataError(f"{e} ({where})", e.kind)
 
-        quiet = self.modalities == "t" or len(rows) < 50
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PyAV decodes without holding the GIL
             done = pool.map(problem, rows)
-            return list(
-                tqdm(done, total=len(rows), desc=f"decoding {split}", leave=False, disable=quiet)
-            )
+            return list(tqdm(done, total=len(rows), desc=f"decoding {split}", leave=False, delay=2))
 
     def counts(self):
         return dict(
@@ -454,10 +451,12 @@ def make_loader(cfg, clips, processor, batch_size=None, shuffle=False, seed=0, r
     tokenizer = getattr(processor, "tokenizer", processor)
     sampler = None
     if shuffle:
+        # a transcript's tokens stand for its prompt's length
         transcripts = tokenizer([r["text"] for r in clips.rows], return_length=True)
-        lengths = torch.tensor(transcripts["length"])  # standing for the prompts' lengths
-        grouped = cfg["group_by_length"]
-        sampler = ShardedShuffle(lengths, batch_size, rank, world, generator, grouped)
+        lengths = torch.tensor(transcripts["length"])
+        sampler = ShardedShuffle(
+            lengths, batch_size, rank, world, generator, cfg["group_by_length"]
+        )
     return torch.utils.data.DataLoader(
         ModelInputs(clips, processor, cfg["cache_processed"]),
         batch_size=batch_size,
@@ -476,14 +475,15 @@ class ShardedShuffle(torch.utils.data.Sampler):
     before it is cut: clips of similar length together, in new batches each epoch."""
 
     def __init__(self, lengths, batch_size, rank, world, generator, grouped=False):
-        self.n, self.batch_size, self.rank, self.world = len(lengths), batch_size, rank, world
+        self.batch_size, self.rank, self.world = batch_size, rank, world
         self.lengths, self.generator, self.grouped = lengths, generator, grouped
 
     def __iter__(self):
-        perm = torch.randperm(self.n, generator=self.generator)
-        torch.randperm(self.n, generator=self.generator)  # RandomSampler draws two an epoch
+        n = len(self.lengths)
+        perm = torch.randperm(n, generator=self.generator)
+        torch.randperm(n, generator=self.generator)  # RandomSampler draws two an epoch
         size = self.batch_size * self.world
-        perm = perm[: self.n // size * size]
+        perm = perm[: n // size * size]
         # grouped, as transformers' LengthGroupedSampler does: runs of 50 global batches, each sorted
         if self.grouped:
             runs = perm.split(50 * size)
@@ -491,7 +491,7 @@ class ShardedShuffle(torch.utils.data.Sampler):
         yield from perm.view(-1, self.world, self.batch_size)[:, self.rank].flatten().tolist()
 
     def __len__(self):
-        return self.n // (self.batch_size * self.world) * self.batch_size
+        return len(self.lengths) // (self.batch_size * self.world) * self.batch_size
 
 
 def to_device(batch, device):

@@ -181,6 +181,8 @@ RECIPES = dict(
 # Flags that are gone: gen's median and mean rules' (nothing else read them), disc's --standardize (a run
 # trained with it is refused: its predictions were on the standardised scale)
 RETIRED = {"samples", "temperature", "standardize"}
+# Generic run flags newer than saved runs: missing, they take their default (how those runs trained)
+NEWER = {"group_by_length"}
 
 RESOLVED = {*PRESETS["tiny"], "lora_alpha"}  # the flags that resolve() gives a value
 
@@ -206,6 +208,8 @@ def run_config(cfg=None):
     if cfg is None:
         return defaults
     others = readout_flags().keys() - {f.name for f in READOUTS[cfg["readout"]].flags}
+    # a NEWER flag at its default is left out: a run without it keeps its config and ablate.py's hash
+    others |= {k for k in NEWER if cfg[k] == defaults[k]}
     return {k: cfg[k] for k in defaults if k not in others}
 
 
@@ -254,8 +258,8 @@ def load_weights(readout, weights, file):
 
 def load_config(folder):
     """A checkpoint's config.json, checked key by key against the run flags (type, choices). A flag of its
-    readout that is newer than the run takes its default; other readouts' flags (runs saved before readouts
-    owned their flags hold them all) are dropped."""
+    readout, or in NEWER, that is newer than the run takes its default; other readouts' flags (runs saved
+    before readouts owned their flags hold them all) are dropped."""
     file = Path(folder) / "config.json"
     if not file.is_file():
         raise UserError(
@@ -273,8 +277,8 @@ def load_config(folder):
     own = {f.name: f for f in getattr(READOUTS.get(cfg.get("readout")), "flags", ())}
     others = readout_flags().keys() - own.keys() | RETIRED
     cfg = {k: v for k, v in cfg.items() if k not in others}
-    cfg = {**{k: f.default for k, f in own.items()}, **cfg}
     flags.update(own)
+    cfg = {**{k: flags[k].default for k in own.keys() | NEWER}, **cfg}
     problems = [f"unknown key {k!r}" for k in cfg.keys() - flags.keys()]
     problems += [f"missing key {k!r}" for k in flags.keys() - cfg.keys()]
     problems += [value_problem(flags[k], cfg[k]) for k in cfg.keys() & flags.keys()]

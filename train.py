@@ -184,8 +184,8 @@ def train_epoch(readout, loader, optimizer, cfg, epoch, step, rank, world):
     total = cfg["epochs"] * math.ceil(len(loader) / cfg["grad_accum"])
     warmup = max(1, round(cfg["warmup_ratio"] * total))
     losses, padded, waited, ready = [], [], 0.0, time.perf_counter()
-    epochs = f"epoch {epoch}/{cfg['epochs']}"
-    bar = tqdm(loader, desc=epochs, leave=False, disable=rank > 0)  # rank 0 alone shows it
+    # rank 0 alone shows it
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg['epochs']}", leave=False, disable=rank > 0)
     for i, batch in enumerate(bar):
         waited += time.perf_counter() - ready
         padded.append(1 - batch["inputs"]["attention_mask"].float().mean().item())

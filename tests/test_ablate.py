@@ -187,3 +187,14 @@ def test_each_script_shows_its_own_help_and_out_is_a_folder_everywhere():
     refused = run("eval.py", "--ckpt", "runs/x", "--out", "r.json")
     assert refused.returncode == 2 and "unrecognized arguments: --out" in refused.stderr
     assert "--json FILE" in run("eval.py", "--help").stdout
+
+
+def test_a_newer_flag_at_its_default_changes_no_config_and_no_folder_name(make_cfg):
+    from ablate import folder_name
+    from eval import run_config
+
+    cfg = make_cfg("--modalities", "t")
+    grouped = {**cfg, "group_by_length": True}
+    # off, as every run before the flag trained: config.json and ablate.py's folder hash as they were
+    assert "group_by_length" not in run_config(cfg) and run_config(grouped)["group_by_length"]
+    assert folder_name(grouped, True) != folder_name(cfg, True)

@@ -909,13 +909,16 @@ def test_a_checkpoint_saved_before_readouts_owned_their_flags_still_loads(checkp
         "parse_fallback": 0.0,
     }
     old = {
-        k: v for k, v in old.items() if k not in ("head", "bin_sigma", "layer", "head_lr")
+        k: v
+        for k, v in old.items()
+        if k not in ("head", "bin_sigma", "layer", "head_lr", "group_by_length")
     }  # newer than it
     (checkpoint / "config.json").write_text(json.dumps(old))
     loaded, _, _ = load_checkpoint(checkpoint, make_cfg())
     assert (
         loaded["head"] == "linear"
         and loaded["layer"] == -1
+        and loaded["group_by_length"] is False  # it trained without it
         and "samples" not in load_config(checkpoint)
     )
     # disc's --standardize went too: off, a run reads as before; on, it is refused (its scale is gone)
