@@ -225,6 +225,39 @@ def peak_mb(device, reset=False):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def tower_share(disc, optimizer, batch, device, repeats=3):
+    """The share of an evaluation batch (disc's predict) and of a training step spent in the audio and
+    vision towers' forward passes (frozen under the default targets: no backward through them), timed by
+    hooks that synchronise the device at each tower's entry and exit; the median over `repeats` calls."""
+    inner = disc.backbone.model
+    spent, hooks = [0.0], []
+
+    def enter(*_):
+        sync(device)
+        spent.append(time.perf_counter())
+
+    def leave(*_):
+        sync(device)
+        spent[0] += time.perf_counter() - spent.pop()
+
+    for tower in (inner.audio_tower, inner.visual):
+        hooks += [tower.register_forward_pre_hook(enter), tower.register_forward_hook(leave)]
+    shares = {"eval": [], "step": []}
+    try:
+        for _ in range(repeats):
+            for name, fn in (
+                ("eval", lambda: disc.predict(batch)),
+                ("step", lambda: train_step(disc, optimizer, batch)),
+            ):
+                spent[0] = 0.0
+                total = timed({name: fn}, device, 0, 1)[name]
+                shares[name].append(spent[0] / total)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {f"tower_share_{k}": statistics.median(v) for k, v in shares.items()}
+
+
 def train_step(readout, optimizer, batch):
     optimizer.zero_grad(set_to_none=True)
     readout.loss(batch).backward()
@@ -382,6 +415,7 @@ def bench(cfg):
     out["peak_mem_train_mb"] = peak_mb(device)
     out.update(peft_comparison(cfg, disc, batch, device, cfg["warmup"], cfg["repeats"]))
     gc.collect()  # peft's copy of the model is gone before the memory is measured again
+    out.update(tower_share(disc, optimizer, batch, device))
     if device.type == "cuda":  # training-step peak memory by batch size and gradient checkpointing
         out["peak_mem_train_mb_by"] = {}
         for ckpt in (False, True):

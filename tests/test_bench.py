@@ -88,6 +88,9 @@ def test_bench_measures_every_key_on_the_tiny_model(tmp_path):
     ):
         assert out[key] > 0, key
     assert 1 <= out["gen_mean_new_tokens"] <= cfg["max_new_tokens"]
+    assert (
+        0 < out["tower_share_eval"] < 1 and 0 < out["tower_share_step"] < 1
+    )  # tav: both towers run
     for key in (
         "decoded_cache",
         "cached",
