@@ -771,9 +771,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    if cfg[
-        "params"
-    ]:  # each size: the default targets with a linear head, the paper's with its MLP head
+    # --params: each size with the default targets and a linear head, then the paper's with its MLP head
+    if cfg["params"]:
         result = {}
         for size, shape in SHAPES.items():
             result[size] = dict(
