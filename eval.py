@@ -406,7 +406,6 @@ def paired(preds_a, preds_b, labels, n=10000, seed=0):
         permutations=n,
         a_closer=float(np.mean(d < 0)),
         b_closer=float(np.mean(d > 0)),
-        n=len(d),
         per_clip=d.tolist(),  # for statistics over several comparisons (pooled.py)
     )
 
@@ -567,12 +566,14 @@ def compare(a, b, folders, split):
     print(table({f"A: {a.name}": [a.result], f"B: {b.name}": [b.result]}))
     c = paired(a.preds, b.preds, a.labels)
     print(
-        f"paired over {c['n']} clips, |error of A| - |error of B|: mean {c['mean_abs_error_diff']:+.4f}, "
+        f"paired over {len(a.ids)} clips, |error of A| - |error of B|: mean {c['mean_abs_error_diff']:+.4f}, "
         f"95% bootstrap CI [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]; permutation test p = "
         f"{c['p_value']:.4f} ({c['permutations']} sign flips); A closer on {c['a_closer']:.1%} of clips, "
         f"B on {c['b_closer']:.1%}"
     )
-    return dict(a=a.result, b=b.result, paired=c, checkpoints=folders)
+    return dict(
+        a=a.result, b=b.result, paired=c, checkpoints=folders, names=[a.name, b.name], ids=a.ids
+    )
 
 
 def main(argv=None):

@@ -57,6 +57,32 @@ def read(file):
     return comparison
 
 
+def check_same(files, comparisons):
+    """The comparisons must be of the same A and B, read the same way, on the same clips in the same order,
+    or SystemExit names the file that differs from the first. Files written before eval.py saved what was
+    read and the clip ids (`names`, `ids`) are checked by their number of clips alone, and a note says so."""
+    sizes = {len(c["paired"]["per_clip"]) for c in comparisons}
+    if len(sizes) > 1:
+        raise SystemExit(
+            f"error: the comparisons are over different numbers of clips ({sorted(sizes)})"
+        )
+    for key, what in (("names", "what A and B are"), ("ids", "the clips or their order")):
+        saved = [(f, c[key]) for f, c in zip(files, comparisons) if key in c]
+        for file, value in saved[1:]:
+            if value != saved[0][1]:
+                shown = f" ({value} against {saved[0][1]})" if key == "names" else ""
+                raise SystemExit(
+                    f"error: {file} and {saved[0][0]} differ in {what}{shown}: one statement pools "
+                    "the same comparison over seeds"
+                )
+    old = [f for f, c in zip(files, comparisons) if "ids" not in c or "names" not in c]
+    if old:
+        print(
+            f"note: {', '.join(old)} hold no clip ids or readout names (written before eval.py saved "
+            "them): the same A, B and clip order are assumed in every file"
+        )
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -67,11 +93,7 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
     comparisons = [read(f) for f in args.files]
-    sizes = {len(c["paired"]["per_clip"]) for c in comparisons}
-    if len(sizes) > 1:
-        raise SystemExit(
-            f"error: the comparisons are over different numbers of clips ({sorted(sizes)})"
-        )
+    check_same(args.files, comparisons)
     for file, c in zip(args.files, comparisons):
         s = c["paired"]
         print(

@@ -309,9 +309,14 @@ class Readout(nn.Module):
         """Hidden states (B, L, H) after decoder layer `layer` (0: the embeddings; negative: from the end;
         None: the last layer's, after the final norm). The LM head is never run."""
         model = self.text_model()
+        out = model(
+            **inputs,
+            **self.model_kwargs,
+            use_cache=False,
+            output_hidden_states=layer is not None,  # every layer's states only when one is read
+        )
         if layer is None:
-            return model(**inputs, **self.model_kwargs, use_cache=False).last_hidden_state
-        out = model(**inputs, **self.model_kwargs, use_cache=False, output_hidden_states=True)
+            return out.last_hidden_state
         return out.hidden_states[layer]
 
     def prepare(self, batches):

@@ -270,8 +270,7 @@ def finish(cfg, readout, processor, test_clips, log, counts, rank, world):
     kept = min(log[1:], key=lambda r: r["valid"]["MAE"])
     weights = out / "weights.safetensors"
     load_weights(readout, read_tensors(weights, device), weights)
-    test_loader = make_loader(cfg, test_clips, processor)
-    test, _, labels = evaluate(readout, test_loader, device)
+    test, _, labels = evaluate(readout, make_loader(cfg, test_clips, processor), device)
     baseline = mean_baseline(cfg, labels)
     result = dict(
         valid=kept["valid"],

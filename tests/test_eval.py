@@ -142,9 +142,11 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
     assert done.returncode == 0, done.stderr
     assert "A: disc (t, test)" in done.stdout and "permutation test p =" in done.stdout
     c = json.loads((tmp_path / "c.json").read_text())
-    assert c["paired"]["n"] == c["a"]["n"] == 12 and 0 < c["paired"]["p_value"] <= 1
+    assert len(c["paired"]["per_clip"]) == c["a"]["n"] == 12 and 0 < c["paired"]["p_value"] <= 1
     d = c["paired"]["per_clip"]  # each clip's |error of A| - |error of B|, for pooled.py
     assert len(d) == 12 and np.mean(d) == pytest.approx(c["paired"]["mean_abs_error_diff"])
+    # what pooled.py checks files against each other by: what was read, on which clips in which order
+    assert c["names"] == ["disc (t, test)", "disc (t, test)"] and len(set(c["ids"])) == 12
 
     shutil.copytree(toy_root, tmp_path / "other")  # the same clip ids with other labels
     labels = (tmp_path / "other" / "label.csv").read_text().splitlines()

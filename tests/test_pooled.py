@@ -44,3 +44,24 @@ def test_a_file_without_per_clip_differences_is_one_line_naming_it(tmp_path):
     done = subprocess.run([sys.executable, "pooled.py", str(old)], capture_output=True, text=True)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert f"{old}: not a comparison with per-clip differences" in done.stderr
+
+
+def test_a_comparison_of_other_readouts_or_clips_is_refused_naming_its_file(tmp_path, capsys):
+    def saved(name, names, ids):
+        file = comparison(tmp_path, name, -0.1, 0)
+        c = json.loads(file.read_text())
+        file.write_text(json.dumps({**c, "names": names, "ids": ids}))
+        return str(file)
+
+    pair, ids = ["disc (t, test)", "gen@expected (t, test)"], [f"clip{i}" for i in range(300)]
+    same = [saved(f"s{s}", pair, ids) for s in range(2)]
+    assert main(same)["seeds"] == 2 and "note" not in capsys.readouterr().out
+    greedy = saved("greedy", ["disc (t, test)", "gen@greedy (t, test)"], ids)
+    with pytest.raises(SystemExit, match=f"{greedy} and {same[0]} differ in what A and B are"):
+        main([*same, greedy])
+    reordered = saved("reordered", pair, ids[1:] + ids[:1])
+    with pytest.raises(SystemExit, match=f"{reordered} and {same[0]} differ in the clips"):
+        main([*same, reordered])
+    old = str(comparison(tmp_path, "old", -0.1, 1))  # written before the names and ids were saved
+    assert main([*same, old])["seeds"] == 3
+    assert f"note: {old} hold no clip ids" in capsys.readouterr().out
