@@ -5,7 +5,7 @@
 
 The other flags are train.py's. Each run has its folder, named by its readout, modalities, seed and a hash of
 its run settings: a finished run is reused, a stopped one continued, and other settings never train into it.
-ablation.md and ablation.json hold the latest comparison. ONE model without some modalities: eval.py --modalities.
+Each comparison's table (ablation_READOUTS_SUBSETS_sSEEDS.md and .json) has a row for the train-mean baseline. ONE model without some modalities: eval.py --modalities.
 """
 
 import quickhelp  # noqa: F401 (answers --help before torch loads)
@@ -14,8 +14,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from data import UserError
-from eval import check_values, run_config, run_split, save_json, table
+from data import UserError, data_root, read_split
+from eval import check_values, mean_baseline, run_config, run_split, save_json, table
 from readout import DECODE, READOUTS
 from train import parser, read_flags, train
 
@@ -85,6 +85,7 @@ def main(argv=None):
                 folder = folder_name(run, by_readout)
                 run["out"] = str(out / folder)
                 result = trained(run)
+                print(f"run: {run['out']}")
                 if rule:  # the trained run, read with another decoding rule
                     file = out / folder / f"test@{rule}.json"
                     result = evaluated(file, {**run, "decode": rule}, run["out"])
@@ -94,11 +95,16 @@ def main(argv=None):
     columns = ("MAE", "Corr", "Acc2_non0", "F1_non0", "Acc7")
     if by_readout:
         columns += ("parse_fail_rate", "ms_per_clip")
+    labels = [r["label"] for r in read_split(data_root(base["data"]), "test", on_bad="skip")[0]]
+    rows["train mean"] = [mean_baseline(base, labels)]
     markdown = f"**{title}**\n\n" + table(rows, columns, "readout" if by_readout else "modalities")
     print(markdown)
-    save_json(out / "ablation.json", dict(title=title, results=rows))
-    (out / "ablation.md").write_text(markdown + "\n")
-    print(f"written: {out / 'ablation.md'}, {out / 'ablation.json'}")
+    # named by what it compares: another comparison writes beside it
+    seeds = "-".join(map(str, args["seeds"]))
+    name = f"ablation_{'+'.join(args['readouts'])}_{'+'.join(args['subsets'])}_s{seeds}"
+    save_json(out / f"{name}.json", dict(title=title, results=rows))
+    (out / f"{name}.md").write_text(markdown + "\n")
+    print(f"written: {out / name}.md, {out / name}.json")
 
 
 def numbers(text):

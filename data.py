@@ -52,7 +52,8 @@ def read_split(root, split, on_bad="error"):
     path = Path(root) / "label.csv"
     if not path.is_file():
         raise DataError(
-            f"{path}: not found (an MMSA-layout folder needs label.csv and Raw/<video_id>/<clip_id>.mp4)"
+            f"{path}: not found ($MSA_DATA holds the MOSI/ and MOSEI/ folders, default ./data; --data PATH "
+            "names an MMSA-layout folder: label.csv and Raw/<video_id>/<clip_id>.mp4)"
         )
     rows, skipped, seen = [], [], {}
     # -sig: a spreadsheet's BOM; surrogateescape: a byte that is not UTF-8 becomes a lone surrogate, so

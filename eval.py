@@ -463,11 +463,8 @@ def report(name, result, baseline):
 def plot(scored, folder):
     """PNGs in `folder`, their paths printed: the predictions against the labels, named by what was read
     (e.g. gen@expected-t-test_scatter.png), and for a training run learning_curve.png."""
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("plots skipped: matplotlib is not installed (pip install matplotlib)")
-        return
+    import matplotlib.pyplot as plt  # here: its import costs a second that only plots need
+
     folder = Path(folder)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot(scored.labels, scored.preds, ".", alpha=0.6)
@@ -601,6 +598,9 @@ def main(argv=None):
     run_settings = run_config()  # the given ones among them replace the run's
     overrides = {k: v for k, v in given_flags(p, argv).items() if k in run_settings}
     if args["compare"]:
+        for folder in args["compare"]:  # both, before either is evaluated
+            load_config(folder)
+            read_tensors(Path(folder) / "weights.safetensors")
         a, b = [run_split(folder, args, overrides) for folder in args["compare"]]
         result = compare(a, b, args["compare"], args["split"])
     else:

@@ -98,11 +98,8 @@ def probe(cfg):
 
 
 def plot(rows, file, title):
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("plot skipped: matplotlib is not installed")
-        return
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for pooling, runs in rows.items():
         layers = [r["layer"] for r in runs]

@@ -27,6 +27,12 @@ def common(toy_root, tmp_path):
     ]
 
 
+def written(stdout):
+    """The comparison's JSON that ablate.py says it wrote."""
+    line = [line for line in stdout.splitlines() if line.startswith("written: ")][-1]
+    return json.loads(open(line.rpartition(", ")[2]).read())
+
+
 def folder(parent, prefix):
     """The one run folder named PREFIX-HASH under `parent`."""
     (found,) = parent.glob(f"{prefix}-*")
@@ -36,13 +42,16 @@ def folder(parent, prefix):
 def test_ablation_table_over_subsets_and_seeds(toy_root, tmp_path):
     args = ["--subsets", "t,tv", "--seeds", "0,1", "--epochs", "1", "--out", str(tmp_path / "abl")]
     out = run(*args, *common(toy_root, tmp_path))
-    table = (tmp_path / "abl" / "ablation.md").read_text()
+    table = (tmp_path / "abl" / "ablation_disc_t+tv_s0-1.md").read_text()
     assert table.strip() in out
     rows = [line for line in table.splitlines() if line.startswith("| t")]
-    assert [r.split("|")[1].strip() for r in rows] == ["t", "tv"]
-    assert all("±" in r and r.rstrip(" |").endswith("2") for r in rows)  # mean ± std over 2 seeds
-    results = json.loads((tmp_path / "abl" / "ablation.json").read_text())["results"]
+    assert [r.split("|")[1].strip() for r in rows] == ["t", "tv", "train mean"]
+    two_seeds = rows[:2]  # mean ± std over 2 seeds
+    assert all("±" in r and r.rstrip(" |").endswith("2") for r in two_seeds)
+    results = written(out)["results"]
     assert len(results["tv"]) == 2 and results["tv"][0]["n"] == 12
+    assert list(results) == ["t", "tv", "train mean"] and "| train mean |" in table
+    assert f"run: {folder(tmp_path / 'abl', 'tv-s1')}" in out  # the folders, for eval.py --compare
     assert (folder(tmp_path / "abl", "tv-s1") / "metrics.json").exists()
 
 
@@ -58,8 +67,8 @@ def test_readout_comparison_with_zero_shot_row_and_reuse_of_finished_runs(toy_ro
     ]
     # --readouts alone: the runs' --modalities, one subset
     out = run(*base, "--readouts", "gen0,gen,disc")
-    results = json.loads((tmp_path / "cmp" / "ablation.json").read_text())["results"]
-    assert list(results) == ["gen0", "gen", "disc"]
+    results = written(out)["results"]
+    assert list(results) == ["gen0", "gen", "disc", "train mean"]
     assert "parse_fail_rate" in results["gen"][0] and "parse_fail_rate" not in results["disc"][0]
     header = next(line for line in out.splitlines() if line.startswith("| readout"))
     assert "parse_fail_rate" in header and "ms_per_clip" in header
@@ -77,9 +86,11 @@ def test_readout_comparison_with_zero_shot_row_and_reuse_of_finished_runs(toy_ro
         "2",
     )
     assert again.count("reusing") == 3 and (disc / "metrics.json").stat().st_mtime_ns == stamp
-    assert json.loads((tmp_path / "cmp" / "ablation.json").read_text())["results"] == results
-    # other run settings: another folder, the finished run untouched
+    assert written(again)["results"] == results
+    # other run settings: another folder, the finished run untouched; another comparison, another table
     changed = run(*base, "--readouts", "disc", "--lr", "1e-3")
+    assert (tmp_path / "cmp" / "ablation_gen0+gen+disc_t_s0.md").exists()
+    assert (tmp_path / "cmp" / "ablation_disc_t_s0.md").exists()
     assert "reusing" not in changed and (disc / "metrics.json").stat().st_mtime_ns == stamp
     assert len(list((tmp_path / "cmp").glob("disc-t-s0-*"))) == 2
     gen_stamp = (folder(tmp_path / "cmp", "gen-t-s0") / "metrics.json").stat().st_mtime_ns
@@ -103,8 +114,8 @@ def test_gen_read_with_other_decoding_rules_reuses_the_trained_run(toy_root, tmp
     gen = folder(tmp_path / "cmp", "gen-t-s0")
     stamp = (gen / "metrics.json").stat().st_mtime_ns
     out = run(*args, "--readouts", "gen,gen@expected,gen0@expected")
-    results = json.loads((tmp_path / "cmp" / "ablation.json").read_text())["results"]
-    assert list(results) == ["gen", "gen@expected", "gen0@expected"]
+    results = written(out)["results"]
+    assert list(results) == ["gen", "gen@expected", "gen0@expected", "train mean"]
     assert out.count("reusing") == 2  # the gen run, twice
     assert (gen / "metrics.json").stat().st_mtime_ns == stamp  # not trained again
     assert (gen / "test@expected.json").exists()
@@ -143,8 +154,8 @@ def test_a_forked_readout_with_its_own_flag_trains_beside_disc_which_is_reused(
     args += ["--readouts", "disc,middle"]
     ablate.main([*args, "--read_layer", "1"])
     first = capsys.readouterr().out
-    results = json.loads((tmp_path / "fork" / "ablation.json").read_text())["results"]
-    assert list(results) == ["disc", "middle"] and "reusing" not in first
+    results = written(first)["results"]
+    assert list(results) == ["disc", "middle", "train mean"] and "reusing" not in first
     middle = folder(tmp_path / "fork", "middle-t-s0")
     assert json.loads((middle / "config.json").read_text())["read_layer"] == 1  # saved with the run
     disc = folder(tmp_path / "fork", "disc-t-s0")

@@ -281,7 +281,7 @@ def test_each_bad_input_is_a_clear_error_or_a_counted_skip(case, tmp_path, toy_r
 
 
 def test_file_level_problems_are_errors_even_when_skipping(tmp_path, toy_root):
-    with pytest.raises(data.DataError, match="label.csv: not found"):
+    with pytest.raises(data.DataError, match=r"label.csv: not found \(\$MSA_DATA .*--data PATH"):
         data.Clips(tmp_path, "train", "t", on_bad="skip")
     (tmp_path / "label.csv").write_text("video_id,clip_id,text,label\nv,1,hi,0.5\n")
     with pytest.raises(data.DataError, match="label.csv: missing column.*mode"):

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import math
 import subprocess
@@ -158,6 +157,11 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
     refused = subprocess.run(run + ["--compare", str(a), str(b)], capture_output=True, text=True)
     assert refused.returncode != 0 and "not evaluated on the same clips" in refused.stderr
     assert "Traceback" not in refused.stderr
+    missing = subprocess.run(
+        run + ["--compare", str(a), str(tmp_path / "c")], capture_output=True, text=True
+    )
+    assert missing.returncode != 0 and "c/config.json: not found" in missing.stderr
+    assert "evaluating" not in missing.stderr  # before A was evaluated
 
     done = subprocess.run(
         run
@@ -168,9 +172,6 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
     assert done.returncode == 0, done.stderr
     ci = json.loads((tmp_path / "r.json").read_text())["ci95"]
     assert set(ci) == {"MAE", "Corr", "Acc2_non0", "Acc7"} and "[" in done.stdout
-    if importlib.util.find_spec("matplotlib") is None:
-        assert "plots skipped: matplotlib is not installed" in done.stdout
-        return
     from PIL import Image
 
     written = [a / "disc-t-test_scatter.png", a / "learning_curve.png"]  # named by what was read
@@ -206,11 +207,10 @@ def test_a_checkpoint_is_tested_with_modalities_left_out(make_cfg, tmp_path):
 
     stdout, text_only = test_with("--modalities", "t", "--plot")
     assert "disc (t, test)" in stdout and text_only["n"] == result["test"]["n"]
-    if importlib.util.find_spec("matplotlib"):  # the run's own modalities' plot is another file
-        test_with("--plot")
-        assert (out / "disc-t-test_scatter.png").exists() and (
-            out / "disc-tv-test_scatter.png"
-        ).exists()
+    test_with("--plot")  # the run's own modalities' plot is another file
+    assert (out / "disc-t-test_scatter.png").exists() and (
+        out / "disc-tv-test_scatter.png"
+    ).exists()
     assert text_only["MAE"] != result["test"]["MAE"]  # the model saw no video
     assert (
         test_with("--modalities", "tv")[1]["MAE"] == test_with()[1]["MAE"] == result["test"]["MAE"]
