@@ -8,15 +8,14 @@ its run settings: a finished run is reused, a stopped one continued, and other s
 Each comparison's table (ablation_READOUTS_SUBSETS_sSEEDS.md and .json) has a row for the train-mean baseline. ONE model without some modalities: eval.py --modalities.
 """
 
-import quickhelp  # noqa: F401 (answers --help before torch loads)
-
-import hashlib
 import json
 from pathlib import Path
 
 from data import UserError, data_root, read_split
-from eval import check_values, mean_baseline, run_config, run_split, save_json, table
+from eval import mean_baseline, run_split, table
+from flags import check_values
 from readout import DECODE, READOUTS
+from runs import run_config, save_json, settings_hash, settings_key
 from train import parser, read_flags, train
 
 SUBSETS = "t,a,v,ta,tv,av,tav"
@@ -25,6 +24,7 @@ SUBSETS = "t,a,v,ta,tv,av,tav"
 def parse_args(argv=None):
     """-> (the base run's settings, the comparison's: subsets, seeds and readouts as lists, out)."""
     p = parser(
+        argv,
         out_help="the folder of the runs and the table (default: runs/DATA-READOUT-ablation)",
         resume=False,
     )
@@ -90,6 +90,12 @@ def main(argv=None):
                     file = out / folder / f"test@{rule}.json"
                     result = evaluated(file, {**run, "decode": rule}, run["out"])
                 rows[row].append(result)
+    write_table(base, args, rows)
+
+
+def write_table(base, args, rows):
+    """The comparison's table with the train-mean baseline's row, printed and written under its own name."""
+    by_readout, out = args["compare_readouts"], args["out"]
     what = "readout" if by_readout else "modality subset"
     title = f"Each {what}, everything else fixed ({base['data']}, test)"
     columns = ("MAE", "Corr", "Acc2_non0", "F1_non0", "Acc7")
@@ -136,8 +142,7 @@ def trained(cfg):
 
 def folder_name(run, by_readout):
     """[READOUT-]MODALITIES-sSEED-HASH, the hash that of the run's settings: other settings, another folder."""
-    settings = json.dumps(run_config(run), sort_keys=True)
-    digest = hashlib.sha1(settings.encode()).hexdigest()[:8]
+    digest = settings_hash(run_config(run, READOUTS[run["readout"]]))[:8]
     name = f"{run['modalities']}-s{run['seed']}-{digest}"
     if by_readout:
         name = f"{run['readout']}-{name}"
@@ -147,7 +152,7 @@ def folder_name(run, by_readout):
 def evaluated(file, cfg, folder=None):
     """The test metrics of the run in `folder` read with cfg's decoding rule (no folder: gen zero-shot),
     kept in `file` with the run settings they come from, and computed again when these differ."""
-    settings = run_config(cfg)
+    settings = settings_key(run_config(cfg, READOUTS[cfg["readout"]]))
     if file.exists() and json.loads(file.read_text())["settings"] == settings:
         print(f"reusing {file}")
     else:

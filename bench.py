@@ -11,8 +11,6 @@ The fixed batch is MOSI-like: 5 s of video at 2 fps, its audio, 30 words of tran
 --repeats after --warmup calls, the compared calls interleaved within each repeat.
 """
 
-import quickhelp
-
 import argparse
 import gc
 import itertools
@@ -27,36 +25,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration
 
-from data import (
-    SAMPLE_RATE,
-    Clips,
-    UserError,
-    collate,
-    load_clips,
-    make_loader,
-    make_toy,
-    model_inputs,
-    prompt,
-    to_device,
-)
-from eval import autocast, load_checkpoint, machine_flags, resolve, run_flags
-from lora import add_lora, count_parameters, freeze, quantize_nf4
-from readout import (
-    DECODE,
+from backbone import (
     LORA_TARGETS,
     PAPER_TARGETS,
-    READOUTS,
     SKIP_QUANT,
-    Gen,
-    Qwen2_5OmniThinkerForConditionalGeneration,
-    build,
+    Backbone,
     model_source,
     thinker_config,
     tiny_processor,
 )
-from train import checkpoint_trained_layers, param_groups
+from batches import collate, make_loader, model_inputs, prompt, to_device
+from data import SAMPLE_RATE, Clips, UserError, load_clips, make_toy
+from eval import autocast, load_checkpoint
+from flags import device_of, machine_flags, resolve, run_flags
+from lora import add_lora, count_parameters, freeze, quantize_nf4
+from readout import (
+    DECODE,
+    READOUTS,
+    Gen,
+    build,
+)
+from train import checkpoint_trained_layers
 
 # Qwen2.5-Omni-7B's published Thinker configuration (transformers' default vision config is not: its hidden_size
 # 3584 is the output width; the 7B's vision blocks are 1280 wide).
@@ -139,7 +130,8 @@ def build_readout(cfg, device, lora=True):
             cfg["lora_alpha"],
             cfg["lora_dropout"],
         )
-    return READOUTS[cfg["readout"]](backbone, processor.tokenizer, cfg), processor
+    parts = Backbone(backbone, processor.tokenizer, processor)
+    return READOUTS[cfg["readout"]](parts, cfg), parts
 
 
 TRANSCRIPT = [
@@ -353,7 +345,7 @@ def bench(cfg):
     device = torch.device(cfg["device"])
     torch.manual_seed(cfg["seed"])
     disc, processor = build_readout({**cfg, "readout": "disc"}, device)
-    gen = Gen(disc.backbone, disc.tokenizer, cfg)
+    gen = Gen(processor, cfg)
     items = [
         dict(
             inputs=model_inputs(
@@ -535,10 +527,11 @@ def padding(cfg, seeds=5):
     and sorted over the whole split (the floor). `processed` is what a forward pass runs over, padding
     included, relative to the shuffled batches'."""
     if cfg["model"] == "tiny":
-        tokenizer = tiny_processor()
+        processor = tiny_processor()
+        tokenizer = Backbone(None, processor.tokenizer, processor)
     else:
         folder, source = model_source(cfg["model"], cfg["trust_remote_code"])
-        tokenizer = AutoTokenizer.from_pretrained(folder, **source)
+        tokenizer = Backbone(None, AutoTokenizer.from_pretrained(folder, **source))
     text = {**cfg, "modalities": "t", "on_bad": "skip"}
     clips = load_clips(text, "train")
     texts = [prompt(r["text"], "t", tokenizer) for r in clips.rows]
@@ -582,7 +575,8 @@ def grouped_steps(cfg, steps, repeats=2):
     torch.manual_seed(cfg["seed"])
     readout, processor = build(cfg, device)
     readout.train()
-    optimizer = torch.optim.AdamW(param_groups(readout, cfg), weight_decay=cfg["weight_decay"])
+    groups = [dict(params=ps, lr=lr, peak=lr) for ps, lr in readout.param_groups(cfg["lr"]) if ps]
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])
     clips = load_clips(cfg, "train")
     seconds, padded = {False: [], True: []}, {False: [], True: []}
     for epoch in range(repeats):
@@ -717,7 +711,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    run_flags(p)
+    run_flags(p, READOUTS)
     machine_flags(p)
     p.set_defaults(batch_size=4)  # --batch_size: clips in the fixed batch
     p.add_argument(
@@ -763,8 +757,8 @@ def parse_args(argv=None):
         "--group_by_length, alternated twice in one process (N=50: one run of grouped batches)",
     )
     p.add_argument("--json", default=None, help="write the results here")
-    quickhelp.save(p)
     cfg = resolve(vars(p.parse_args(argv)))  # train.py's presets
+    cfg["device"] = device_of(cfg["device"])
     cfg["batch_sizes"] = [int(n) for n in cfg["batch_sizes"].split(",")] + [cfg["batch_size"]]
     return cfg
 

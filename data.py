@@ -2,7 +2,6 @@
 its audio), decoding with PyAV and an on-disk cache, the prompt, batches, and the generated toy dataset."""
 
 import csv
-import functools
 import hashlib
 import io
 import math
@@ -13,19 +12,11 @@ from pathlib import Path
 
 import av
 import numpy as np
-import safetensors.torch
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 SAMPLE_RATE = 16000
 SPLITS = ("train", "valid", "test")
 COLUMNS = ("video_id", "clip_id", "text", "label", "mode")
-SYSTEM = "You are an expert in multimodal sentiment analysis."
-QUESTION = (
-    "How positive or negative is the speaker's opinion in this clip? Answer with a sentiment "
-    "score from -3 (very negative) to 3 (very positive)."
-)
 
 
 class UserError(ValueError):
@@ -70,15 +61,11 @@ def read_split(root, split, on_bad="error"):
             if r["mode"] not in (split, None):  # None: a short row, of no known split
                 continue
             if problem is None:
-                rows.append(
-                    dict(
-                        id=clip,
-                        text=r["text"],
-                        label=float(r["label"]),
-                        line=reader.line_num,
-                        mp4=Path(root) / "Raw" / r["video_id"] / f"{r['clip_id']}.mp4",
-                    )
+                mp4 = Path(root) / "Raw" / r["video_id"] / f"{r['clip_id']}.mp4"
+                fields = dict(
+                    text=r["text"], label=float(r["label"]), line=reader.line_num, mp4=mp4
                 )
+                rows.append(dict(id=clip, **fields))
                 continue
             error = DataError(
                 f"{path}, line {reader.line_num} (clip {clip}): {problem[1]}", problem[0]
@@ -272,6 +259,10 @@ class Clips:
                 f"({len(self.skipped)} skipped)"
             )
         self.empty_transcripts = sum(not r["text"].strip() for r in self.rows)
+        self.say(split)
+
+    def say(self, split):
+        """What was skipped, and what is kept though odd, in a line each."""
         if self.skipped:
             print(
                 f"data: skipped {len(self.skipped)} of {len(self.skipped) + len(self)} clips of {split!r} (--on_bad "
@@ -328,107 +319,6 @@ class Clips:
         return len(self.rows)
 
 
-class ModelInputs(torch.utils.data.Dataset):
-    """Clips as the processor's output, a batch of one each; with cache_processed, kept on disk, so that later
-    epochs neither read the decoded media nor run the processor."""
-
-    def __init__(self, clips, processor, cache_processed=False):
-        self.clips = clips
-        self.processor = processor
-        self.processed_key = None
-        if cache_processed:
-            self.processed_key = hashlib.sha1(repr(processor).encode()).hexdigest()
-
-    def __len__(self):
-        return len(self.clips)
-
-    def __getitem__(self, i):
-        c, r = self.clips, self.clips.rows[i]
-        text = prompt(r["text"], c.modalities, self.processor, c.audio_in_video)
-        file = None
-        if self.processed_key:
-            folder = Path(c.cache_dir) / "processed"
-            media = [r["mp4"].with_suffix(s) for s in (".mp4", ".wav")]
-            files = [m for m in media if m.exists()]  # those its media come from
-            key = [text, *files, c.video, self.processed_key]
-            file = cache_file(folder, *key, suffix=".safetensors")
-        inputs = read_cached(file, safetensors.torch.load)
-        if inputs is None:
-            media = c.media(r)
-            fps, max_pixels = c.video["fps"], c.video["max_pixels"]
-            inputs = model_inputs(self.processor, text, media, fps, max_pixels, c.audio_in_video)
-        if file and not file.exists():
-            contiguous = {k: v.contiguous() for k, v in inputs.items()}
-            write_atomically(file, safetensors.torch.save(contiguous))
-        return dict(inputs=inputs, label=r["label"])
-
-
-def model_inputs(processor, text, media, fps=2.0, max_pixels=128 * 28 * 28, audio_in_video=False):
-    """The processor's output (a batch of 1) for a clip's prompt and decoded media: {'videos': ..., 'audio': ...}."""
-    if not hasattr(processor, "tokenizer"):  # a text model's tokenizer
-        encoder = processor.chat_template is None  # it gets [CLS] and [SEP]
-        return dict(processor([text], return_tensors="pt", add_special_tokens=encoder))
-    kwargs = {k: [v] for k, v in media.items()}
-    if audio_in_video:  # Qwen's own layout: the audio in the video's placeholder, in 2-s chunks
-        kwargs.update(load_audio_from_video=True, audio_from_video_indices=[0])
-    if "audio" in media:  # Whisper features of the whole clip (by default cut or padded to 30 s)
-        kwargs["audio_kwargs"] = dict(max_length=len(media["audio"]) + 480)
-    if "videos" in media:
-        kwargs["videos_kwargs"] = dict(
-            fps=fps, size={"shortest_edge": 4 * 28 * 28, "longest_edge": max_pixels}
-        )
-    return dict(processor(text=[text], return_tensors="pt", **kwargs))
-
-
-def prompt(text, modalities, processor, audio_in_video=False):
-    """The Qwen chat prompt with the media `modalities` asks for (the others absent, not blanked); for a text model,
-    the same question through its chat template (an encoder, which has none, reads the transcript alone)."""
-    question = (f'Transcript: "{text}"\n' if "t" in modalities else "") + QUESTION
-    if hasattr(processor, "tokenizer"):
-        media = ""
-        if "v" in modalities:
-            media += "<|vision_bos|><|VIDEO|><|vision_eos|>"
-        if "a" in modalities and not audio_in_video:
-            media += "<|audio_bos|><|AUDIO|><|audio_eos|>"
-        return (
-            f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
-            f"<|im_start|>user\n{media}{question}<|im_end|>\n<|im_start|>assistant\n"
-        )
-    if processor.chat_template is None:
-        return text
-    return processor.apply_chat_template(
-        [dict(role="system", content=SYSTEM), dict(role="user", content=question)],
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-
-
-def collate(items, tokenizer):
-    """Clips' inputs -> the batch the processor makes: tokens padded on the tokenizer's side, audio features at the
-    end (masked: the audio tower never reads them), the rest concatenated."""
-    inputs = {}
-    for key in items[0]["inputs"]:
-        rows = [it["inputs"][key] for it in items]
-        if key in (
-            "input_ids",
-            "attention_mask",
-            "token_type_ids",
-            "input_features",
-            "feature_attention_mask",
-        ):
-            n, left = (
-                max(x.shape[-1] for x in rows),
-                tokenizer.padding_side == "left" and "feature" not in key,
-            )
-            fill = tokenizer.pad_token_id if key == "input_ids" else 0
-            rows = [
-                F.pad(x, (n - x.shape[-1], 0) if left else (0, n - x.shape[-1]), value=fill)
-                for x in rows
-            ]
-        inputs[key] = torch.cat(rows)
-    return dict(inputs=inputs, label=torch.tensor([it["label"] for it in items]))
-
-
 def load_clips(cfg, split):
     return Clips(
         data_root(cfg["data"]),
@@ -441,65 +331,6 @@ def load_clips(cfg, split):
         cfg["on_bad"],
         cfg["num_workers"],
         cfg["audio_in_video"],
-    )
-
-
-def make_loader(cfg, clips, processor, batch_size=None, shuffle=False, seed=0, rank=0, world=1):
-    """A DataLoader over `clips` (eval_batch_size unless told otherwise). Shuffled: this rank's part of
-    each complete global batch (ShardedShuffle); not shuffled, every clip on every rank."""
-    batch_size = batch_size or cfg["eval_batch_size"]
-    generator = torch.Generator().manual_seed(seed)
-    tokenizer = getattr(processor, "tokenizer", processor)
-    sampler = None
-    if shuffle:
-        # a transcript's tokens stand for its prompt's length
-        transcripts = tokenizer([r["text"] for r in clips.rows], return_length=True)
-        lengths = torch.tensor(transcripts["length"])
-        sampler = ShardedShuffle(
-            lengths, batch_size, rank, world, generator, cfg["group_by_length"]
-        )
-    return torch.utils.data.DataLoader(
-        ModelInputs(clips, processor, cfg["cache_processed"]),
-        batch_size=batch_size,
-        sampler=sampler,
-        generator=generator,
-        num_workers=cfg["num_workers"],
-        collate_fn=functools.partial(collate, tokenizer=tokenizer),
-    )
-
-
-class ShardedShuffle(torch.utils.data.Sampler):
-    """The order DataLoader(shuffle=True, generator) gives one process, cut into global batches of
-    batch_size * world clips (an incomplete one dropped: a batch norm needs two clips), of which `rank` takes
-    its contiguous batch_size: `world` processes (torchrun) see exactly the batches of one process with the
-    global batch size. Grouped (--group_by_length), each run of 50 global batches is sorted by length
-    before it is cut: clips of similar length together, in new batches each epoch."""
-
-    def __init__(self, lengths, batch_size, rank, world, generator, grouped=False):
-        self.batch_size, self.rank, self.world = batch_size, rank, world
-        self.lengths, self.generator, self.grouped = lengths, generator, grouped
-
-    def __iter__(self):
-        n = len(self.lengths)
-        perm = torch.randperm(n, generator=self.generator)
-        torch.randperm(n, generator=self.generator)  # RandomSampler draws two an epoch
-        size = self.batch_size * self.world
-        perm = perm[: n // size * size]
-        # grouped, as transformers' LengthGroupedSampler does: runs of 50 global batches, each sorted
-        if self.grouped:
-            runs = perm.split(50 * size)
-            perm = torch.cat([run[self.lengths[run].argsort(descending=True)] for run in runs])
-        yield from perm.view(-1, self.world, self.batch_size)[:, self.rank].flatten().tolist()
-
-    def __len__(self):
-        return len(self.lengths) // (self.batch_size * self.world) * self.batch_size
-
-
-def to_device(batch, device):
-    return dict(
-        batch,
-        inputs={k: v.to(device) for k, v in batch["inputs"].items()},
-        label=batch["label"].to(device),
     )
 
 

@@ -8,9 +8,16 @@ import re
 import torch
 from torch import nn
 
-# bitsandbytes warns at import that an optional CPU kernel package is missing: harmless, and confusing.
+# bitsandbytes warns at import (here or by transformers) that an optional CPU kernel package is missing:
+# harmless, and confusing
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-import bitsandbytes as bnb  # noqa: E402
+
+
+def bitsandbytes():
+    """bitsandbytes, imported when a model is built: its import takes seconds that --help should not."""
+    import bitsandbytes as bnb
+
+    return bnb
 
 
 class LoRALinear(nn.Module):
@@ -41,6 +48,7 @@ def add_lora(model, targets, r=8, alpha=16, dropout=0.05):
 
 def freeze(model):
     """No gradient for any parameter of `model`, and its 4-bit layers ready to pass gradients to their input."""
+    bnb = bitsandbytes()
     for p in model.parameters():
         p.requires_grad_(False)
     for module in model.modules():
@@ -51,6 +59,7 @@ def freeze(model):
 
 def quantize_nf4(model, skip=()):
     """Every nn.Linear not under a dotted prefix in `skip` made a double-quantised NF4 Linear4bit, in place."""
+    bnb = bitsandbytes()
     for name in [n for n, m in model.named_modules() if type(m) is nn.Linear]:
         linear = model.get_submodule(name)
         if any(name == s or name.startswith(s + ".") for s in skip):
@@ -76,6 +85,7 @@ def quantize_nf4(model, skip=()):
 
 def count_parameters(model):
     """Trainable and total parameters, a 4-bit weight counted by its elements, not by the bytes it is packed in."""
+    bnb = bitsandbytes()
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()

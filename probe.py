@@ -8,8 +8,6 @@ split, its strength chosen on valid, and its valid and test MAE are written by l
 An analysis script beside the six modules, as bench.py is: nothing imports it.
 """
 
-import quickhelp  # noqa: F401 (answers --help before torch loads)
-
 import json
 from pathlib import Path
 
@@ -17,8 +15,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import SPLITS, UserError, load_clips, make_loader, to_device
-from eval import autocast, check_device, metrics, table
+from batches import make_loader, to_device
+from data import SPLITS, UserError, load_clips
+from eval import autocast, metrics, table
+from flags import device_of
 from readout import at_last_token, build
 from train import parser, read_flags
 
@@ -62,8 +62,7 @@ def states(readout, loader, device):
 
 def probe(cfg):
     """{pooling: [{layer, strength, valid MAE, test MAE, test Corr}, ...]}."""
-    check_device(cfg["device"])
-    device = torch.device(cfg["device"])
+    device = torch.device(device_of(cfg["device"]))
     readout, processor = build({**cfg, "readout": "disc"}, device, lora=False)
     readout.eval()
     split = {
@@ -113,7 +112,9 @@ def plot(rows, file, title):
 
 def main(argv=None):
     p = parser(
-        out_help="the folder of the table and the plot (default: runs/DATA-probe)", resume=False
+        argv,
+        out_help="the folder of the table and the plot (default: runs/DATA-probe)",
+        resume=False,
     )
     cfg = {**read_flags(p, argv), "resume": None, "overwrite": False}
     out = Path(cfg["out"] or f"runs/{Path(cfg['data'].replace(':', '')).name}-probe")

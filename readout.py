@@ -1,260 +1,19 @@
-"""Backbones (a 4-bit Qwen2.5-Omni Thinker, or any transformers text model) and readouts: nn.Modules with
-`loss(batch) -> scalar` and `predict(batch) -> (preds (B,), info dict)`. A new one: a class, a line in READOUTS."""
+"""Readouts: nn.Modules with `loss(batch) -> scalar` and `predict(batch) -> (preds (B,), info dict)` over a
+backbone. A new one: a class, a line in READOUTS (in the user's own file too: --readout_file)."""
 
-import dataclasses
-import functools
-import os
+import importlib.util
 import re
-import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from huggingface_hub import constants
-from huggingface_hub.utils import get_session
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    Qwen2_5OmniProcessor,
-    Qwen2_5OmniThinkerConfig,
-    Qwen2_5OmniThinkerForConditionalGeneration,
-    Qwen2TokenizerFast,
-    Qwen2VLImageProcessor,
-    Qwen2VLVideoProcessor,
-    WhisperFeatureExtractor,
-)
-from transformers.utils import logging as hf_logging
 
+from backbone import add_run_lora, check_model, load_backbone
 from data import UserError
-from lora import add_lora, quantize_nf4
-
-hf_logging.disable_progress_bar()
-
-THINKER_TYPES = ("qwen2_5_omni", "qwen2_5_omni_thinker")
-# Only the text decoder is 4-bit: the towers and the LM head stay in bfloat16 (GPU) or float32 (CPU).
-# Full dotted prefixes: bare names match nothing.
-SKIP_QUANT = ["model.audio_tower", "model.visual", "lm_head"]
-# Default LoRA targets by config.model_type: every decoder layer's attention and MLP projections.
-DECODER = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)$"
-# The paper's target names, as peft matches them: anywhere, so also in the audio and vision towers.
-PAPER_TARGETS = r"(q|k|v|o|gate|up|down)_proj$"
-LORA_TARGETS = {
-    "qwen2_5_omni_thinker": r"language_model\." + DECODER,
-    "llama": DECODER,
-    "qwen2": DECODER,
-    "mistral": DECODER,
-    "bert": r"encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)|"
-    r"intermediate\.dense|output\.dense)$",
-}
-
-
-def load_backbone(name, quant="nf4", device="cpu", trust_remote_code=False):
-    """(model, processor): a Qwen2.5-Omni Thinker with its Omni processor, or any other model as a text
-    model with its tokenizer. `tiny` is a random Thinker built offline and loaded through the same path."""
-    device = torch.device(device)
-    if name == "tiny":
-        with tempfile.TemporaryDirectory() as folder:
-            build_tiny(folder)
-            return load_backbone(folder, quant, device)
-    folder, source = model_source(name, trust_remote_code)
-    config = model_config(name, trust_remote_code)
-    thinker = config.model_type in THINKER_TYPES
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    load = dict(dtype=dtype, device_map={"": device})
-    if quant == "nf4" and "gguf_file" not in source:
-        load["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            llm_int8_skip_modules=SKIP_QUANT if thinker else None,
-        )
-    try:
-        if thinker:
-            model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
-                folder, **source, **load
-            )
-            processor = Qwen2_5OmniProcessor.from_pretrained(folder, **source)
-            processor.video_processor.cap_pixels_per_frame = True  # qwen-vl-utils' pixels per frame
-            return model, processor
-        causal = "gguf_file" in source or any(
-            a.endswith("ForCausalLM") for a in config.architectures or []
-        )
-        kind = AutoModelForCausalLM if causal else AutoModel
-        model = kind.from_pretrained(folder, **source, **load)
-        side = "left" if causal else "right"  # left padding: a causal LM generates
-        tokenizer = AutoTokenizer.from_pretrained(folder, padding_side=side, **source)
-    except (OSError, ValueError, ImportError) as e:
-        raise cannot_load(name, e) from None  # not found, not a model, gated, a package missing
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    if quant == "nf4" and "gguf_file" in source:  # llama.cpp weights, dequantised by transformers
-        quantize_nf4(model, SKIP_QUANT)
-    return model, tokenizer
-
-
-def model_source(name, trust_remote_code=False):
-    """(folder, from_pretrained's keyword arguments) of --model NAME: a hub id, a folder or a .gguf file."""
-    # Without a network, transformers retries the hub for a while: then the local cache alone, at once.
-    local = not (os.path.exists(name) or hub_reachable())
-    source = dict(trust_remote_code=trust_remote_code, local_files_only=local)
-    folder = str(name)
-    if folder.endswith(".gguf"):
-        folder, source["gguf_file"] = os.path.split(os.path.abspath(name))
-    return folder, source
-
-
-@functools.cache  # train.py reads it before decoding, build() and load_backbone() again: read once
-def model_config(name, trust_remote_code=False):
-    """The transformers configuration of --model NAME, read without its weights (do not change it)."""
-    folder, source = model_source(name, trust_remote_code)
-    try:
-        return AutoConfig.from_pretrained(folder, **source)
-    except (OSError, ValueError, ImportError) as e:
-        raise cannot_load(name, e) from None
-
-
-def cannot_load(name, error):
-    first_line = str(error).strip().partition("\n")[0]
-    return UserError(
-        f"--model {name}: cannot be loaded ({first_line}); --model takes a hub id, a local model folder, "
-        "a .gguf file, or 'tiny' to run offline"
-    )
-
-
-def check_model(cfg):
-    """What the model's configuration says about the run, before the clips are decoded: that it loads, and
-    takes the modalities asked for."""
-    if cfg["model"] == "tiny":
-        return
-    kind = model_config(cfg["model"], cfg["trust_remote_code"]).model_type
-    if kind not in THINKER_TYPES and cfg["modalities"] != "t":
-        raise UserError(
-            f"--model {cfg['model']} is a text model ({kind}): only --modalities t is possible"
-        )
-
-
-@functools.cache
-def hub_reachable():
-    """Whether the Hugging Face hub (or the mirror HF_ENDPOINT names) answers within 2 s, through any proxy."""
-    try:
-        get_session().head(constants.ENDPOINT, timeout=2)
-    except Exception:  # whatever the reason, only the local cache can serve
-        return False
-    return True
-
-
-def tiny_processor():
-    """The Omni processor of the tiny Thinker: a byte-level BPE tokenizer (512 tokens, the Omni special tokens)
-    trained offline on TINY_CORPUS, Whisper features, the Qwen2-VL image and video processors."""
-    media = dict(
-        image_token="<|IMAGE|>",
-        video_token="<|VIDEO|>",
-        audio_token="<|AUDIO|>",
-        vision_bos_token="<|vision_bos|>",
-        vision_eos_token="<|vision_eos|>",
-        audio_bos_token="<|audio_bos|>",
-        audio_eos_token="<|audio_eos|>",
-    )
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        [TINY_CORPUS],
-        trainers.BpeTrainer(
-            vocab_size=512,
-            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *media.values()],
-            show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    tokenizer = Qwen2TokenizerFast(
-        tokenizer_object=bpe,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        padding_side="left",
-        extra_special_tokens=media,
-    )
-    return Qwen2_5OmniProcessor(
-        image_processor=Qwen2VLImageProcessor(),
-        video_processor=Qwen2VLVideoProcessor(),
-        feature_extractor=WhisperFeatureExtractor(feature_size=128),
-        tokenizer=tokenizer,
-    )
-
-
-def build_tiny(folder, seed=0):
-    """Write a random Qwen2.5-Omni Thinker (about 0.4 M parameters) and the tiny processor into `folder`."""
-    processor = tiny_processor()
-    config = thinker_config(processor.tokenizer, **TINY)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Qwen2_5OmniThinkerForConditionalGeneration(config)
-        # At the default scale (0.02) its logits over the 64-d state stay within +-1.3: no token could be likely.
-        nn.init.normal_(model.lm_head.weight, std=0.5)
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-
-
-TINY = dict(
-    text=dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        mrope_section=[4, 6, 6],
-        max_position_embeddings=4096,
-    ),
-    audio=dict(encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128, d_model=64),
-    vision=dict(
-        depth=1, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[0]
-    ),
-)
-
-
-def thinker_config(tokenizer, text, audio, vision):
-    """A Qwen2_5OmniThinkerConfig of these shapes and `tokenizer`'s special tokens. Gotchas: mrope_section sums to
-    head_dim / 2; the towers' outputs have the text width; vision_start_token_id is read even for text alone."""
-    ids, text = tokenizer.get_vocab(), dict(text)
-    rope = dict(rope_type="default", rope_theta=1e6, mrope_section=text.pop("mrope_section"))
-    return Qwen2_5OmniThinkerConfig(
-        text_config=dict(
-            vocab_size=text.pop("vocab_size", len(tokenizer)),
-            rope_parameters=rope,
-            pad_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            **text,
-        ),
-        audio_config=dict(num_mel_bins=128, output_dim=text["hidden_size"], **audio),
-        vision_config=dict(out_hidden_size=text["hidden_size"], **vision),
-        audio_token_index=ids["<|AUDIO|>"],
-        image_token_index=ids["<|IMAGE|>"],
-        video_token_index=ids["<|VIDEO|>"],
-        audio_start_token_id=ids["<|audio_bos|>"],
-        audio_end_token_id=ids["<|audio_eos|>"],
-        vision_start_token_id=ids["<|vision_bos|>"],
-        vision_end_token_id=ids["<|vision_eos|>"],
-        user_token_id=ids["<|im_start|>"],
-    )
-
-
-TINY_CORPUS = (
-    """system user assistant You are an expert in multimodal sentiment analysis. How positive or
-negative is the speaker's opinion in this clip? Answer with a sentiment score from -3 (very negative) to 3
-(very positive). Transcript: the movie the plot the acting the soundtrack the ending was is it i think well
-honestly really very good great bad awful okay fine -3.0 -2.5 -2.0 -1.5 -1.0 -0.5 0.0 0.5 1.0 1.5 2.0 2.5 3.0
-"""
-    * 4
-)
-
+from flags import Flag
 
 # gen's decoding rules (median and mean of sampled answers went: expected beat both on SmolLM2 and Qwen)
 DECODE = ("greedy", "expected")
@@ -272,34 +31,31 @@ def at_last_token(h, attention_mask):
     return h[rows, last_token_index(attention_mask)]
 
 
-@dataclasses.dataclass
-class Flag:
-    """A run flag that a readout reads: every script shows it as --NAME, and a run saves it. `reading`: it says
-    how a trained run is read rather than how it trains, so eval.py may change it (gen's --decode)."""
-
-    name: str
-    type: type
-    default: object
-    help: str
-    choices: tuple = None
-    reading: bool = False
-
-
 class Readout(nn.Module):
     """A subclass defines loss(batch) -> scalar and predict(batch) -> (preds (B,), info dict), and declares
-    the run flags it reads in `flags`; self.cfg holds their values."""
+    the run flags it reads in `flags`; self.cfg holds their values. predict's info may hold per-clip tensors
+    and the standard counts that evaluation sums: `parse_failures` (answers without a number, scored as
+    some fallback) and `out_of_bounds` (answers outside the scale, before they are clipped)."""
 
     flags = ()
-    # What an unanswered clip (NaN) is scored as; None: predictions are always numbers.
-    fallback = None
 
-    def __init__(self, backbone, tokenizer, cfg):
+    def __init__(self, parts, cfg):
         super().__init__()
-        self.backbone = backbone
-        self.tokenizer = tokenizer
+        self.backbone = parts.model
+        self.tokenizer = parts.tokenizer
         self.cfg = cfg
         # what every call of the model needs: with --audio_in_video, the rope positions of interleaved audio
         self.model_kwargs = dict(use_audio_in_video=True) if cfg["audio_in_video"] else {}
+
+    zero_shot = False  # whether an untrained model (no LoRA, no head) can be read out (gen)
+
+    def param_groups(self, lr):
+        """[(parameters, peak learning rate)] of what trains: by default everything at --lr."""
+        return [([p for p in self.parameters() if p.requires_grad], lr)]
+
+    def title(self):
+        """What was read, as tables and plots name it."""
+        return self.cfg["readout"]
 
     def text_model(self):
         """The model under the LM head (the Thinker's or a causal LM's), or an encoder itself."""
@@ -344,17 +100,22 @@ class Disc(Readout):
         Flag("loss", str, "mse", "linear, mlp: the regression loss", ("mse", "l1")),
     )
 
-    def __init__(self, backbone, tokenizer, cfg):
-        super().__init__(backbone, tokenizer, cfg)
+    def __init__(self, parts, cfg):
+        super().__init__(parts, cfg)
+        backbone = parts.model
         keep_layers(backbone, cfg["layer"])  # the layers after it are neither run nor kept
         hidden = backbone.config.get_text_config().hidden_size
-        self.head = make_head(cfg["head"], hidden).to(backbone.device)
-        self.loss_fn = dict(mse=F.mse_loss, l1=F.l1_loss)[cfg["loss"]]
+        self.head = HEADS[cfg["head"]](hidden, cfg).to(backbone.device)
         # pool_norm 'batch': pooled states that vary across clips by a few percent of their norm are too
         # alike for the head; standardise them with batch statistics in training, training-set ones after.
         self.norm = nn.Identity()
         if cfg["pool_norm"] == "batch":
             self.norm = nn.BatchNorm1d(hidden, affine=False, momentum=None, device=backbone.device)
+
+    def param_groups(self, lr):
+        head = list(self.head.parameters())
+        lora = [p for p in self.backbone.parameters() if p.requires_grad]
+        return [(lora, lr), (head, self.cfg["head_lr"] or lr)]
 
     @torch.no_grad()
     def prepare(self, batches):
@@ -374,35 +135,62 @@ class Disc(Readout):
         return self.head(self.norm(self.pooled(batch)))  # (B, 1), or (B, bins)
 
     def loss(self, batch):
-        out, labels = self(batch), batch["label"]
-        if self.cfg["head"] == "bins":
-            return F.cross_entropy(out, hl_gauss(labels, self.cfg["bin_sigma"] * 0.1))
-        return self.loss_fn(out[:, 0], labels)
+        return self.head.loss(self(batch), batch["label"])
 
     @torch.no_grad()
     def predict(self, batch):
-        out = self(batch)
-        if self.cfg["head"] != "bins":
-            return out[:, 0], {}
-        # The predictive distribution over the bins: its mean, and its std per clip
+        return self.head.predict(self(batch))
+
+
+LOSSES = dict(mse=F.mse_loss, l1=F.l1_loss)
+
+
+class Score:
+    """A head whose one output is the score, trained with --loss."""
+
+    def loss(self, out, labels):
+        return LOSSES[self.loss_name](out[:, 0], labels)
+
+    def predict(self, out):
+        return out[:, 0], {}
+
+
+class LinearHead(Score, nn.Linear):
+    """One layer to the score."""
+
+    def __init__(self, hidden, cfg):
+        super().__init__(hidden, 1)
+        self.loss_name = cfg["loss"]
+
+
+class MLPHead(Score, nn.Sequential):
+    """The paper's: hidden -> 256 -> 1 with LayerNorm, ReLU and dropout 0.2."""
+
+    def __init__(self, hidden, cfg):
+        layers = [nn.LayerNorm(hidden), nn.Linear(hidden, 256), nn.ReLU(), nn.Dropout(0.2)]
+        super().__init__(*layers, nn.Linear(256, 1))
+        self.loss_name = cfg["loss"]
+
+
+class BinsHead(nn.Linear):
+    """One layer to the logits of the 61 bins, trained with HL-Gauss targets; it predicts the mean of the
+    distribution over the bins, and reports its std per clip."""
+
+    def __init__(self, hidden, cfg):
+        super().__init__(hidden, len(BINS))
+        self.sigma = cfg["bin_sigma"] * 0.1  # in bins of 0.1
+
+    def loss(self, out, labels):
+        return F.cross_entropy(out, hl_gauss(labels, self.sigma))
+
+    def predict(self, out):
         p = out.softmax(-1)
         values = BINS.to(p.device)
         mean = p @ values
         return mean, dict(std=(p @ values**2 - mean**2).clamp(min=0).sqrt())
 
 
-def make_head(kind, hidden):
-    """linear: one layer. mlp: the paper's, hidden -> 256 -> 1 with LayerNorm, ReLU and dropout 0.2.
-    bins: one layer to the logits of the 61 bins."""
-    if kind == "mlp":
-        return nn.Sequential(
-            nn.LayerNorm(hidden),
-            nn.Linear(hidden, 256),
-            nn.ReLU(),
-            nn.Dropout(0.2),
-            nn.Linear(256, 1),
-        )
-    return nn.Linear(hidden, len(BINS) if kind == "bins" else 1)
+HEADS = dict(linear=LinearHead, mlp=MLPHead, bins=BinsHead)
 
 
 def hl_gauss(labels, sigma):
@@ -484,8 +272,11 @@ class Gen(Readout):
         Flag("parse_fallback", float, 0.0, "the prediction of an unparseable answer", reading=True),
     )
 
-    def __init__(self, backbone, tokenizer, cfg):
-        super().__init__(backbone, tokenizer, cfg)
+    zero_shot = True
+
+    def __init__(self, parts, cfg):
+        super().__init__(parts, cfg)
+        backbone = parts.model
         if not backbone.can_generate():
             raise UserError(
                 f"--readout gen needs a causal LM; {cfg['model']} is a "
@@ -497,7 +288,9 @@ class Gen(Readout):
             raise UserError(
                 f"--readout gen: {cfg['model']} has no eos_token_id in its generation config"
             )
-        self.fallback = cfg["parse_fallback"]
+
+    def title(self):
+        return f"{self.cfg['readout']}@{self.cfg['decode']}"  # how its answers became predictions
 
     def answer(self, label, device):
         """The token ids of the answer a label is trained as: its value with one decimal, the end token."""
@@ -532,7 +325,7 @@ class Gen(Readout):
         inputs = batch["inputs"]
         if self.cfg["decode"] == "expected":  # never unparseable, never out of bounds
             values, loglik = self.answer_loglik(inputs)
-            return loglik.softmax(-1) @ values, {}
+            return loglik.softmax(-1) @ values, dict(parse_failures=0, out_of_bounds=0)
         out = self.backbone.generate(
             **inputs,
             **self.model_kwargs,
@@ -542,9 +335,13 @@ class Gen(Readout):
         new = out[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         written = np.array([parse_score(t) for t in texts], dtype=float)  # None (no number): NaN
+        unanswered = np.isnan(written)
         # out_of_bounds: the paper's count of answers outside [-3, 3], before they are clipped
-        info = dict(out_of_bounds=int((np.abs(written) > 3).sum()))
-        return torch.tensor(written.clip(-3, 3)), info
+        info = dict(
+            parse_failures=int(unanswered.sum()), out_of_bounds=int((np.abs(written) > 3).sum())
+        )
+        scored = np.where(unanswered, self.cfg["parse_fallback"], written).clip(-3, 3)
+        return torch.tensor(scored), info
 
     def answer_loglik(self, inputs):
         """(values (C,), log-likelihoods (B, C)) of the C = 61 answers gen is trained to write, -3.0 to 3.0
@@ -610,21 +407,18 @@ def parse_score(text):
 
 
 def build(cfg, device, lora=True):
-    """(readout, processor) of the run `cfg` describes: backbone, LoRA over it (lora=False: none), readout."""
+    """(readout, Backbone) of the run `cfg` describes: backbone, LoRA over it (lora=False: none), readout."""
     check_model(cfg)
-    backbone, processor = load_backbone(
-        cfg["model"], cfg["quant"], device, cfg["trust_remote_code"]
-    )
-    kind = backbone.config.model_type
+    parts = load_backbone(cfg["model"], cfg["quant"], device, cfg["trust_remote_code"])
     if lora:
-        targets = cfg["lora_targets"] or LORA_TARGETS.get(kind)
-        if targets == "paper":
-            targets = PAPER_TARGETS
-        if targets is None:
-            raise UserError(
-                f"no default LoRA targets for a {kind} model: pass --lora_targets REGEX (dotted names of "
-                "its linear layers, e.g. the attention and MLP projections)"
-            )
-        add_lora(backbone, targets, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"])
-    tokenizer = getattr(processor, "tokenizer", processor)
-    return READOUTS[cfg["readout"]](backbone, tokenizer, cfg), processor
+        add_run_lora(parts.model, cfg)
+    return READOUTS[cfg["readout"]](parts, cfg), parts
+
+
+def load_readout_file(path):
+    """Run a user's file that adds readouts to READOUTS (--readout_file): named on the command line only,
+    never because a run folder names it."""
+    if not (path.endswith(".py") and Path(path).is_file()):
+        raise UserError(f"--readout_file {path}: not a Python file")
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))

@@ -1,11 +1,11 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
-import ablate
-from readout import READOUTS, Disc, Flag, at_last_token
+from readout import READOUTS, build
 
 
 def run(*args):
@@ -128,20 +128,14 @@ def test_gen_read_with_other_decoding_rules_reuses_the_trained_run(toy_root, tmp
     )
 
 
-class Middle(Disc):
-    """Disc on the state after decoder layer --read_layer (a fork, as a user would write one)."""
-
-    flags = Disc.flags + (Flag("read_layer", int, 1, "the decoder layer read (0: the embeddings)"),)
-
-    def pooled(self, batch):
-        h = self.hidden_states(batch["inputs"], layer=self.cfg["read_layer"])
-        return at_last_token(h, batch["inputs"]["attention_mask"]).float()
+FORK = str(
+    Path(__file__).parents[1] / "examples" / "middle.py"
+)  # the README's fork, a file of its own
 
 
-def test_a_forked_readout_with_its_own_flag_trains_beside_disc_which_is_reused(
-    toy_root, tmp_path, monkeypatch, capsys
+def test_a_readout_in_the_users_own_file_trains_beside_disc_and_is_evaluated_and_compared(
+    toy_root, tmp_path
 ):
-    monkeypatch.setitem(READOUTS, "middle", Middle)  # in a fork: one line in READOUTS
     args = [
         *common(toy_root, tmp_path),
         "--modalities",
@@ -151,31 +145,74 @@ def test_a_forked_readout_with_its_own_flag_trains_beside_disc_which_is_reused(
         "--out",
         str(tmp_path / "fork"),
     ]
-    args += ["--readouts", "disc,middle"]
-    ablate.main([*args, "--read_layer", "1"])
-    first = capsys.readouterr().out
+    args += ["--readout_file", FORK, "--readouts", "disc,middle"]
+    first = run(*args, "--read_layer", "1")
     results = written(first)["results"]
     assert list(results) == ["disc", "middle", "train mean"] and "reusing" not in first
     middle = folder(tmp_path / "fork", "middle-t-s0")
-    assert json.loads((middle / "config.json").read_text())["read_layer"] == 1  # saved with the run
+    saved = json.loads((middle / "config.json").read_text())
+    assert saved["read_layer"] == 1 and saved["middle_head_lr"] == 1e-2  # saved with the run
     disc = folder(tmp_path / "fork", "disc-t-s0")
-    # disc does not read it
-    assert "read_layer" not in json.loads((disc / "config.json").read_text())
+    assert "read_layer" not in json.loads(
+        (disc / "config.json").read_text()
+    )  # disc does not read it
     assert results["middle"][0]["MAE"] != results["disc"][0]["MAE"]
     stamp = (disc / "metrics.json").stat().st_mtime_ns
 
-    ablate.main([*args, "--read_layer", "0"])  # the fork's flag changed: disc's run stands
-    second = capsys.readouterr().out
+    second = run(*args, "--read_layer", "0")  # the fork's flag changed: disc's run stands
     assert second.count("reusing") == 1 and f"reusing {disc}" in second
     assert (disc / "metrics.json").stat().st_mtime_ns == stamp
     assert len(list((tmp_path / "fork").glob("middle-t-s0-*"))) == 2
 
+    machine = ["--device", "cpu", "--cache_dir", str(tmp_path / "cache")]
+    # a run folder never makes code run: without the file, one line that names it
+    refused = subprocess.run(
+        [sys.executable, "eval.py", "--ckpt", str(middle), *machine], capture_output=True, text=True
+    )
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert (
+        f"its readout 'middle' is not one of disc, gen, mean: pass --readout_file {FORK}"
+        in refused.stderr
+    )
+    compared = subprocess.run(
+        [
+            sys.executable,
+            "eval.py",
+            "--readout_file",
+            FORK,
+            "--compare",
+            str(disc),
+            str(middle),
+            *machine,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert compared.returncode == 0, compared.stderr
+    assert (
+        "B: middle (t, test)" in compared.stdout
+        and f"{results['middle'][0]['MAE']:.4f}" in compared.stdout
+    )
+
+
+def test_a_forks_own_parameter_group_trains_its_head_at_its_own_rate(make_cfg):
+    from readout import load_readout_file
+
+    load_readout_file(FORK)
+    try:
+        cfg = make_cfg("--modalities", "t", "--readout", "middle")
+        readout, _ = build(cfg, torch.device("cpu"))
+        (lora, lora_lr), (head, head_lr) = readout.param_groups(cfg["lr"])
+        assert lora_lr == cfg["lr"] and head_lr == 1e-2 and head == list(readout.head.parameters())
+    finally:
+        del READOUTS["middle"]
+
 
 def test_hidden_states_of_a_layer_are_the_full_models_states_there(make_cfg):
-    from readout import build
-
-    readout, processor = build(make_cfg("--modalities", "t"), torch.device("cpu"))
-    inputs = dict(processor(text=["the movie was good", "bad"], return_tensors="pt", padding=True))
+    readout, parts = build(make_cfg("--modalities", "t"), torch.device("cpu"))
+    inputs = dict(
+        parts.processor(text=["the movie was good", "bad"], return_tensors="pt", padding=True)
+    )
     model = readout.text_model()
     full = model(**inputs, output_hidden_states=True, use_cache=False)
     assert torch.equal(readout.hidden_states(inputs, layer=1), full.hidden_states[1])
@@ -198,14 +235,3 @@ def test_each_script_shows_its_own_help_and_out_is_a_folder_everywhere():
     refused = run("eval.py", "--ckpt", "runs/x", "--out", "r.json")
     assert refused.returncode == 2 and "unrecognized arguments: --out" in refused.stderr
     assert "--json FILE" in run("eval.py", "--help").stdout
-
-
-def test_a_newer_flag_at_its_default_changes_no_config_and_no_folder_name(make_cfg):
-    from ablate import folder_name
-    from eval import run_config
-
-    cfg = make_cfg("--modalities", "t")
-    grouped = {**cfg, "group_by_length": True}
-    # off, as every run before the flag trained: config.json and ablate.py's folder hash as they were
-    assert "group_by_length" not in run_config(cfg) and run_config(grouped)["group_by_length"]
-    assert folder_name(grouped, True) != folder_name(cfg, True)

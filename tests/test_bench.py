@@ -5,9 +5,12 @@ import torch
 from torch import nn
 
 import bench
-from lora import bnb, quantize_nf4
-from readout import DECODE, TINY
+from backbone import TINY
+from lora import bitsandbytes, quantize_nf4
+from readout import DECODE
 from train import train
+
+bnb = bitsandbytes()
 
 
 @pytest.mark.parametrize("size", ["random-7b", "random-3b"])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import soundfile
 
+import batches
 import data
 
 
@@ -100,12 +101,13 @@ def test_cache_decodes_once_and_again_after_a_change(toy_root, tmp_path):
 
 
 def test_prompt_leaves_out_what_is_not_requested():
-    from readout import tiny_processor
+    from backbone import Backbone, tiny_processor
 
     processor = tiny_processor()
-    full = data.prompt("it was fine", "tav", processor)
+    parts = Backbone(None, processor.tokenizer, processor)
+    full = batches.prompt("it was fine", "tav", parts)
     assert "<|VIDEO|>" in full and "<|AUDIO|>" in full and "it was fine" in full
-    audio_only = data.prompt("it was fine", "a", processor)
+    audio_only = batches.prompt("it was fine", "a", parts)
     assert (
         "<|AUDIO|>" in audio_only
         and "<|VIDEO|>" not in audio_only
@@ -418,7 +420,7 @@ def test_cache_on_a_real_clip(tmp_path):
 def test_sharded_shuffle_splits_exactly_the_batches_one_process_would_see():
     import torch
 
-    from data import ShardedShuffle
+    from batches import ShardedShuffle
 
     n, per_rank, world = 23, 3, 2
 
@@ -449,7 +451,7 @@ def test_sharded_shuffle_splits_exactly_the_batches_one_process_would_see():
 def test_grouped_batches_hold_clips_of_similar_length_and_change_between_epochs():
     import torch
 
-    from data import ShardedShuffle
+    from batches import ShardedShuffle
 
     n, size = 2000, 8
     lengths = torch.randint(1, 200, (n,), generator=torch.Generator().manual_seed(0))
@@ -497,14 +499,15 @@ def test_a_spreadsheet_saved_label_csv_reads_like_a_plain_one(tmp_path):
 def test_long_audio_reaches_the_model_whole():
     import torch
 
-    from readout import load_backbone
+    from backbone import load_backbone
 
-    model, processor = load_backbone("tiny", quant="none")
+    parts = load_backbone("tiny", quant="none")
+    model, processor = parts.model, parts.processor
     wave = (
         0.3 * np.sin(2 * np.pi * 220 * np.arange(40 * data.SAMPLE_RATE) / data.SAMPLE_RATE)
     ).astype(np.float32)
-    text = data.prompt("a long clip", "ta", processor)
-    whole = data.model_inputs(processor, text, {"audio": wave})
+    text = batches.prompt("a long clip", "ta", parts)
+    whole = batches.model_inputs(parts, text, {"audio": wave})
     audio_tokens = (
         whole["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>")
     ).sum()
@@ -552,16 +555,17 @@ def test_a_full_disk_is_one_line_and_leaves_the_previous_file_whole(tmp_path):
 
 
 def test_audio_in_video_interleaves_the_clips_audio_with_its_video(toy_root, tmp_path):
-    from readout import tiny_processor
+    from backbone import Backbone, tiny_processor
 
     processor = tiny_processor()
+    parts = Backbone(None, processor.tokenizer, processor)
     with pytest.raises(data.UserError, match="--audio_in_video needs audio and video"):
         data.Clips(toy_root, "valid", "ta", cache_dir=tmp_path, audio_in_video=True)
     clips = data.Clips(toy_root, "valid", "tav", cache_dir=tmp_path, audio_in_video=True)
-    text = data.prompt(clips.rows[0]["text"], "tav", processor, audio_in_video=True)
+    text = batches.prompt(clips.rows[0]["text"], "tav", parts, audio_in_video=True)
     # the audio goes into the video's place
     assert "<|AUDIO|>" not in text and text.count("<|VIDEO|>") == 1
-    inputs = data.model_inputs(processor, text, clips.media(clips.rows[0]), audio_in_video=True)
+    inputs = batches.model_inputs(parts, text, clips.media(clips.rows[0]), audio_in_video=True)
     tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     runs = [
         t for i, t in enumerate(tokens) if i == 0 or t != tokens[i - 1]
@@ -578,9 +582,10 @@ def test_audio_in_video_interleaves_the_clips_audio_with_its_video(toy_root, tmp
 def test_a_real_mosi_clip_with_audio_in_video_goes_through_the_thinker(tmp_path):
     import torch
 
-    from readout import load_backbone
+    from backbone import load_backbone
 
-    model, processor = load_backbone("tiny", quant="none")
+    parts = load_backbone("tiny", quant="none")
+    model = parts.model
     clips = data.Clips(
         SHARED / "mosi_clips",
         "train",
@@ -590,9 +595,9 @@ def test_a_real_mosi_clip_with_audio_in_video_goes_through_the_thinker(tmp_path)
         audio_in_video=True,
     )
     cfg = dict(eval_batch_size=1, num_workers=0, cache_processed=False)
-    batch = next(iter(data.make_loader(cfg, clips, processor)))
-    assert batch["label"].shape == (1,) and "<|AUDIO|>" not in data.prompt(
-        "", "tav", processor, True
+    batch = next(iter(batches.make_loader(cfg, clips, parts)))
+    assert batch["label"].shape == (1,) and "<|AUDIO|>" not in batches.prompt(
+        "", "tav", parts, True
     )
     with torch.no_grad():
         h = model.model(**batch["inputs"], use_audio_in_video=True).last_hidden_state

@@ -152,11 +152,19 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
     rows = [r.split(",") for r in labels[1:]]
     other = [",".join([*r[:3], str(-float(r[3])), r[4]]) for r in rows]
     (tmp_path / "other" / "label.csv").write_text("\n".join([labels[0], *other]) + "\n")
-    cfg = json.loads((b / "config.json").read_text())
-    (b / "config.json").write_text(json.dumps({**cfg, "data": str(tmp_path / "other")}))
-    refused = subprocess.run(run + ["--compare", str(a), str(b)], capture_output=True, text=True)
+    cfg = make_cfg("--epochs", "1", "--modalities", "t")
+    other, _ = train({**cfg, "data": str(tmp_path / "other"), "out": str(tmp_path / "o")})
+    refused = subprocess.run(
+        run + ["--compare", str(a), str(other)], capture_output=True, text=True
+    )
     assert refused.returncode != 0 and "not evaluated on the same clips" in refused.stderr
     assert "Traceback" not in refused.stderr
+    # a config.json edited after training no longer matches its weights
+    saved = json.loads((b / "config.json").read_text())
+    (b / "config.json").write_text(json.dumps({**saved, "lr": 0.5}))
+    edited = subprocess.run(run + ["--ckpt", str(b)], capture_output=True, text=True)
+    assert edited.returncode != 0 and edited.stderr.count("\n") == 1
+    assert "other settings than config.json's" in edited.stderr
     missing = subprocess.run(
         run + ["--compare", str(a), str(tmp_path / "c")], capture_output=True, text=True
     )

@@ -4,9 +4,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data import load_clips, make_loader
+from backbone import LORA_TARGETS, load_backbone
+from batches import make_loader
+from data import load_clips
 from lora import LoRALinear, add_lora, count_parameters
-from readout import LORA_TARGETS, build, load_backbone
+from readout import build
 
 THINKER = LORA_TARGETS["qwen2_5_omni_thinker"]
 
@@ -55,8 +57,8 @@ def test_lora_equals_base_at_init_and_trains_after_an_eval_pass(four_bit):
 def test_backbone_lora_only_lora_and_head_get_gradients(make_cfg):
     cfg = make_cfg("--lora_dropout", "0")
     torch.manual_seed(0)
-    readout, processor = build(cfg, torch.device("cpu"))
-    batch = next(iter(make_loader(cfg, load_clips(cfg, "train"), processor, batch_size=4)))
+    readout, parts = build(cfg, torch.device("cpu"))
+    batch = next(iter(make_loader(cfg, load_clips(cfg, "train"), parts, batch_size=4)))
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in readout.backbone.modules())
     readout.eval()
     readout.predict(batch)  # eval pass first
@@ -77,7 +79,7 @@ def test_backbone_lora_only_lora_and_head_get_gradients(make_cfg):
 
 def test_adapter_round_trip(tmp_path):
     torch.manual_seed(0)
-    model, _ = load_backbone("tiny", quant="nf4")
+    model = load_backbone("tiny", quant="nf4").model
     add_lora(model, THINKER, r=4)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -91,7 +93,7 @@ def test_adapter_round_trip(tmp_path):
         tmp_path / "adapter.safetensors",
     )
 
-    fresh, _ = load_backbone("tiny", quant="nf4")
+    fresh = load_backbone("tiny", quant="nf4").model
     add_lora(fresh, THINKER, r=4)
     fresh.eval()
     with torch.no_grad():
@@ -105,8 +107,8 @@ def test_adapter_round_trip(tmp_path):
 
 
 def test_parameter_count_counts_4bit_weights_by_their_real_size():
-    full, _ = load_backbone("tiny", quant="none")
-    nf4, _ = load_backbone("tiny", quant="nf4")
+    full = load_backbone("tiny", quant="none").model
+    nf4 = load_backbone("tiny", quant="nf4").model
     assert count_parameters(nf4)["total"] == count_parameters(full)["total"]
     assert sum(p.numel() for p in nf4.parameters()) < count_parameters(nf4)["total"]  # packed bytes
     add_lora(nf4, THINKER, r=4)

@@ -4,8 +4,9 @@ import random
 import pytest
 import torch
 
-from data import prompt
-from readout import build, last_token_index, load_backbone, parse_score
+from backbone import load_backbone
+from batches import prompt
+from readout import build, last_token_index, parse_score
 
 
 def test_last_token_index_left_and_right_padding():
@@ -19,17 +20,15 @@ def test_last_token_index_left_and_right_padding():
 @pytest.mark.parametrize("kind", ["disc", "mean"])
 def test_pooled_state_of_a_padded_batch_equals_each_clip_alone(make_cfg, side, kind):
     torch.manual_seed(0)
-    readout, processor = build(
-        make_cfg("--modalities", "t", "--readout", kind), torch.device("cpu")
-    )
+    readout, parts = build(make_cfg("--modalities", "t", "--readout", kind), torch.device("cpu"))
     readout.eval()
     texts = [
-        prompt(t, "t", processor)
+        prompt(t, "t", parts)
         for t in ["ok", "the movie was really quite wonderful to watch", "bad"]
     ]
 
     def pooled(prompts):
-        inputs = processor(text=prompts, padding=True, padding_side=side, return_tensors="pt")
+        inputs = parts.processor(text=prompts, padding=True, padding_side=side, return_tensors="pt")
         with torch.no_grad():
             return readout.pooled({"inputs": dict(inputs)}), inputs["attention_mask"]
 
@@ -44,13 +43,11 @@ def test_pooled_state_of_a_padded_batch_equals_each_clip_alone(make_cfg, side, k
 
 def test_mean_readout_averages_the_real_tokens_only(make_cfg):
     torch.manual_seed(0)
-    readout, processor = build(
-        make_cfg("--modalities", "t", "--readout", "mean"), torch.device("cpu")
-    )
+    readout, parts = build(make_cfg("--modalities", "t", "--readout", "mean"), torch.device("cpu"))
     readout.eval()
     inputs = dict(
-        processor(
-            text=[prompt(t, "t", processor) for t in ["ok", "the plot was dull"]],
+        parts.processor(
+            text=[prompt(t, "t", parts) for t in ["ok", "the plot was dull"]],
             padding=True,
             return_tensors="pt",
         )
@@ -65,10 +62,10 @@ def test_mean_readout_averages_the_real_tokens_only(make_cfg):
 
 
 def test_readout_never_computes_the_lm_head(make_cfg):
-    readout, processor = build(make_cfg("--modalities", "t"), torch.device("cpu"))
+    readout, parts = build(make_cfg("--modalities", "t"), torch.device("cpu"))
     calls = []
     readout.backbone.lm_head.register_forward_hook(lambda *a: calls.append(1))
-    inputs = processor(text=[prompt("fine", "t", processor)], return_tensors="pt")
+    inputs = parts.processor(text=[prompt("fine", "t", parts)], return_tensors="pt")
     readout.predict({"inputs": dict(inputs)})
     assert calls == []
 
@@ -78,9 +75,10 @@ def test_a_text_model_gets_4bit_lora_on_its_default_targets(make_cfg, bert_dir):
 
     from lora import LoRALinear
 
-    readout, tokenizer = build(
+    readout, parts = build(
         make_cfg("--model", str(bert_dir), "--modalities", "t"), torch.device("cpu")
     )
+    tokenizer = parts.tokenizer
     wrapped = {n: m for n, m in readout.backbone.named_modules() if isinstance(m, LoRALinear)}
     # per layer: query, key, value, attention output, intermediate, output
     assert len(wrapped) == 2 * 6
@@ -114,8 +112,8 @@ def test_an_architecture_without_default_lora_targets_asks_for_them(make_cfg, be
 
 
 def test_tiny_backbone_is_deterministic():
-    a, _ = load_backbone("tiny", quant="none")
-    b, _ = load_backbone("tiny", quant="none")
+    a = load_backbone("tiny", quant="none").model
+    b = load_backbone("tiny", quant="none").model
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
 
@@ -200,17 +198,17 @@ def test_parse_score_fuzz_never_raises():
 
 def test_gen_loss_is_over_the_answer_tokens_only(make_cfg):
     torch.manual_seed(0)
-    readout, processor = build(
+    readout, parts = build(
         make_cfg("--readout", "gen", "--modalities", "t", "--lora_dropout", "0"),
         torch.device("cpu"),
     )
     readout.eval()
-    prompts = [prompt(t, "t", processor) for t in ["fine", "the movie was really quite wonderful"]]
-    inputs = dict(processor(text=prompts, padding=True, return_tensors="pt"))
+    prompts = [prompt(t, "t", parts) for t in ["fine", "the movie was really quite wonderful"]]
+    inputs = dict(parts.processor(text=prompts, padding=True, return_tensors="pt"))
     labels = torch.tensor([-1.44, 2.0])
     full, targets = readout.with_answers(inputs, labels)
     answers = [
-        processor.tokenizer(a, add_special_tokens=False).input_ids
+        parts.tokenizer(a, add_special_tokens=False).input_ids
         for a in ["-1.4<|im_end|>", "2.0<|im_end|>"]
     ]
     for i, answer in enumerate(answers):
@@ -244,13 +242,14 @@ def full_forward_loglik(gen, inputs):
 
 @pytest.mark.parametrize("modalities", ["t", "ta"])
 def test_expected_scores_every_answer_as_separate_forward_passes_would(make_cfg, modalities):
-    from data import load_clips, make_loader
+    from batches import make_loader
+    from data import load_clips
 
     cfg = make_cfg("--readout", "gen", "--modalities", modalities, "--decode", "expected")
     torch.manual_seed(0)
-    gen, processor = build(cfg, torch.device("cpu"), lora=False)
+    gen, parts = build(cfg, torch.device("cpu"), lora=False)
     gen.eval()
-    batch = next(iter(make_loader(cfg, load_clips(cfg, "valid"), processor, batch_size=3)))
+    batch = next(iter(make_loader(cfg, load_clips(cfg, "valid"), parts, batch_size=3)))
     assert (
         batch["inputs"]["attention_mask"] == 0
     ).any()  # left padding: positions must still line up
@@ -267,13 +266,15 @@ def test_expected_scores_every_answer_as_separate_forward_passes_would(make_cfg,
     assert torch.allclose(probs.sum(-1), torch.ones(3)) and torch.allclose(
         preds.float(), (probs @ values).float()
     )
-    assert info == {} and not preds.isnan().any()  # nothing unparseable, nothing out of bounds
+    # nothing unparseable, nothing out of bounds
+    assert info == dict(parse_failures=0, out_of_bounds=0) and not preds.isnan().any()
 
 
 def test_expected_on_a_llama_decoder_with_left_padding(make_cfg):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from readout import Gen, tiny_processor
+    from backbone import Backbone, tiny_processor
+    from readout import Gen
 
     tokenizer = tiny_processor().tokenizer
     torch.manual_seed(0)
@@ -290,10 +291,11 @@ def test_expected_on_a_llama_decoder_with_left_padding(make_cfg):
             eos_token_id=end,
         )
     ).eval()
-    gen = Gen(model, tokenizer, make_cfg("--readout", "gen", "--modalities", "t"))
+    parts = Backbone(model, tokenizer)
+    gen = Gen(parts, make_cfg("--readout", "gen", "--modalities", "t"))
     inputs = dict(
         tokenizer(
-            [prompt(t, "t", tokenizer) for t in ["ok", "the plot was dull and long"]],
+            [prompt(t, "t", parts) for t in ["ok", "the plot was dull and long"]],
             padding=True,
             return_tensors="pt",
         )
@@ -312,17 +314,18 @@ def test_each_head_trains_beats_the_train_mean_and_its_checkpoint_reproduces(mak
     flags = ["--modalities", "t", "--epochs", "10", "--head", *head, "--head_lr", "3e-3"]
     out, result = train(make_cfg(*flags))
     assert result["test"]["MAE"] < result["test_mean_baseline"]["MAE"]
-    cfg, readout, processor = load_checkpoint(out, make_cfg())
+    cfg, readout, parts = load_checkpoint(out, make_cfg())
     assert cfg["head"] == head[0] and cfg["head_lr"] == 3e-3
-    again = evaluate_split(cfg, readout, processor)
+    again = evaluate_split(cfg, readout, parts)
     assert again["MAE"] == result["test"]["MAE"]
 
 
-def evaluate_split(cfg, readout, processor, split="test"):
-    from data import load_clips, make_loader
+def evaluate_split(cfg, readout, parts, split="test"):
+    from batches import make_loader
+    from data import load_clips
     from eval import evaluate
 
-    loader = make_loader(cfg, load_clips(cfg, split), processor)
+    loader = make_loader(cfg, load_clips(cfg, split), parts)
     return evaluate(readout, loader, torch.device("cpu"))[0]
 
 
@@ -333,9 +336,9 @@ def test_bins_put_their_mass_where_a_one_value_training_set_puts_it(make_cfg):
     assert torch.allclose(targets.sum(-1), torch.ones(2)) and targets[0].argmax() == 40  # bin 1.0
     assert targets[1, 0] > 0.5  # the mass beyond -3 goes to the outer bin
     torch.manual_seed(0)
-    readout, processor = build(make_cfg("--modalities", "t", "--head", "bins"), torch.device("cpu"))
-    prompts = [prompt(t, "t", processor) for t in ["good", "the plot was bad", "okay"]]
-    batch = dict(inputs=dict(processor(text=prompts, padding=True, return_tensors="pt")))
+    readout, parts = build(make_cfg("--modalities", "t", "--head", "bins"), torch.device("cpu"))
+    prompts = [prompt(t, "t", parts) for t in ["good", "the plot was bad", "okay"]]
+    batch = dict(inputs=dict(parts.processor(text=prompts, padding=True, return_tensors="pt")))
     batch["label"] = torch.full((3,), 1.0)  # every training label is 1.0
     optimizer = torch.optim.Adam([p for p in readout.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(100):
@@ -352,17 +355,15 @@ def test_bins_put_their_mass_where_a_one_value_training_set_puts_it(make_cfg):
 @pytest.mark.parametrize("layer", [0, 1, -2])
 def test_a_layer_reads_the_full_models_state_there_and_runs_only_the_layers_before(make_cfg, layer):
     torch.manual_seed(0)
-    full, processor = build(
-        make_cfg("--modalities", "t", "--lora_dropout", "0"), torch.device("cpu")
-    )
+    full, parts = build(make_cfg("--modalities", "t", "--lora_dropout", "0"), torch.device("cpu"))
     torch.manual_seed(0)
     cut, _ = build(
         make_cfg("--modalities", "t", "--lora_dropout", "0", "--layer", str(layer)),
         torch.device("cpu"),
     )
     inputs = dict(
-        processor(
-            text=[prompt("fine", "t", processor), prompt("bad", "t", processor)],
+        parts.processor(
+            text=[prompt("fine", "t", parts), prompt("bad", "t", parts)],
             padding=True,
             return_tensors="pt",
         )
@@ -395,14 +396,14 @@ def test_the_papers_target_names_reach_into_the_towers_and_the_default_ones_do_n
 
 
 def test_out_of_bounds_answers_are_counted_before_they_are_clipped(make_cfg, monkeypatch):
-    gen, processor = build(make_cfg("--readout", "gen", "--modalities", "t"), torch.device("cpu"))
+    gen, parts = build(make_cfg("--readout", "gen", "--modalities", "t"), torch.device("cpu"))
     gen.eval()
     answers = ["4.5", "score: -7", "0.5", "none"]
     # what the model wrote
     monkeypatch.setattr(gen.tokenizer, "batch_decode", lambda *a, **k: answers)
-    prompts = [prompt(t, "t", processor) for t in ["a", "b", "c", "d"]]
-    batch = dict(inputs=dict(processor(text=prompts, padding=True, return_tensors="pt")))
+    prompts = [prompt(t, "t", parts) for t in ["a", "b", "c", "d"]]
+    batch = dict(inputs=dict(parts.processor(text=prompts, padding=True, return_tensors="pt")))
     preds, info = gen.predict(batch)
-    assert (
-        info == {"out_of_bounds": 2} and preds[:3].tolist() == [3.0, -3.0, 0.5] and preds[3].isnan()
-    )
+    # the unanswered clip is scored as --parse_fallback (0.0) and counted
+    assert info == dict(out_of_bounds=2, parse_failures=1)
+    assert preds.tolist() == [3.0, -3.0, 0.5, 0.0]

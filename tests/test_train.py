@@ -13,17 +13,18 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-import train as train_module
-from data import UserError, load_clips, make_loader
-from eval import evaluate, load_checkpoint, load_config, read_log
-from readout import build
+from batches import make_loader
+from data import UserError, load_clips
+from eval import evaluate, load_checkpoint
+from readout import READOUTS, build
+from runs import load_config, read_log
 from train import lr_at, train
 
 
-def loader(cfg, split, processor, **kw):
-    return make_loader(cfg, load_clips(cfg, split), processor, **kw)
+def loader(cfg, split, parts, **kw):
+    return make_loader(cfg, load_clips(cfg, split), parts, **kw)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -38,8 +39,8 @@ def test_training_lowers_valid_mae_and_the_checkpoint_reproduces(make_cfg, tmp_p
         "--epochs", "20", "--batch_size", "4", "--modalities", "t", "--pool_norm", "batch"
     )
     torch.manual_seed(cfg["seed"])
-    untrained, processor = build(cfg, torch.device("cpu"))
-    before = evaluate(untrained, loader(cfg, "valid", processor), torch.device("cpu"))[0]
+    untrained, parts = build(cfg, torch.device("cpu"))
+    before = evaluate(untrained, loader(cfg, "valid", parts), torch.device("cpu"))[0]
 
     out, result = train(cfg)
     assert result["valid"]["MAE"] < 0.8 * before["MAE"]
@@ -50,9 +51,7 @@ def test_training_lowers_valid_mae_and_the_checkpoint_reproduces(make_cfg, tmp_p
         "log.jsonl",
         "metrics.json",
     }
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][
-        1:
-    ]  # after the data counts
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == list(range(1, 21))
     assert log[-1]["train_loss"] < 0.7 * log[0]["train_loss"]
     maes = [r["valid"]["MAE"] for r in log]
@@ -116,30 +115,43 @@ def test_checkpoint_with_other_weights_is_refused(make_cfg, tmp_path):
     assert modes["weights.safetensors"] == modes["last.safetensors"] == modes["config.json"], modes
     cfg = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**cfg, "lora_r": 4}))
+    with pytest.raises(
+        UserError, match="weights.safetensors: was trained by a disc run with other settings"
+    ):
+        load_checkpoint(out, make_cfg())
+    (out / "config.json").write_text(json.dumps(cfg))
+    # tensors of another run in a file without the settings' hash (as files before format 2)
+    other, _ = train(
+        {
+            **make_cfg("--epochs", "1", "--modalities", "t", "--lora_r", "4"),
+            "out": str(tmp_path / "o"),
+        }
+    )
+    save_file(load_file(other / "weights.safetensors"), out / "weights.safetensors")
     with pytest.raises(UserError, match="weights.safetensors: does not fit"):
         load_checkpoint(out, make_cfg())
 
 
 def test_pool_norm_statistics_travel_with_the_checkpoint(make_cfg):
     out, result = train(make_cfg("--epochs", "2", "--modalities", "t", "--pool_norm", "batch"))
-    cfg, readout, processor = load_checkpoint(out, make_cfg())
+    cfg, readout, parts = load_checkpoint(out, make_cfg())
     assert readout.norm.running_var.mean() != 1.0  # recomputed, saved and loaded, not the defaults
     assert (
-        evaluate(readout, loader(cfg, "test", processor), torch.device("cpu"))[0]["MAE"]
+        evaluate(readout, loader(cfg, "test", parts), torch.device("cpu"))[0]["MAE"]
         == result["test"]["MAE"]
     )
 
 
 def test_training_gen_makes_its_answers_parseable(make_cfg):
     cfg = make_cfg("--readout", "gen", "--modalities", "t", "--epochs", "2", "--batch_size", "4")
-    zero_shot, processor = build(cfg, torch.device("cpu"), lora=False)
-    before = evaluate(zero_shot, loader(cfg, "valid", processor), torch.device("cpu"))[0][
+    zero_shot, parts = build(cfg, torch.device("cpu"), lora=False)
+    before = evaluate(zero_shot, loader(cfg, "valid", parts), torch.device("cpu"))[0][
         "parse_fail_rate"
     ]
     out, result = train(cfg)
     after = [
         json.loads(line)["valid"]["parse_fail_rate"]
-        for line in (out / "log.jsonl").read_text().splitlines()[1:]
+        for line in (out / "log.jsonl").read_text().splitlines()
     ]
     assert before >= 0.3 and after[-1] <= 0.1, (before, after)
     assert 0 <= result["test"]["out_of_bounds_rate"] <= 1
@@ -226,11 +238,11 @@ def test_a_text_model_trains_and_its_checkpoint_reloads(make_cfg, bert_dir):
         "8",
     )
     out, result = train(cfg)
-    cfg, readout, tokenizer = load_checkpoint(out, cfg)
+    cfg, readout, parts = load_checkpoint(out, cfg)
     # trained, loaded
     assert all(p.abs().sum() > 0 for n, p in readout.named_parameters() if "lora_B" in n)
     assert (
-        evaluate(readout, loader(cfg, "test", tokenizer), torch.device("cpu"))[0]["MAE"]
+        evaluate(readout, loader(cfg, "test", parts), torch.device("cpu"))[0]["MAE"]
         == result["test"]["MAE"]
     )
 
@@ -251,10 +263,10 @@ def test_one_lora_step_on_real_minilm_in_4bit_with_real_mosi_transcripts(make_cf
     cfg = make_cfg(
         "--model", model, "--data", str(MOSI_TEXT), "--modalities", "t", "--lora_dropout", "0"
     )
-    readout, tokenizer = build(cfg, torch.device("cpu"))
+    readout, parts = build(cfg, torch.device("cpu"))
     layers = [m for m in readout.modules() if isinstance(m, LoRALinear)]
     assert len(layers) == 6 * 6 and all(isinstance(m.base, bnb.nn.Linear4bit) for m in layers)
-    batch = next(iter(loader(cfg, "train", tokenizer, batch_size=8)))
+    batch = next(iter(loader(cfg, "train", parts, batch_size=8)))
     loss = readout.loss(batch)
     loss.backward()
     assert torch.isfinite(loss) and all(m.lora_B.grad.abs().sum() > 0 for m in layers)
@@ -309,7 +321,7 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_as_if_left_alone(make_cfg, tmp_
     epochs = [
         json.loads(line).get("epoch") for line in (killed / "log.jsonl").read_text().splitlines()
     ]
-    assert epochs == [None, 1, 2, 3, 4]  # the data record, then each epoch once
+    assert epochs == [1, 2, 3, 4]  # each epoch once
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_epoch(make_cfg, monkeypatch):
@@ -343,7 +355,10 @@ def checkpoint(make_cfg):
     "change, message",
     [
         (lambda c: {**c, "lora_rank": 8}, "unknown key 'lora_rank'"),
-        (lambda c: {k: v for k, v in c.items() if k != "readout"}, "missing key 'readout'"),
+        (
+            lambda c: {k: v for k, v in c.items() if k != "readout"},
+            "its readout None is not one of",
+        ),
         (lambda c: {**c, "lora_r": "16"}, "'lora_r' is '16', not a int"),
         (lambda c: {**c, "epochs": True}, "'epochs' is True, not a int"),
         (lambda c: {**c, "lr": None}, "'lr' is None, not a float"),
@@ -477,8 +492,8 @@ def test_gguf_causal_lm_quantised_in_memory_trains_disc_and_gen_on_real_transcri
         "l1",
     )
     # the project's own loader: GGUF -> float -> NF4 in memory
-    disc, tokenizer = build(cfg, torch.device("cpu"))
-    backbone = disc.backbone
+    disc, parts = build(cfg, torch.device("cpu"))
+    backbone, tokenizer = disc.backbone, parts.tokenizer
     layers = [m for m in backbone.modules() if isinstance(m, LoRALinear)]
     assert len(layers) == 7 * backbone.config.num_hidden_layers and all(
         isinstance(m.base, bnb.nn.Linear4bit) for m in layers
@@ -486,10 +501,10 @@ def test_gguf_causal_lm_quantised_in_memory_trains_disc_and_gen_on_real_transcri
     assert (
         type(backbone.lm_head) is torch.nn.Linear and backbone.lm_head.weight.dtype == torch.float32
     )
-    gen = Gen(backbone, tokenizer, {**cfg, "readout": "gen"})
+    gen = Gen(parts, {**cfg, "readout": "gen"})
     # from the model, not hard-coded
     assert gen.end_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
-    batch = next(iter(loader(cfg, "train", tokenizer, batch_size=4)))
+    batch = next(iter(loader(cfg, "train", parts, batch_size=4)))
     params = [p for p in disc.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     for readout in (disc, gen):  # one training step each, on the same LoRA
@@ -593,7 +608,7 @@ def test_two_processes_with_gloo_match_one_process_with_the_same_global_batch(to
     )
     assert two.stdout.count("test MAE / train-mean MAE") == 1  # rank 0 alone prints
     logs = [
-        [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()[1:]]
+        [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
         for run in ("one", "two")
     ]
     # 36 clips, 8 per step
@@ -745,7 +760,7 @@ def test_a_diverging_run_keeps_nothing_that_is_not_finite(make_cfg, tmp_path):
         assert all(torch.isfinite(t).all() for t in load_file(file).values()), file
     assert not (tmp_path / "run" / "metrics.json").exists()  # not presented as done
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [r.get("epoch") for r in log] == [None, 1] and math.isfinite(log[1]["valid"]["MAE"])
+    assert [r["epoch"] for r in log] == [1] and math.isfinite(log[0]["valid"]["MAE"])
 
 
 def test_a_run_that_exists_is_never_changed_unasked(make_cfg, tmp_path):
@@ -788,22 +803,27 @@ def test_two_processes_on_one_out_folder(make_cfg, tmp_path):
     assert first.poll() is None  # the second ran while the first trained
     assert first.wait() == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r.get("epoch") for r in log] == [None, *range(1, 41)]  # one run's log, whole
+    assert [r["epoch"] for r in log] == list(range(1, 41))  # one run's log, whole
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["valid"] == min(log[1:], key=lambda r: r["valid"]["MAE"])["valid"]
+    assert metrics["valid"] == min(log, key=lambda r: r["valid"]["MAE"])["valid"]
+    assert (
+        metrics["data"]["test"]["clips"] == metrics["test"]["n"]
+    )  # the data's counts, apart from the log
 
 
 def test_a_stop_while_an_epoch_is_saved_waits_until_its_files_are_all_written(
     make_cfg, monkeypatch
 ):
-    real = train_module.write_atomically
+    import runs
+
+    real = runs.write_atomically
 
     def stopped_midway(file, data):  # Ctrl-C between the log and last.safetensors
         if file.name == "log.jsonl":
             os.kill(os.getpid(), signal.SIGINT)
         real(file, data)
 
-    monkeypatch.setattr(train_module, "write_atomically", stopped_midway)
+    monkeypatch.setattr(runs, "write_atomically", stopped_midway)
     cfg = make_cfg("--modalities", "t", "--epochs", "2")
     with pytest.raises(UserError, match="interrupted") as stop:
         train(cfg)
@@ -811,7 +831,7 @@ def test_a_stop_while_an_epoch_is_saved_waits_until_its_files_are_all_written(
     assert f"{out} holds epoch 1" in str(stop.value) and "--resume" in str(stop.value)
     with safe_open(out / "last.safetensors", framework="pt") as f:
         assert json.loads(f.metadata()["train"])["epoch"] == 1
-    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
 
@@ -852,7 +872,7 @@ def test_ctrl_c_says_what_was_kept_and_resume_ends_as_if_left_alone(make_cfg, tm
     [
         (["--device", "cuda:7"], "--device cuda:7: cannot be used here"),
         (["--device", "gpu"], "--device gpu: cannot be used here"),
-        (["--out", "FILE"], "cannot be used"),
+        (["--out", "FILE"], "cannot be written"),
         (["--model", "/no/such/model"], "--model /no/such/model: cannot be loaded"),
         (["--batch_size", "64"], "36 training clips, fewer than one batch"),
         (
@@ -917,7 +937,7 @@ def test_a_checkpoint_saved_before_readouts_owned_their_flags_still_loads(checkp
     old = {
         k: v
         for k, v in old.items()
-        if k not in ("head", "bin_sigma", "layer", "head_lr", "group_by_length")
+        if k not in ("head", "bin_sigma", "layer", "head_lr", "group_by_length", "format")
     }  # newer than it
     (checkpoint / "config.json").write_text(json.dumps(old))
     loaded, _, _ = load_checkpoint(checkpoint, make_cfg())
@@ -925,14 +945,14 @@ def test_a_checkpoint_saved_before_readouts_owned_their_flags_still_loads(checkp
         loaded["head"] == "linear"
         and loaded["layer"] == -1
         and loaded["group_by_length"] is False  # it trained without it
-        and "samples" not in load_config(checkpoint)
+        and "samples" not in load_config(checkpoint, READOUTS)
     )
     # disc's --standardize went too: off, a run reads as before; on, it is refused (its scale is gone)
     (checkpoint / "config.json").write_text(json.dumps({**old, "standardize": False}))
-    assert "standardize" not in load_config(checkpoint)
+    assert "standardize" not in load_config(checkpoint, READOUTS)
     (checkpoint / "config.json").write_text(json.dumps({**old, "standardize": True}))
     with pytest.raises(UserError, match="trained with --standardize"):
-        load_config(checkpoint)
+        load_config(checkpoint, READOUTS)
 
 
 def test_each_epoch_logs_its_padding_share_and_group_by_length_lowers_it(
@@ -952,10 +972,10 @@ def test_each_epoch_logs_its_padding_share_and_group_by_length_lowers_it(
             str(tmp_path / flag),
         )
         out, _ = train(cfg)
-        shares[flag] = read_log(out)[1]["padding_share"]
+        shares[flag] = read_log(out)[0]["padding_share"]
     # the same share, counted here over the batches of the run's first epoch
-    _, processor = build(cfg, torch.device("cpu"))
-    batches = loader(cfg, "train", processor, batch_size=4, shuffle=True, seed=cfg["seed"])
+    _, parts = build(cfg, torch.device("cpu"))
+    batches = loader(cfg, "train", parts, batch_size=4, shuffle=True, seed=cfg["seed"])
     masks = [b["inputs"]["attention_mask"].float() for b in batches]
     assert shares["--group_by_length"] == pytest.approx(np.mean([1 - m.mean() for m in masks]))
     assert 0 < shares["--group_by_length"] < 0.5 * shares["--no-group_by_length"]

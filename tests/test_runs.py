@@ -1,0 +1,71 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ablate import folder_name
+from data import UserError
+from readout import READOUTS
+from runs import hold, load_config, release, run_config
+
+FIXTURES = (
+    Path(__file__).parent / "fixtures"
+)  # a run folder of every config.json format this project wrote
+
+
+@pytest.mark.parametrize("folder", sorted(FIXTURES.iterdir()), ids=lambda f: f.name)
+def test_a_run_folder_of_every_format_loads_and_reproduces_its_test_row(folder, toy_root, tmp_path):
+    flags = ["--data", str(toy_root), "--device", "cpu", "--cache_dir", str(tmp_path / "cache")]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "eval.py",
+            "--ckpt",
+            str(folder),
+            *flags,
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((folder / "metrics.json").read_text())["test"]
+    again = json.loads((tmp_path / "r.json").read_text())
+    assert again["n"] == saved["n"] and again["MAE"] == pytest.approx(saved["MAE"], abs=1e-4)
+
+
+def test_an_older_config_is_brought_up_to_date_and_keeps_its_folder_name(capsys):
+    cfg = load_config(FIXTURES / "format1-disc", READOUTS)
+    said = capsys.readouterr().out
+    # every readout's flags and the retired ones dropped, the newer one filled in, each said once
+    assert "format 1 -> 2" in said and "'group_by_length': False" in said and "'samples'" in said
+    assert cfg["group_by_length"] is False and "samples" not in cfg and "decode" not in cfg
+    assert run_config(cfg, READOUTS["disc"])["format"] == 2
+    # the name ablate.py gave this run before formats (computed by that version's folder_name)
+    assert folder_name(cfg, True) == "disc-t-s0-6917a2b5"
+    assert folder_name({**cfg, "group_by_length": True}, True) != "disc-t-s0-6917a2b5"
+
+
+def test_a_config_trained_with_a_retired_setting_is_refused(tmp_path):
+    saved = json.loads((FIXTURES / "format1-disc" / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "standardize": True}))
+    with pytest.raises(UserError, match="trained with --standardize"):
+        load_config(tmp_path, READOUTS)
+
+
+def test_an_out_that_cannot_be_written_is_one_line_and_cleaning_up_never_raises(tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("in the way")
+    for out in (blocker, blocker / "run"):
+        with pytest.raises(UserError, match="--out .*: cannot be written"):
+            hold(out, resume=None, overwrite=False)
+    out = tmp_path / "run"
+    lock = hold(out, resume=None, overwrite=False)
+    (out / "kept.txt").write_text("not empty")
+    release(lock, out)  # a folder that is not empty stays, silently
+    assert (out / "kept.txt").exists()
+    release(hold(tmp_path / "empty", resume=None, overwrite=False), tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()  # an empty one goes
