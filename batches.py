@@ -43,7 +43,7 @@ class ModelInputs(torch.utils.data.Dataset):
             folder = Path(c.cache_dir) / "processed"
             media = [r["mp4"].with_suffix(s) for s in (".mp4", ".wav")]
             files = [m for m in media if m.exists()]  # those its media come from
-            key = [text, *files, c.video, self.processed_key]
+            key = [text, *files, c.video, c.audio, self.processed_key]
             file = cache_file(folder, *key, suffix=".safetensors")
         inputs = read_cached(file, safetensors.torch.load)
         if inputs is None:

@@ -37,7 +37,16 @@ from backbone import (
     tiny_processor,
 )
 from batches import collate, make_loader, model_inputs, prompt, to_device
-from data import SAMPLE_RATE, Clips, UserError, load_clips, make_toy
+from data import (
+    SAMPLE_RATE,
+    Clips,
+    UserError,
+    check_denoise,
+    data_root,
+    deepfilternet,
+    load_clips,
+    make_toy,
+)
 from eval import autocast, load_checkpoint
 from flags import device_of, machine_flags, resolve, run_flags
 from lora import add_lora, count_parameters, freeze, quantize_nf4
@@ -609,6 +618,57 @@ def grouped_steps(cfg, steps, repeats=2):
 # ------------------------------------------------------------------------------ 7B counts, no weights needed
 
 
+def si_sdr(estimate, reference):
+    """Scale-invariant signal-to-distortion ratio in dB (Le Roux et al., 2019): the estimate's part along the
+    reference against the rest."""
+    target = reference * np.dot(estimate, reference) / np.dot(reference, reference)
+    return float(10 * np.log10(np.sum(target**2) / np.sum((estimate - target) ** 2)))
+
+
+def mixed(clean, noise, snr_db):
+    """`clean` plus `noise` (cut or repeated to its length) scaled to `snr_db` below it."""
+    noise = np.resize(noise, clean.shape)
+    scale = np.sqrt(np.mean(clean**2) / np.mean(noise**2) / 10 ** (snr_db / 10))
+    return (clean + scale * noise).astype(np.float32)
+
+
+def denoising(cfg, out):
+    """DeepFilterNet (--denoise deepfilternet) on each audio clip of --data's train split (16 kHz, mono) with white noise and with the next
+    clip's speech (babble) at 0 and 5 dB SNR: SI-SDR of the noisy and the denoised audio against the clean
+    clip, and seconds of denoising per second of audio. out/denoising.png: one clip's spectrograms."""
+    import matplotlib.pyplot as plt
+
+    check_denoise("deepfilternet")
+    clips = Clips(data_root(cfg["data"]), "train", "a", cache_dir=cfg["cache_dir"], on_bad="skip")
+    waves = {r["id"]: clips.media(r)["audio"] for r in clips.rows}
+    rng, result, seconds, spent, shown = np.random.default_rng(cfg["seed"]), {}, 0.0, 0.0, {}
+    for i, (clip, clean) in enumerate(waves.items()):
+        babble = list(waves.values())[(i + 1) % len(waves)]
+        for kind, noise in (("white", rng.normal(size=clean.shape)), ("babble", babble)):
+            for snr in (0, 5):
+                noisy = mixed(clean, noise, snr)
+                start = time.perf_counter()
+                denoised = deepfilternet(noisy)
+                spent += time.perf_counter() - start
+                seconds += len(noisy) / SAMPLE_RATE
+                key = f"{clip} {kind} {snr} dB"
+                result[key] = dict(noisy=si_sdr(noisy, clean), denoised=si_sdr(denoised, clean))
+                shown.setdefault(kind, (clean, noisy, denoised))
+    result["seconds_per_second"] = spent / seconds
+    out.mkdir(parents=True, exist_ok=True)
+    clean, noisy, denoised = shown["white"]
+    fig, axes = plt.subplots(3, 1, sharex=True, figsize=(7, 6))
+    for ax, wave, title in zip(
+        axes, (clean, noisy, denoised), ("clean", "white noise, 0 dB SNR", "denoised")
+    ):
+        ax.specgram(wave, Fs=SAMPLE_RATE, NFFT=512, noverlap=384, cmap="magma", vmin=-140)
+        ax.set(ylabel="Hz", title=f"{next(iter(waves))}: {title}")
+    axes[-1].set(xlabel="s")
+    fig.savefig(out / "denoising.png", dpi=110, bbox_inches="tight")
+    print(f"written: {out / 'denoising.png'}")
+    return result
+
+
 def new_tokens(gen, batch, max_new_tokens):
     """Tokens gen writes per clip, greedily, up to and with the end token."""
     inputs = batch["inputs"]
@@ -756,6 +816,12 @@ def parse_args(argv=None):
         help="instead: seconds of N training steps on --data's train split, shuffled and with "
         "--group_by_length, alternated twice in one process (N=50: one run of grouped batches)",
     )
+    p.add_argument(
+        "--denoising",
+        metavar="DIR",
+        help="instead: SI-SDR of --denoise on --data's clips mixed with white noise and with another clip's "
+        "speech (babble) at 0 and 5 dB SNR, seconds per second of audio; a spectrogram picture in DIR",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     cfg = resolve(vars(p.parse_args(argv)))  # train.py's presets
     cfg["device"] = device_of(cfg["device"])
@@ -786,6 +852,8 @@ def main(argv=None):
             result = padding(cfg)
         elif cfg["grouped_steps"]:
             result = grouped_steps(cfg, cfg["grouped_steps"])
+        elif cfg["denoising"]:
+            result = denoising(cfg, Path(cfg["denoising"]))
         else:
             result = bench(cfg)
         for k, v in result.items():

