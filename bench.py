@@ -618,6 +618,32 @@ def grouped_steps(cfg, steps, repeats=2):
 # ------------------------------------------------------------------------------ 7B counts, no weights needed
 
 
+def objective_steps(cfg):
+    """Seconds of one gen training step (loss, backward) on the first --batch_size clips of --data's train
+    split with each --objective, interleaved, and the per-step peak of the process's resident memory."""
+    device = torch.device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    ce, parts = build({**cfg, "readout": "gen", "objective": "ce"}, device)
+    raft = Gen(parts, {**cfg, "readout": "gen", "objective": "raft"})  # the same backbone and LoRA
+    ce.train(), raft.train()
+    clips = load_clips(cfg, "train")
+    batch = to_device(next(iter(make_loader(cfg, clips, parts, cfg["batch_size"]))), device)
+
+    def step(readout):
+        readout.zero_grad(set_to_none=True)
+        readout.loss(batch).backward()
+
+    seconds = timed(
+        dict(ce=lambda: step(ce), raft=lambda: step(raft)), device, cfg["warmup"], cfg["repeats"]
+    )
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return dict(
+        **{f"{k}_step_s": v for k, v in seconds.items()},
+        raft_over_ce=seconds["raft"] / seconds["ce"],
+        peak_rss_mb=rss_mb,
+    )
+
+
 def si_sdr(estimate, reference):
     """Scale-invariant signal-to-distortion ratio in dB (Le Roux et al., 2019): the estimate's part along the
     reference against the rest."""
@@ -817,6 +843,11 @@ def parse_args(argv=None):
         "--group_by_length, alternated twice in one process (N=50: one run of grouped batches)",
     )
     p.add_argument(
+        "--objective_steps",
+        action="store_true",
+        help="instead: seconds of a gen training step with --objective ce and raft, interleaved",
+    )
+    p.add_argument(
         "--denoising",
         metavar="DIR",
         help="instead: SI-SDR of --denoise on --data's clips mixed with white noise and with another clip's "
@@ -852,6 +883,8 @@ def main(argv=None):
             result = padding(cfg)
         elif cfg["grouped_steps"]:
             result = grouped_steps(cfg, cfg["grouped_steps"])
+        elif cfg["objective_steps"]:
+            result = objective_steps(cfg)
         elif cfg["denoising"]:
             result = denoising(cfg, Path(cfg["denoising"]))
         else:

@@ -19,11 +19,15 @@ from data import UserError, write_atomically
 from flags import RESOLVED, TRAINING_FLAGS, reading_flags, resolve
 
 RUN_FILES = ("config.json", "weights.safetensors", "last.safetensors", "log.jsonl", "metrics.json")
-FORMAT = 3  # config.json's format; upgrade() brings an older one to it, a step a format
+FORMAT = 4  # config.json's format; upgrade() brings an older one to it, a step a format
 STOPS = (signal.SIGINT, signal.SIGTERM)  # what stops a run: Ctrl-C, SIGTERM
 # What each step of upgrade() fills in (by the format it brings a config to), at the value the runs before it
 # trained with: a run's settings at these values hash as before (ablate.py's folder names stay the same).
-FILLS = {2: dict(group_by_length=False), 3: dict(denoise="none")}
+FILLS = {
+    2: dict(group_by_length=False),
+    3: dict(denoise="none"),
+    4: dict(objective="ce", raft_weight=1.0),  # gen's, where the run is gen's
+}
 FILLED = {k: v for fills in FILLS.values() for k, v in fills.items()}
 
 
@@ -57,17 +61,16 @@ def settings_hash(cfg):
 
 def upgrade(cfg, file, readouts):
     """An older config.json brought to FORMAT, a step a format, each key a step fills in or drops said once."""
-    dropped = []
+    dropped, own = [], run_flags_of(readouts[cfg["readout"]]).keys()
     if cfg.get("format", 1) == 1:  # before formats: every readout's flags, and retired ones
         if cfg.get("standardize"):
             raise UserError(
                 f"{file}: trained with --standardize, which this version no longer reads"
             )
-        own = run_flags_of(readouts[cfg["readout"]]).keys()
         dropped = sorted(cfg.keys() - own)
         cfg = {k: v for k, v in cfg.items() if k in own}
     for step in range(cfg.get("format", 1) + 1, FORMAT + 1):
-        filled = {k: v for k, v in FILLS[step].items() if k not in cfg}
+        filled = {k: v for k, v in FILLS[step].items() if k in own and k not in cfg}
         said = f"filled in {filled or 'nothing'}, dropped {dropped or 'nothing'}"
         print(f"{file}: format {step - 1} -> {step}: {said}")
         cfg = {**filled, **cfg, "format": step}

@@ -143,3 +143,10 @@ def test_padding_of_batches_grouped_by_length_is_at_most_that_of_shuffled_ones(m
     share = out["padded_over_real"]
     assert out["clips"] > 0 and 0 <= share["sorted"] <= share["grouped"] <= share["shuffled"]
     assert 0 < out["processed"]["sorted"] <= out["processed"]["grouped"] <= 1.0
+
+
+def test_a_raft_step_is_timed_beside_a_cross_entropy_step_on_the_same_batch(make_cfg):
+    cfg = {**make_cfg("--modalities", "t", "--batch_size", "4"), "warmup": 0, "repeats": 1}
+    out = bench.objective_steps(cfg)
+    assert out["ce_step_s"] > 0 and out["raft_step_s"] > 0 and out["peak_rss_mb"] > 0
+    assert out["raft_over_ce"] == out["raft_step_s"] / out["ce_step_s"]

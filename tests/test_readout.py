@@ -407,3 +407,48 @@ def test_out_of_bounds_answers_are_counted_before_they_are_clipped(make_cfg, mon
     # the unanswered clip is scored as --parse_fallback (0.0) and counted
     assert info == dict(out_of_bounds=2, parse_failures=1)
     assert preds.tolist() == [3.0, -3.0, 0.5, 0.0]
+
+
+def test_raft_is_the_squared_error_of_the_expected_answer_and_its_gradient_reaches_lora(make_cfg):
+    from batches import make_loader
+    from data import load_clips
+    from lora import LoRALinear
+
+    def loss_of(objective, weight="0.5"):
+        cfg = make_cfg(
+            "--readout",
+            "gen",
+            "--modalities",
+            "t",
+            "--objective",
+            objective,
+            "--raft_weight",
+            weight,
+        )
+        torch.manual_seed(0)  # the same LoRA each time
+        gen, parts = build(cfg, torch.device("cpu"))
+        gen.eval()  # no dropout: the same forward each time
+        for m in gen.modules():  # B away from zero: the adapters matter
+            if isinstance(m, LoRALinear):
+                torch.nn.init.normal_(m.lora_B, std=0.1)
+        batch = next(iter(make_loader(cfg, load_clips(cfg, "train"), parts, batch_size=3)))
+        return gen, batch, gen.loss(batch)
+
+    gen, batch, raft = loss_of("raft")
+    with torch.no_grad():
+        expected = full_forward_loglik(gen, batch["inputs"]).softmax(-1) @ (
+            torch.arange(-30, 31) / 10
+        )
+    assert raft.item() == pytest.approx(((expected - batch["label"]) ** 2).mean().item(), abs=1e-4)
+    raft.backward()
+    adapters = [m for m in gen.modules() if isinstance(m, LoRALinear)]
+    assert all(m.lora_A.grad.abs().sum() > 0 and m.lora_B.grad.abs().sum() > 0 for m in adapters)
+    ce, both = loss_of("ce")[2], loss_of("both")[2]
+    assert both.item() == pytest.approx(ce.item() + 0.5 * raft.item(), rel=1e-5)
+
+
+def test_the_median_rule_takes_the_first_value_whose_cumulative_probability_reaches_a_half():
+    from readout import median
+
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.0, 0.0, 0.5], [0.0, 0.0, 0.0, 1.0]])
+    assert median(probs, torch.tensor([-1.0, 0.0, 1.0, 2.0])).tolist() == [1.0, -1.0, 2.0]
