@@ -62,6 +62,10 @@ def settings_hash(cfg):
 def upgrade(cfg, file, readouts):
     """An older config.json brought to FORMAT, a step a format, each key a step fills in or drops said once."""
     dropped, own = [], run_flags_of(readouts[cfg["readout"]]).keys()
+    if not isinstance(cfg.get("format", 1), int) or cfg.get("format", 1) > FORMAT:
+        raise UserError(
+            f"{file}: format {cfg['format']!r}, not one this version reads (1 to {FORMAT})"
+        )
     if cfg.get("format", 1) == 1:  # before formats: every readout's flags, and retired ones
         if cfg.get("standardize"):
             raise UserError(

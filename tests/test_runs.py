@@ -49,10 +49,13 @@ def test_an_older_config_is_brought_up_to_date_and_keeps_its_folder_name(capsys)
     assert folder_name({**cfg, "group_by_length": True}, True) != "disc-t-s0-6917a2b5"
 
 
-def test_a_config_trained_with_a_retired_setting_is_refused(tmp_path):
+def test_a_config_of_a_retired_setting_or_of_a_newer_format_is_refused(tmp_path):
     saved = json.loads((FIXTURES / "format1-disc" / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**saved, "standardize": True}))
     with pytest.raises(UserError, match="trained with --standardize"):
+        load_config(tmp_path, READOUTS)
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "format": 99}))
+    with pytest.raises(UserError, match="format 99, not one this version reads"):
         load_config(tmp_path, READOUTS)
 
 
