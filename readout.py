@@ -40,6 +40,7 @@ class Readout(nn.Module):
     some fallback) and `out_of_bounds` (answers outside the scale, before they are clipped)."""
 
     flags = ()
+    zero_shot = False  # whether an untrained model (no LoRA, no head) can be read out (gen)
 
     def __init__(self, parts, cfg):
         super().__init__()
@@ -48,8 +49,6 @@ class Readout(nn.Module):
         self.cfg = cfg
         # what every call of the model needs: with --audio_in_video, the rope positions of interleaved audio
         self.model_kwargs = dict(use_audio_in_video=True) if cfg["audio_in_video"] else {}
-
-    zero_shot = False  # whether an untrained model (no LoRA, no head) can be read out (gen)
 
     def param_groups(self, lr):
         """[(parameters, peak learning rate)] of what trains: by default everything at --lr."""
@@ -228,7 +227,7 @@ def keep_layers(backbone, layer):
 
 class Gen(Readout):
     """Generative readout: the model writes the score as text, which parse_score reads (an unparseable answer
-    is NaN). Trained with cross-entropy on the answer (the label with one decimal, then the end token), or
+    is counted and scored as --parse_fallback). Trained with cross-entropy on the answer (the label with one decimal, then the end token), or
     regression-aware (RAFT, Lukasik et al., ICLR 2025: the squared error of the expected answer), or both.
     --decode: greedy, or the mean or median answer under the model's probabilities."""
 
