@@ -352,6 +352,9 @@ def read_flags(p, argv):
         p.set_defaults(**RECIPES[recipe])
     cfg = resolve(vars(p.parse_args(argv)))
     del cfg["recipe"]
+    cfg["device"] = device_of(
+        cfg["device"]
+    )  # auto: cuda or cpu, from here on (ablate.py, probe.py too)
     return cfg
 
 

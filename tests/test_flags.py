@@ -5,7 +5,7 @@ import pytest
 
 from data import UserError
 from flags import check_values, device_of, given_flags
-from train import parser
+from train import parser, read_flags
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py", "ablate.py", "probe.py"])
@@ -23,6 +23,7 @@ def test_help_loads_no_model_code(script):
 
 
 def test_given_flags_are_those_typed_and_device_auto_is_resolved_when_a_run_starts():
+    assert read_flags(parser(["--model", "tiny"]), ["--model", "tiny"])["device"] in ("cpu", "cuda")
     argv = ["--model", "tiny", "--lr", "1e-3", "--no-group_by_length"]
     assert given_flags(parser(argv), argv) == dict(model="tiny", lr=1e-3, group_by_length=False)
     assert device_of("auto") in ("cpu", "cuda") and device_of("cpu") == "cpu"
