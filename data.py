@@ -189,9 +189,8 @@ def deepfilternet(wave):
     loud = resampled([audio_frame(wave, SAMPLE_RATE)], DF_RATE)
     noisy = np.concatenate([loud, np.zeros(-len(loud) % 480 + DF_DELAY, np.float32)])
     out = np.empty_like(noisy)
-    state = lib.df_create(
-        str(assets.model_path).encode(), 100.0, None
-    )  # 100 dB: no attenuation limit
+    # 100 dB: no attenuation limit
+    state = lib.df_create(str(assets.model_path).encode(), 100.0, None)
     try:
         for i in range(0, len(noisy), 480):
             lib.df_process_frame(state, noisy[i:].ctypes.data, out[i:].ctypes.data)

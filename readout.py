@@ -295,9 +295,8 @@ class Gen(Readout):
         loss = 0.0
         if objective != "raft":
             loss = self.token_loss(*self.with_answers(batch["inputs"], labels))
-        if (
-            objective != "ce"
-        ):  # gradients reach every answer's log-likelihood through the prompt's states
+        # gradients reach every answer's log-likelihood through the prompt's states
+        if objective != "ce":
             values, loglik = self.answer_loglik(batch["inputs"])
             raft = ((loglik.softmax(-1) @ values - labels) ** 2).mean()
             loss = loss + raft * (self.cfg["raft_weight"] if objective == "both" else 1.0)
@@ -334,9 +333,8 @@ class Gen(Readout):
         device = inputs["input_ids"].device
         values = BINS.to(device)
         answers = [tuple(self.answer(v, device).tolist()) for v in values.tolist()]
-        prefixes = sorted(
-            {a[:d] for a in answers for d in range(1, len(a))}
-        )  # what follows the prompt
+        # what follows the prompt: every prefix but the empty one
+        prefixes = sorted({a[:d] for a in answers for d in range(1, len(a))})
         first, after = self.next_token_logp(inputs, prefixes)  # (B, V), (B, prefixes, V)
         row = {p: i for i, p in enumerate(prefixes)}
         columns = []

@@ -86,9 +86,8 @@ def train(cfg):
     """Train the run `cfg` describes -> (folder, metrics). Under torchrun every process runs it; rank 0
     writes. The folder is locked while it trains; what it holds is always a whole epoch's state."""
     procs = processes(cfg["device"])
-    for s in (
-        STOPS
-    ):  # a SIGTERM stops as Ctrl-C does (also where a shell started the run ignoring Ctrl-C)
+    # a SIGTERM stops as Ctrl-C does (also where a shell started the run ignoring Ctrl-C)
+    for s in STOPS:
         signal.signal(s, signal.default_int_handler)
     torch.manual_seed(cfg["seed"])
     out = Path(cfg["out"])
@@ -129,9 +128,8 @@ class Setup:
 
     readout: torch.nn.Module
     parts: object
-    loader: (
-        torch.utils.data.DataLoader
-    )  # shuffled by the run's seed; this rank's part of each batch
+    # shuffled by the run's seed; this rank's part of each batch
+    loader: torch.utils.data.DataLoader
     valid: torch.utils.data.DataLoader
     in_order: torch.utils.data.DataLoader  # the training clips, for prepare()
     optimizer: torch.optim.Optimizer
@@ -141,9 +139,8 @@ class Setup:
 def set_up(cfg, clips, procs):
     """The model, LoRA and readout, the loaders and the optimizer of the run `cfg` describes."""
     readout, parts = build(cfg, procs.device)
-    if (
-        procs.world > 1
-    ):  # after the model: transformers' save_pretrained (the tiny model) on rank 0 alone
+    # after the model: transformers' save_pretrained (the tiny model) on rank 0 alone
+    if procs.world > 1:
         dist.init_process_group("nccl" if procs.device.type == "cuda" else "gloo")
     if cfg["grad_ckpt"]:
         checkpoint_trained_layers(readout.backbone)
@@ -352,9 +349,8 @@ def read_flags(p, argv):
         p.set_defaults(**RECIPES[recipe])
     cfg = resolve(vars(p.parse_args(argv)))
     del cfg["recipe"]
-    cfg["device"] = device_of(
-        cfg["device"]
-    )  # auto: cuda or cpu, from here on (ablate.py, probe.py too)
+    # auto: cuda or cpu, from here on (ablate.py, probe.py too)
+    cfg["device"] = device_of(cfg["device"])
     return cfg
 
 

@@ -128,9 +128,8 @@ def test_gen_read_with_other_decoding_rules_reuses_the_trained_run(toy_root, tmp
     )
 
 
-FORK = str(
-    Path(__file__).parents[1] / "examples" / "middle.py"
-)  # the README's fork, a file of its own
+# the README's fork, a file of its own
+FORK = str(Path(__file__).parents[1] / "examples" / "middle.py")
 
 
 def test_a_readout_in_the_users_own_file_trains_beside_disc_and_is_evaluated_and_compared(
@@ -153,9 +152,8 @@ def test_a_readout_in_the_users_own_file_trains_beside_disc_and_is_evaluated_and
     saved = json.loads((middle / "config.json").read_text())
     assert saved["read_layer"] == 1 and saved["middle_head_lr"] == 1e-2  # saved with the run
     disc = folder(tmp_path / "fork", "disc-t-s0")
-    assert "read_layer" not in json.loads(
-        (disc / "config.json").read_text()
-    )  # disc does not read it
+    # disc does not read it
+    assert "read_layer" not in json.loads((disc / "config.json").read_text())
     assert results["middle"][0]["MAE"] != results["disc"][0]["MAE"]
     stamp = (disc / "metrics.json").stat().st_mtime_ns
 

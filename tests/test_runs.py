@@ -10,9 +10,8 @@ from data import UserError
 from readout import READOUTS
 from runs import hold, load_config, release, run_config
 
-FIXTURES = (
-    Path(__file__).parent / "fixtures"
-)  # a run folder of every config.json format this project wrote
+# a run folder of every config.json format this project wrote
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.mark.parametrize("folder", sorted(FIXTURES.iterdir()), ids=lambda f: f.name)

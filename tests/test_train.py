@@ -806,9 +806,8 @@ def test_two_processes_on_one_out_folder(make_cfg, tmp_path):
     assert [r["epoch"] for r in log] == list(range(1, 41))  # one run's log, whole
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["valid"] == min(log, key=lambda r: r["valid"]["MAE"])["valid"]
-    assert (
-        metrics["data"]["test"]["clips"] == metrics["test"]["n"]
-    )  # the data's counts, apart from the log
+    # the data's counts, apart from the log
+    assert metrics["data"]["test"]["clips"] == metrics["test"]["n"]
 
 
 def test_a_stop_while_an_epoch_is_saved_waits_until_its_files_are_all_written(
