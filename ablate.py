@@ -11,7 +11,7 @@ Each comparison's table (ablation_READOUTS_SUBSETS_sSEEDS.md and .json) has a ro
 import json
 from pathlib import Path
 
-from data import UserError, data_root, read_split
+from data import UserError, read_split
 from eval import mean_baseline, run_split, table
 from flags import check_values
 from readout import DECODE, READOUTS
@@ -101,7 +101,7 @@ def write_table(base, args, rows):
     columns = ("MAE", "Corr", "Acc2_non0", "F1_non0", "Acc7")
     if by_readout:
         columns += ("parse_fail_rate", "ms_per_clip")
-    labels = [r["label"] for r in read_split(data_root(base["data"]), "test", on_bad="skip")[0]]
+    labels = [r["label"] for r in read_split(base, "test")[0]]
     rows["train mean"] = [mean_baseline(base, labels)]
     markdown = f"**{title}**\n\n" + table(rows, columns, "readout" if by_readout else "modalities")
     print(markdown)

@@ -6,7 +6,9 @@ declared: --help stays cheap."""
 import dataclasses
 import functools
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -177,126 +179,27 @@ def add_run_lora(model, cfg):
     add_lora(model, targets, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"])
 
 
+# The tiny Thinker's configuration and processor files (tests/test_tiny.py: the code that made them)
+TINY_FILES = Path(__file__).with_name("tiny")
+
+
 def tiny_processor():
-    """The Omni processor of the tiny Thinker: a byte-level BPE tokenizer (512 tokens, the Omni special tokens)
-    trained offline on TINY_CORPUS, Whisper features, the Qwen2-VL image and video processors."""
-    from transformers import (
-        Qwen2_5OmniProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-        WhisperFeatureExtractor,
-    )
+    """The Omni processor of the tiny Thinker: a byte-level BPE tokenizer (512 tokens, the Omni special tokens),
+    Whisper features, the Qwen2-VL image and video processors."""
+    from transformers import Qwen2_5OmniProcessor
 
-    return Qwen2_5OmniProcessor(
-        image_processor=Qwen2VLImageProcessor(),
-        video_processor=Qwen2VLVideoProcessor(),
-        feature_extractor=WhisperFeatureExtractor(feature_size=128),
-        tokenizer=tiny_tokenizer(),
-    )
-
-
-def tiny_tokenizer():
-    """A byte-level BPE of 512 tokens with the Omni special tokens, trained in a second on TINY_CORPUS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
-
-    media = dict(
-        image_token="<|IMAGE|>",
-        video_token="<|VIDEO|>",
-        audio_token="<|AUDIO|>",
-        vision_bos_token="<|vision_bos|>",
-        vision_eos_token="<|vision_eos|>",
-        audio_bos_token="<|audio_bos|>",
-        audio_eos_token="<|audio_eos|>",
-    )
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        [TINY_CORPUS],
-        trainers.BpeTrainer(
-            vocab_size=512,
-            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *media.values()],
-            show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    return Qwen2TokenizerFast(
-        tokenizer_object=bpe,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        padding_side="left",
-        extra_special_tokens=media,
-    )
+    return Qwen2_5OmniProcessor.from_pretrained(TINY_FILES)
 
 
 def build_tiny(folder, seed=0):
-    """Write a random Qwen2.5-Omni Thinker (about 0.4 M parameters) and the tiny processor into `folder`."""
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+    """Write a random Qwen2.5-Omni Thinker of tiny/'s configuration (about 0.4 M parameters) and its processor
+    into `folder`."""
+    from transformers import AutoConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
-    processor = tiny_processor()
-    config = thinker_config(processor.tokenizer, **TINY)
+    shutil.copytree(TINY_FILES, folder, dirs_exist_ok=True)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+        model = Qwen2_5OmniThinkerForConditionalGeneration(AutoConfig.from_pretrained(folder))
         # At the default scale (0.02) its logits over the 64-d state stay within +-1.3: no token could be likely.
         nn.init.normal_(model.lm_head.weight, std=0.5)
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-
-
-TINY = dict(
-    text=dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        mrope_section=[4, 6, 6],
-        max_position_embeddings=4096,
-    ),
-    audio=dict(encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128, d_model=64),
-    vision=dict(
-        depth=1, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[0]
-    ),
-)
-
-
-def thinker_config(tokenizer, text, audio, vision):
-    """A Qwen2_5OmniThinkerConfig of these shapes and `tokenizer`'s special tokens. Gotchas: mrope_section sums to
-    head_dim / 2; the towers' outputs have the text width; vision_start_token_id is read even for text alone."""
-    from transformers import Qwen2_5OmniThinkerConfig
-
-    ids, text = tokenizer.get_vocab(), dict(text)
-    rope = dict(rope_type="default", rope_theta=1e6, mrope_section=text.pop("mrope_section"))
-    return Qwen2_5OmniThinkerConfig(
-        text_config=dict(
-            vocab_size=text.pop("vocab_size", len(tokenizer)),
-            rope_parameters=rope,
-            pad_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            **text,
-        ),
-        audio_config=dict(num_mel_bins=128, output_dim=text["hidden_size"], **audio),
-        vision_config=dict(out_hidden_size=text["hidden_size"], **vision),
-        audio_token_index=ids["<|AUDIO|>"],
-        image_token_index=ids["<|IMAGE|>"],
-        video_token_index=ids["<|VIDEO|>"],
-        audio_start_token_id=ids["<|audio_bos|>"],
-        audio_end_token_id=ids["<|audio_eos|>"],
-        vision_start_token_id=ids["<|vision_bos|>"],
-        vision_end_token_id=ids["<|vision_eos|>"],
-        user_token_id=ids["<|im_start|>"],
-    )
-
-
-TINY_CORPUS = (
-    """system user assistant You are an expert in multimodal sentiment analysis. How positive or
-negative is the speaker's opinion in this clip? Answer with a sentiment score from -3 (very negative) to 3
-(very positive). Transcript: the movie the plot the acting the soundtrack the ending was is it i think well
-honestly really very good great bad awful okay fine -3.0 -2.5 -2.0 -1.5 -1.0 -0.5 0.0 0.5 1.0 1.5 2.0 2.5 3.0
-"""
-    * 4
-)

@@ -24,9 +24,10 @@ class ModelInputs(torch.utils.data.Dataset):
     epochs neither read the decoded media nor run the processor. `parts`: a backbone's tokenizer and
     processor (None for a text model)."""
 
-    def __init__(self, clips, parts, cache_processed=False):
+    def __init__(self, clips, parts, cache_processed=False, question=QUESTION):
         self.clips = clips
         self.parts = parts
+        self.question = question
         self.processed_key = None
         if cache_processed:
             made_by = repr(parts.processor or parts.tokenizer)
@@ -37,7 +38,7 @@ class ModelInputs(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         c, r = self.clips, self.clips.rows[i]
-        text = prompt(r["text"], c.modalities, self.parts, c.audio_in_video)
+        text = prompt(r["text"], c.modalities, self.parts, c.audio_in_video, self.question)
         file = None
         if self.processed_key:
             folder = Path(c.cache_dir) / "processed"
@@ -74,10 +75,10 @@ def model_inputs(parts, text, media, fps=2.0, max_pixels=128 * 28 * 28, audio_in
     return dict(processor(text=[text], return_tensors="pt", **kwargs))
 
 
-def prompt(text, modalities, parts, audio_in_video=False):
+def prompt(text, modalities, parts, audio_in_video=False, question=QUESTION):
     """The Qwen chat prompt with the media `modalities` asks for (the others absent, not blanked); for a text model,
     the same question through its chat template (an encoder, which has none, reads the transcript alone)."""
-    question = (f'Transcript: "{text}"\n' if "t" in modalities else "") + QUESTION
+    question = (f'Transcript: "{text}"\n' if "t" in modalities else "") + question
     if parts.processor is not None:
         media = ""
         if "v" in modalities:
@@ -138,7 +139,7 @@ def make_loader(cfg, clips, parts, batch_size=None, shuffle=False, seed=0, rank=
             lengths, batch_size, rank, world, generator, cfg["group_by_length"]
         )
     return torch.utils.data.DataLoader(
-        ModelInputs(clips, parts, cfg["cache_processed"]),
+        ModelInputs(clips, parts, cfg["cache_processed"], cfg["question"]),
         batch_size=batch_size,
         sampler=sampler,
         generator=generator,

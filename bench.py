@@ -33,18 +33,15 @@ from backbone import (
     SKIP_QUANT,
     Backbone,
     model_source,
-    thinker_config,
     tiny_processor,
 )
-from batches import collate, make_loader, model_inputs, prompt, to_device
+from batches import QUESTION, collate, make_loader, model_inputs, prompt, to_device
 from data import (
     SAMPLE_RATE,
     Clips,
     UserError,
     check_denoise,
-    data_root,
     deepfilternet,
-    load_clips,
     make_toy,
 )
 from eval import autocast, load_checkpoint
@@ -56,7 +53,54 @@ from readout import (
     Gen,
     build,
 )
+from runs import default_config
 from train import checkpoint_trained_layers
+
+# The tiny Thinker's shapes (backbone.TINY_FILES holds the configuration this makes)
+TINY = dict(
+    text=dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        mrope_section=[4, 6, 6],
+        max_position_embeddings=4096,
+    ),
+    audio=dict(encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128, d_model=64),
+    vision=dict(
+        depth=1, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[0]
+    ),
+)
+
+
+def thinker_config(tokenizer, text, audio, vision):
+    """A Qwen2_5OmniThinkerConfig of these shapes and `tokenizer`'s special tokens. Gotchas: mrope_section sums to
+    head_dim / 2; the towers' outputs have the text width; vision_start_token_id is read even for text alone."""
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    ids, text = tokenizer.get_vocab(), dict(text)
+    rope = dict(rope_type="default", rope_theta=1e6, mrope_section=text.pop("mrope_section"))
+    return Qwen2_5OmniThinkerConfig(
+        text_config=dict(
+            vocab_size=text.pop("vocab_size", len(tokenizer)),
+            rope_parameters=rope,
+            pad_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            **text,
+        ),
+        audio_config=dict(num_mel_bins=128, output_dim=text["hidden_size"], **audio),
+        vision_config=dict(out_hidden_size=text["hidden_size"], **vision),
+        audio_token_index=ids["<|AUDIO|>"],
+        image_token_index=ids["<|IMAGE|>"],
+        video_token_index=ids["<|VIDEO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"],
+        audio_end_token_id=ids["<|audio_eos|>"],
+        vision_start_token_id=ids["<|vision_bos|>"],
+        vision_end_token_id=ids["<|vision_eos|>"],
+        user_token_id=ids["<|im_start|>"],
+    )
+
 
 # Qwen2.5-Omni-7B's published Thinker configuration (transformers' default vision config is not: its hidden_size
 # 3584 is the output width; the 7B's vision blocks are 1280 wide).
@@ -106,7 +150,7 @@ SHAPES = {"random-7b": SEVEN_B, "random-3b": THREE_B}
 
 
 def random_thinker(shape, quant="nf4", device="cuda", seed=0):
-    """A Thinker of `shape` (SEVEN_B, readout.TINY) with random weights, its text decoder quantised to NF4 in memory
+    """A Thinker of `shape` (SEVEN_B, TINY) with random weights, its text decoder quantised to NF4 in memory
     (no checkpoint needed), with the tiny model's processor (whose token ids are valid for it)."""
     processor = tiny_processor()
     processor.video_processor.cap_pixels_per_frame = True
@@ -186,7 +230,7 @@ def mosi_like(n, seed=0, seconds=5.0, fps=2.0, height=360, width=640):
         dict(
             id=f"bench/{i}",
             text=" ".join(TRANSCRIPT),
-            label=float(rng.uniform(-3, 3)),
+            label=[float(rng.uniform(-3, 3))],
             videos=rng.integers(0, 256, (int(seconds * fps), height, width, 3), dtype=np.uint8),
             audio=(0.3 * np.sin(2 * np.pi * 220 * (i + 1) * t)).astype(np.float32),
         )
@@ -265,6 +309,13 @@ def train_step(readout, optimizer, batch):
     optimizer.step()
 
 
+def clips_of(root, modalities, cache_dir, workers=0):
+    """data.Clips of a folder's training split, with the flags' defaults but for these."""
+    cfg = default_config(READOUTS["disc"], "disc")
+    cfg.update(data=str(root), modalities=modalities, cache_dir=cache_dir, num_workers=workers)
+    return Clips({**cfg, "on_bad": "error"}, "train")
+
+
 def cache_ratio(processor, modalities, n=24):
     """Data time of a second epoch over the first, through make_loader as train.py uses it: the first decodes
     every mp4 into an empty cache (and runs the processor), the second reads the cache. With the decoded-media
@@ -273,9 +324,11 @@ def cache_ratio(processor, modalities, n=24):
     with tempfile.TemporaryDirectory() as tmp:
         root = make_toy(Path(tmp) / "toy", n, seed=1)
         for processed, key in ((False, "decoded_cache"), (True, "cached")):
-            cfg = dict(eval_batch_size=8, num_workers=0, cache_processed=processed)
+            cfg = dict(
+                eval_batch_size=8, num_workers=0, cache_processed=processed, question=QUESTION
+            )
             start = time.perf_counter()
-            clips = Clips(root, "train", modalities, cache_dir=str(Path(tmp) / f"cache_{key}"))
+            clips = clips_of(root, modalities, str(Path(tmp) / f"cache_{key}"))
             decode = time.perf_counter() - start
             epochs = []
             for _ in range(2):
@@ -476,13 +529,7 @@ def pipeline(cfg, n_text=20000, n_media=200):
                 for cache in ("empty cache", "cached"):
                     run = {**cfg, "num_workers": workers}
                     start = time.perf_counter()
-                    clips = Clips(
-                        root,
-                        "train",
-                        modalities,
-                        cache_dir=str(Path(tmp) / f"cache{workers}"),
-                        workers=workers,
-                    )
+                    clips = clips_of(root, modalities, str(Path(tmp) / f"cache{workers}"), workers)
                     batches = sum(1 for _ in make_loader(run, clips, processor, 8, shuffle=True))
                     seconds = time.perf_counter() - start
                     out[f"{name}_{cache.replace(' ', '_')}_workers{workers}"] = dict(
@@ -505,7 +552,7 @@ def rule_times(cfg, *folders):
     for _, readout, _ in loaded:
         readout.eval()
     torch.manual_seed(0)
-    clips, device, total = load_clips(run, "test"), torch.device(run["device"]), Counter()
+    clips, device, total = Clips(run, "test"), torch.device(run["device"]), Counter()
     clips.rows = clips.rows[: cfg["clips"]]
 
     def read(readout, rule, batch):  # a gen run's predict with this rule
@@ -542,7 +589,7 @@ def padding(cfg, seeds=5):
         folder, source = model_source(cfg["model"], cfg["trust_remote_code"])
         tokenizer = Backbone(None, AutoTokenizer.from_pretrained(folder, **source))
     text = {**cfg, "modalities": "t", "on_bad": "skip"}
-    clips = load_clips(text, "train")
+    clips = Clips(text, "train")
     texts = [prompt(r["text"], "t", tokenizer) for r in clips.rows]
     lengths = np.array([model_inputs(tokenizer, t, {})["input_ids"].shape[1] for t in texts])
     size = cfg["batch_size"]
@@ -586,7 +633,7 @@ def grouped_steps(cfg, steps, repeats=2):
     readout.train()
     groups = [dict(params=ps, lr=lr, peak=lr) for ps, lr in readout.param_groups(cfg["lr"]) if ps]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])
-    clips = load_clips(cfg, "train")
+    clips = Clips(cfg, "train")
     seconds, padded = {False: [], True: []}, {False: [], True: []}
     for epoch in range(repeats):
         for grouped in (False, True):
@@ -626,7 +673,7 @@ def objective_steps(cfg):
     ce, parts = build({**cfg, "readout": "gen", "objective": "ce"}, device)
     raft = Gen(parts, {**cfg, "readout": "gen", "objective": "raft"})  # the same backbone and LoRA
     ce.train(), raft.train()
-    clips = load_clips(cfg, "train")
+    clips = Clips(cfg, "train")
     batch = to_device(next(iter(make_loader(cfg, clips, parts, cfg["batch_size"]))), device)
 
     def step(readout):
@@ -665,7 +712,7 @@ def denoising(cfg, out):
     import matplotlib.pyplot as plt
 
     check_denoise("deepfilternet")
-    clips = Clips(data_root(cfg["data"]), "train", "a", cache_dir=cfg["cache_dir"], on_bad="skip")
+    clips = Clips({**cfg, "modalities": "a", "on_bad": "skip"}, "train")
     waves = {r["id"]: clips.media(r)["audio"] for r in clips.rows}
     rng, result, seconds, spent, shown = np.random.default_rng(cfg["seed"]), {}, 0.0, 0.0, {}
     for i, (clip, clean) in enumerate(waves.items()):

@@ -1,5 +1,6 @@
-"""Data: MMSA-layout folders (`label.csv` and `Raw/<video_id>/<clip_id>.mp4`, a `.wav` beside an mp4 serving
-its audio), decoding with PyAV and an on-disk cache, the prompt, batches, and the generated toy dataset."""
+"""Data: label files (an MMSA-layout folder's `label.csv` with `Raw/<video_id>/<clip_id>.mp4`, a `.wav` beside an
+mp4 serving its audio, or a plain CSV of ids, splits, texts and targets) read for a task's targets and range,
+decoding with PyAV and an on-disk cache, and the generated toy dataset."""
 
 import csv
 import ctypes
@@ -19,7 +20,6 @@ from tqdm import tqdm
 
 SAMPLE_RATE = 16000
 SPLITS = ("train", "valid", "test")
-COLUMNS = ("video_id", "clip_id", "text", "label", "mode")
 
 
 class UserError(ValueError):
@@ -33,7 +33,8 @@ class DataError(UserError):
 
 
 def data_root(name):
-    """`toy` (or `toy:N` for N clips), `mosi`, `mosei` (under $MSA_DATA, default ./data) or a folder path."""
+    """`toy` (or `toy:N` for N clips), `mosi`, `mosei` (under $MSA_DATA, default ./data), a folder with a
+    label.csv, or a CSV file."""
     base = Path(os.environ.get("MSA_DATA", "data"))
     if name == "toy" or name.startswith("toy:"):
         n = int(name.partition(":")[2] or TOY_CLIPS)
@@ -41,70 +42,110 @@ def data_root(name):
     return base / name.upper() if name in ("mosi", "mosei") else Path(name)
 
 
-def read_split(root, split, on_bad="error"):
-    """label.csv's rows whose mode is `split` -> (rows, skipped: (clip id, DataError) with on_bad='skip')."""
-    path = Path(root) / "label.csv"
+def label_file(root):
+    """A dataset's label file: a CSV file named itself, else a folder's label.csv."""
+    root = Path(root)
+    return root if root.suffix == ".csv" else root / "label.csv"
+
+
+def task_file(name):
+    """The task.json beside a dataset's label file (--data NAME), or None."""
+    file = label_file(data_root(name)).with_name("task.json")
+    return file if file.is_file() else None
+
+
+def read_split(cfg, split, on_bad="skip"):
+    """The rows of `split` in the label file of --data (cfg: the run's settings, which name the task's targets and
+    range) -> (rows, skipped: (clip id, DataError) with on_bad='skip')."""
+    rows, skipped = [], []
+    path = label_file(data_root(cfg["data"]))
+    for row, mode, problem in label_rows(path, cfg):
+        if SPLIT_NAMES.get(mode) not in (split, None):  # None: a short row, or no known split
+            continue
+        if problem is None:
+            rows.append(row)
+            continue
+        error = DataError(f"{row['where']} (clip {row['id']}): {problem[1]}", problem[0])
+        if on_bad != "skip":
+            raise DataError(f"{error} (--on_bad skip skips such clips)", error.kind)
+        skipped.append((row["id"], error))
+    if not rows and not skipped:
+        raise DataError(f"{path}: no clips of the split {split!r}")
+    return rows, skipped
+
+
+def label_rows(path, cfg):
+    """Each row of a label file: MMSA's layout (video_id, clip_id, text, mode) or a plain CSV's (id, text,
+    split), with the task's targets -> (row, its split's name, its problem or None)."""
     if not path.is_file():
         raise DataError(
             f"{path}: not found ($MSA_DATA holds the MOSI/ and MOSEI/ folders, default ./data; --data PATH "
-            "names an MMSA-layout folder: label.csv and Raw/<video_id>/<clip_id>.mp4)"
+            "names an MMSA-layout folder: label.csv and Raw/<video_id>/<clip_id>.mp4, or a CSV file)"
         )
-    rows, skipped, seen = [], [], {}
+    seen = {}
     # -sig: a spreadsheet's BOM; surrogateescape: a byte that is not UTF-8 becomes a lone surrogate, so
     # that its row can be named
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        header = reader.fieldnames or []
+        layout = LAYOUTS["video_id" in header]
+        targets = cfg["targets"].split(",")
+        missing = [c for c in (*layout, "text", *targets) if c not in header]
         if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
-        for r in reader:
-            clip = f"{r['video_id']}/{r['clip_id']}"
-            problem = row_problem(r, seen.get(clip))
-            seen.setdefault(clip, reader.line_num)
-            if r["mode"] not in (split, None):  # None: a short row, of no known split
-                continue
-            if problem is None:
-                mp4 = Path(root) / "Raw" / r["video_id"] / f"{r['clip_id']}.mp4"
-                fields = dict(
-                    text=r["text"], label=float(r["label"]), line=reader.line_num, mp4=mp4
-                )
-                rows.append(dict(id=clip, **fields))
-                continue
-            error = DataError(
-                f"{path}, line {reader.line_num} (clip {clip}): {problem[1]}", problem[0]
+            raise DataError(
+                f"{path}: missing column(s) {', '.join(missing)} (needed: {', '.join(layout)}, text, "
+                "and the task's --targets)"
             )
-            if on_bad != "skip":
-                raise DataError(f"{error} (--on_bad skip skips such clips)", error.kind)
-            skipped.append((clip, error))
-    if not rows and not skipped:
-        raise DataError(f"{path}: no clips with mode == {split!r}")
-    return rows, skipped
+        for r in reader:
+            *ids, mode = (str(r[c]) for c in layout)
+            clip = "/".join(ids)
+            problem = row_problem(r, seen.get(clip), layout, cfg)
+            seen.setdefault(clip, reader.line_num)
+            media = path.parent.joinpath("Raw", *ids[:-1], f"{ids[-1]}.mp4")
+            row = dict(id=clip, text=r["text"], mp4=media, where=f"{path}, line {reader.line_num}")
+            if problem is None:
+                row["label"] = [float(r[t]) for t in targets]
+            yield row, mode, problem
 
 
-def row_problem(r, first_line):
-    """(kind, message) of what is wrong with a label.csv row, or None."""
+# A label file's id columns and split column: MMSA's, or a plain CSV's
+LAYOUTS = {True: ("video_id", "clip_id", "mode"), False: ("id", "split")}
+# The split names a label file may use, and the split each means
+SPLIT_NAMES = dict(train="train", valid="valid", dev="valid", val="valid", test="test")
+
+
+def row_problem(r, first_line, layout, cfg):
+    """(kind, message) of what is wrong with a label file's row, or None."""
     if None in r or None in r.values():
         return "bad row", "not as many fields as the header"
     if first_line is not None:
         return "duplicate id", f"the clip id is also on line {first_line}"
-    for key in ("video_id", "clip_id"):  # a path in an id could read a file outside Raw/
+    for key in layout[:-1]:  # an id names a media file: a path in it could read one outside Raw/
         name = r[key]
         if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
             return (
                 "bad id",
                 f"the {key} {name!r} is not a plain file name (it must stay inside Raw/)",
             )
+    if r[layout[-1]] not in SPLIT_NAMES:
+        return (
+            "bad split",
+            f"the {layout[-1]} {r[layout[-1]]!r} is not one of {', '.join(SPLIT_NAMES)} (dev, val: valid)",
+        )
     if any("\udc80" <= ch <= "\udcff" for ch in r["text"]):
         return "bad transcript", "the transcript is not valid UTF-8"
-    try:
-        label = float(r["label"])
-    except ValueError:
-        label = math.nan
-    if not abs(label) <= 3:  # also NaN and infinities
-        return (
-            "bad label",
-            f"the label {r['label']!r} is not a number in [-3, 3] (the metrics' range)",
-        )
+    low, high = cfg["low"], cfg["high"]
+    for target in cfg["targets"].split(","):
+        try:
+            value = float(r[target])
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:  # also NaN and infinities
+            return (
+                "bad label",
+                f"the {target} {r[target]!r} is not a number in [{low:g}, {high:g}] (the task's "
+                "range: --low, --high)",
+            )
     return None
 
 
@@ -288,31 +329,21 @@ class Clips:
     """One split, every clip's media decoded into the cache up front by `workers` threads: a bad file stops the run
     before training (on_bad='skip': is skipped, counted). An item: a clip's model inputs (make_loader sets how)."""
 
-    def __init__(
-        self,
-        root,
-        split,
-        modalities="tav",
-        fps=2.0,
-        max_frames=32,
-        max_pixels=128 * 28 * 28,
-        cache_dir="cache",
-        on_bad="error",
-        workers=0,
-        audio_in_video=False,
-        denoise="none",
-    ):
-        check_modalities(modalities, audio_in_video)
-        self.root = Path(root)
-        self.modalities = modalities
-        self.cache_dir = cache_dir
-        self.audio_in_video = audio_in_video
-        self.video = dict(fps=fps, max_frames=max_frames, max_pixels=max_pixels)
-        self.audio = dict(denoise=denoise)  # the cache keeps denoised and plain audio apart
-        check_denoise(denoise if "a" in modalities else "none")
-        rows, self.skipped = read_split(root, split, on_bad)  # skipped: (clip id, DataError)
-
-        problems = self.check(rows, split, workers)
+    def __init__(self, cfg, split):
+        self.modalities, self.cache_dir = cfg["modalities"], cfg["cache_dir"]
+        self.audio_in_video = cfg["audio_in_video"]
+        check_modalities(self.modalities, self.audio_in_video)
+        self.root = data_root(cfg["data"])
+        self.video = {k: cfg[k] for k in ("fps", "max_frames", "max_pixels")}
+        self.audio = dict(denoise=cfg["denoise"])  # the cache keeps denoised and plain audio apart
+        check_denoise(cfg["denoise"] if "a" in self.modalities else "none")
+        on_bad = cfg["on_bad"]
+        rows, self.skipped = read_split(cfg, split, on_bad)
+        # --subsample: that many training clips, drawn by the seed, in their order
+        if split == "train" and cfg.get("subsample"):
+            drawn = np.random.default_rng(cfg["seed"]).permutation(len(rows))[: cfg["subsample"]]
+            rows = [rows[i] for i in sorted(drawn)]
+        problems = self.check(rows, split, cfg["num_workers"])
         for e in problems:
             if e is not None and on_bad != "skip":
                 raise DataError(f"{e}; --on_bad skip skips such clips", e.kind) from None
@@ -320,7 +351,7 @@ class Clips:
         self.skipped += [(r["id"], e) for r, e in zip(rows, problems) if e is not None]
         if not self.rows:
             raise DataError(
-                f"{self.root}: no usable clip in {split!r} for --modalities {modalities} "
+                f"{self.root}: no usable clip in {split!r} for --modalities {self.modalities} "
                 f"({len(self.skipped)} skipped)"
             )
         self.empty_transcripts = sum(not r["text"].strip() for r in self.rows)
@@ -346,7 +377,7 @@ class Clips:
             try:
                 self.media(r, load=False)
             except DataError as e:
-                where = f"clip {r['id']}, {self.root / 'label.csv'} line {r['line']}"
+                where = f"clip {r['id']}, {r['where']}"
                 return DataError(f"{e} ({where})", e.kind)
 
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PyAV decodes without holding the GIL
@@ -384,34 +415,22 @@ class Clips:
         return len(self.rows)
 
 
-def load_clips(cfg, split):
-    return Clips(
-        data_root(cfg["data"]),
-        split,
-        cfg["modalities"],
-        cfg["fps"],
-        cfg["max_frames"],
-        cfg["max_pixels"],
-        cfg["cache_dir"],
-        cfg["on_bad"],
-        cfg["num_workers"],
-        cfg["audio_in_video"],
-        cfg["denoise"],
-    )
-
-
 TOY_CLIPS = 300
 # The label is the sum of one part per modality, each uniform in ±this.
 TOY_PARTS = {"t": 1.5, "a": 0.75, "v": 0.75}
-TOY_WORDS = {
-    -3: ["horrible", "awful", "dreadful"],
-    -2: ["bad", "poor", "boring"],
-    -1: ["dull", "weak", "bland"],
-    0: ["okay", "average", "so so"],
-    1: ["decent", "pleasant", "fine"],
-    2: ["good", "great", "lovely"],
-    3: ["amazing", "brilliant", "wonderful"],
-}
+# The transcript's words by level, -3 to 3
+TOY_WORDS = [
+    level.split(",")
+    for level in [
+        "horrible,awful,dreadful",
+        "bad,poor,boring",
+        "dull,weak,bland",
+        "okay,average,so so",
+        "decent,pleasant,fine",
+        "good,great,lovely",
+        "amazing,brilliant,wonderful",
+    ]
+]
 TOY_SUBJECTS = ["the movie", "the plot", "the acting", "the soundtrack", "the ending", "the cast"]
 TOY_OPENERS = ["", "honestly ", "i think ", "to be fair ", "well "]
 
@@ -423,12 +442,12 @@ def make_toy(root, n=TOY_CLIPS, seed=0):
     if (root / "label.csv").exists():
         return root
     print(f"data: writing the toy dataset, {n} clips, to {root} (once)")
-    rng, rows = np.random.default_rng(seed), [COLUMNS]
+    rng, rows = np.random.default_rng(seed), [["video_id", "clip_id", "text", "label", "mode"]]
     for i in tqdm(range(n), desc="toy clips", leave=False):
         video_id, clip_id = f"toy{i // 6:03d}", str(i % 6 + 1)
         part = {m: float(rng.uniform(-half, half)) for m, half in TOY_PARTS.items()}
         level = round(part["t"] * 3 / TOY_PARTS["t"])  # 7 word levels over ±1.5
-        word = rng.choice(TOY_WORDS[level])
+        word = rng.choice(TOY_WORDS[level + 3])
         text = f"{rng.choice(TOY_OPENERS)}{rng.choice(TOY_SUBJECTS)} was {word}"
         path = root / "Raw" / video_id / f"{clip_id}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)

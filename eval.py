@@ -1,9 +1,8 @@
 """Evaluate a checkpoint (its config.json defines the run but for the run flags given here, e.g. --modalities t),
 or the gen readout zero-shot: MMSA metrics, ms per clip, the train-mean baseline.
 
-    python eval.py --ckpt runs/toy-disc-tav-s0 [--split test] [--bootstrap 1000] [--plot] [--json test.json]
+    python eval.py --ckpt runs/toy-disc-tav-s0 [--split test] [--plot] [--json test.json]
     python eval.py --model tiny --data toy --readout gen              # zero-shot: no training, no LoRA
-    python eval.py --compare runs/toy-disc-tav-s0 runs/toy-gen-tav-s0  # clip by clip, with a paired test
 """
 
 import argparse
@@ -18,8 +17,16 @@ import torch
 from tqdm import tqdm
 
 from batches import make_loader, to_device
-from data import SPLITS, UserError, data_root, load_clips, read_split
-from flags import Help, device_of, given_flags, machine_flags, readout_file, run_flags
+from data import SPLITS, Clips, UserError, read_split
+from flags import (
+    Help,
+    device_of,
+    given_flags,
+    machine_flags,
+    readout_file,
+    run_flags,
+    task_defaults,
+)
 from readout import READOUTS, build, load_readout_file
 from runs import default_config, load_config, load_weights, read_log, read_tensors, save_json
 
@@ -51,13 +58,33 @@ def weighted_f1(truth, pred):
     return float(f1)
 
 
-def metrics(preds, labels):
-    """Regression metrics with the MMSA framework's conventions (accuracies and F1 as fractions)."""
-    p, y = np.asarray(preds, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+def metrics(preds, labels, targets=("label",), classes=True):
+    """(clips,) or (clips, targets) -> MAE and Corr (averaged over the targets, and each target's with its name
+    after, such as MAE_V, where there are several), and with `classes` MOSI's classification metrics."""
+    p = np.asarray(preds, dtype=np.float64).reshape(len(preds), -1)
+    y = np.asarray(labels, dtype=np.float64).reshape(len(labels), -1)
+    each = [target_metrics(p[:, i], y[:, i], classes) for i in range(y.shape[1])]
+    if len(each) == 1:
+        return each[0]
+    out = {k: float(np.mean([m[k] for m in each])) for k in each[0]}
+    for name, m in zip(targets, each):
+        out.update({f"{k}_{name}": v for k, v in m.items()})
+    return out
+
+
+def scoring(cfg):
+    """metrics()'s keyword arguments for the task of the run `cfg` describes."""
+    return dict(targets=cfg["targets"].split(","), classes=cfg["classes"])
+
+
+def target_metrics(p, y, classes):
+    """One target's metrics with the MMSA framework's conventions (accuracies and F1 as fractions)."""
     out = dict(
         MAE=float(np.mean(np.abs(p - y))),
         Corr=float(np.corrcoef(p, y)[0, 1]) if np.ptp(p) > 0 and np.ptp(y) > 0 else float("nan"),
     )
+    if not classes:
+        return out
     out["Acc2_has0"] = float(np.mean((p >= 0) == (y >= 0)))  # negative vs non-negative
     out["F1_has0"] = weighted_f1(y >= 0, p >= 0)
     nz = y != 0  # label-0 clips dropped
@@ -95,48 +122,22 @@ def evaluate(readout, loader, device):
         counts.update({k: v for k, v in info.items() if k in COUNTS})
     timed = times[1:] or times
     ms = 1000 * sum(t for t, _ in timed) / sum(n for _, n in timed)
-    preds, labels = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    preds, labels = torch.cat(preds).numpy(), torch.cat(labels).numpy()  # (clips, targets)
     bad = int((~np.isfinite(preds)).sum())
     if bad:  # a readout scores every clip: a NaN is a diverged model
-        raise FloatingPointError(f"{bad} of {len(preds)} predictions are not finite")
-    result = dict(metrics(preds, labels), n=len(labels), ms_per_clip=ms, **counts)
+        raise FloatingPointError(f"{bad} of {preds.size} predictions are not finite")
+    scored = metrics(preds, labels, **scoring(readout.cfg))
+    result = dict(scored, n=len(labels), ms_per_clip=ms, **counts)
     result.update({rate: counts[k] / len(labels) for k, rate in COUNTS.items() if k in counts})
     return result, preds, labels
 
 
-def bootstrap(preds, labels, n=1000, seed=0, keys=("MAE", "Corr", "Acc2_non0", "Acc7")):
-    """95% percentile intervals of the metrics `keys` over `n` resamplings of the clips with replacement."""
-    idx = np.random.default_rng(seed).integers(0, len(labels), (n, len(labels)))
-    samples = [metrics(preds[i], labels[i]) for i in idx]
-    return {
-        k: [float(np.nanpercentile([s[k] for s in samples], q)) for q in (2.5, 97.5)] for k in keys
-    }
-
-
-def paired(preds_a, preds_b, labels, n=10000, seed=0):
-    """A against B on the same clips: d = |error of A| - |error of B| per clip, its mean with a bootstrap 95% interval,
-    a two-sided paired permutation test (each clip's sign flipped at random n times), who is closer how often, and d."""
-    d = np.abs(preds_a - labels) - np.abs(preds_b - labels)
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), (n, len(d)))].mean(1)
-    null = np.abs((rng.choice([-1.0, 1.0], (n, len(d))) * d).mean(1))
-    return dict(
-        mean_abs_error_diff=float(d.mean()),
-        ci95=[float(np.percentile(means, q)) for q in (2.5, 97.5)],
-        p_value=float((1 + np.sum(null >= abs(d.mean()) - 1e-12)) / (n + 1)),
-        permutations=n,
-        a_closer=float(np.mean(d < 0)),
-        b_closer=float(np.mean(d > 0)),
-        per_clip=d.tolist(),  # for statistics over several comparisons (pooled.py)
-    )
-
-
 def mean_baseline(cfg, labels):
-    """Metrics of always predicting the training-label mean."""
-    train_mean = np.mean(
-        [r["label"] for r in read_split(data_root(cfg["data"]), "train", on_bad="skip")[0]]
-    )
-    return metrics(np.full(len(labels), train_mean), labels)
+    """Metrics of always predicting the training labels' mean (each target's), over the whole training split."""
+    rows = read_split(cfg, "train")[0]
+    train_mean = np.mean([r["label"] for r in rows], 0)
+    labels = np.reshape(labels, (len(labels), -1))
+    return metrics(np.broadcast_to(train_mean, labels.shape), labels, **scoring(cfg))
 
 
 def table(rows, columns=METRIC_KEYS, first="run"):
@@ -176,7 +177,7 @@ def report(name, result, baseline):
     if "parse_failures" in result:
         line += (
             f"  unparseable {result['parse_failures']} of {result['n']} (scored as the fallback), "
-            f"out of [-3, 3] before clipping {result['out_of_bounds_rate']:.1%}"
+            f"out of the scale before clipping {result['out_of_bounds_rate']:.1%}"
         )
     print(line)
 
@@ -186,13 +187,13 @@ def plot(scored, folder):
     (e.g. gen@expected-t-test_scatter.png), and for a training run learning_curve.png."""
     import matplotlib.pyplot as plt  # here: its import costs a second that only plots need
 
-    folder = Path(folder)
+    folder, scale = Path(folder), [scored.cfg["low"], scored.cfg["high"]]
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(scored.labels, scored.preds, ".", alpha=0.6)
-    ax.plot([-3, 3], [-3, 3], "k--", lw=1)
+    ax.plot(scored.labels, scored.preds, ".", alpha=0.6)  # a colour per target
+    ax.plot(scale, scale, "k--", lw=1)
     ax.set(
-        xlabel="true score",
-        ylabel="predicted score",
+        xlabel=f"true {scored.cfg['targets']}",
+        ylabel="predicted",
         title=f"{folder.resolve().name}: {scored.name}\nMAE {scored.result['MAE']:.3f}",
     )
     stem = "-".join(re.findall(r"[\w@]+", scored.name))  # e.g. gen@expected-t-test
@@ -205,17 +206,13 @@ def plot(scored, folder):
 
 
 def learning_curve(plt, folder, cfg):
-    """The training loss and the validation MAE by epoch, in two panels, with the train-mean baseline's
-    validation MAE and the kept epoch -> the file."""
+    """The training loss and the validation MAE by epoch, in two panels, with the kept epoch -> the file."""
     log = read_log(folder)
     kept = json.loads((folder / "metrics.json").read_text())["kept_epoch"]
-    valid = read_split(data_root(cfg["data"]), "valid", on_bad="skip")[0]
-    baseline = mean_baseline(cfg, [r["label"] for r in valid])["MAE"]
     epochs = [r["epoch"] for r in log]
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(5, 5))
     top.plot(epochs, [r["train_loss"] for r in log], "o-")
     bottom.plot(epochs, [r["valid"]["MAE"] for r in log], "s-", label="this run")
-    bottom.axhline(baseline, color="gray", ls="--", label="train-mean baseline")
     bottom.axvline(kept, color="k", ls=":", label=f"kept epoch ({kept})")
     top.set(
         ylabel="training loss",
@@ -242,74 +239,54 @@ def run_split(folder, args, overrides):
         readout, parts = build(cfg, torch.device(cfg["device"]), lora=False)
     name = readout.title() + ("" if folder else " zero-shot")  # e.g. gen@expected zero-shot
     name += f" ({cfg['modalities']}, {args['split']})"
-    clips = load_clips(cfg, args["split"])
+    targets, target = cfg["targets"].split(","), args.get("target")
+    if target not in (None, *targets):
+        raise UserError(f"--target {target}: not one of the run's targets ({cfg['targets']})")
+    clips = Clips(cfg, args["split"])
     result, preds, labels = evaluate(
         readout, make_loader(cfg, clips, parts), torch.device(cfg["device"])
     )
-    if args["bootstrap"]:
-        result["ci95"] = bootstrap(preds, labels, args["bootstrap"])
+    if target:  # one target of several
+        column = [targets.index(target)]
+        preds, labels = preds[:, column], labels[:, column]
+        result.update(metrics(preds, labels, classes=cfg["classes"]))
+        name += f" {target}"
     scored = Scored(cfg, name, result, preds, labels, [r["id"] for r in clips.rows])
     if args["plot"]:
         plot(scored, folder or ".")
     return scored
 
 
-def compare(a, b, folders, split):
-    """Two runs' predictions on the same clips, side by side and tested clip by clip."""
-    if a.ids != b.ids or not np.array_equal(a.labels, b.labels):
-        raise UserError(
-            f"--compare: {folders[0]} ({a.cfg['data']}, {len(a.ids)} clips) and {folders[1]} "
-            f"({b.cfg['data']}, {len(b.ids)} clips) are not evaluated on the same clips of {split!r}"
-        )
-    print(table({f"A: {a.name}": [a.result], f"B: {b.name}": [b.result]}))
-    c = paired(a.preds, b.preds, a.labels)
-    print(
-        f"paired over {len(a.ids)} clips, |error of A| - |error of B|: mean {c['mean_abs_error_diff']:+.4f}, "
-        f"95% bootstrap CI [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]; permutation test p = "
-        f"{c['p_value']:.4f} ({c['permutations']} sign flips); A closer on {c['a_closer']:.1%} of clips, "
-        f"B on {c['b_closer']:.1%}"
-    )
-    return dict(
-        a=a.result, b=b.result, paired=c, checkpoints=folders, names=[a.name, b.name], ids=a.ids
-    )
-
-
-def main(argv=None):
+def parser(argv):
+    """eval.py's flags (pooled.py --compare's too), with the readouts --readout_file adds -> (the parser, the
+    names of the run flags, which replace a run's own where given)."""
     if readout_file(argv):  # a fork's readouts, before the parser shows their flags
         load_readout_file(readout_file(argv))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help, allow_abbrev=False)
     p.add_argument("--ckpt", help="a checkpoint folder written by train.py")
-    p.add_argument(
-        "--compare", nargs=2, metavar=("A", "B"), help="two checkpoints, tested clip by clip"
-    )
     p.add_argument("--split", default="test", choices=SPLITS, help="the split to evaluate")
-    p.add_argument(
-        "--bootstrap",
-        type=int,
-        default=0,
-        metavar="N",
-        help="95%% intervals from N resamplings of clips",
-    )
     p.add_argument("--plot", action="store_true", help="scatter plot and learning curve PNGs")
+    p.add_argument("--target", help="of a run with several targets: report (and compare) this one")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to this file")
     machine_flags(p.add_argument_group("this machine"))
     run = p.add_argument_group("the run (with --ckpt: only those given replace the run's own)")
-    run_names = run_flags(run, READOUTS, training=False)
+    return p, run_flags(run, READOUTS, training=False)
+
+
+def read_args(p, run_names, argv):
+    """A command line -> (its settings, the run flags it gives)."""
+    task_defaults(p, argv)
     args = vars(p.parse_args(argv))
     args["device"] = device_of(args["device"])
-    overrides = {k: v for k, v in given_flags(p, argv).items() if k in run_names}
-    if args["compare"]:
-        for folder in args["compare"]:  # both, before either is evaluated
-            load_config(folder, READOUTS)
-            read_tensors(Path(folder) / "weights.safetensors")
-        a, b = [run_split(folder, args, overrides) for folder in args["compare"]]
-        result = compare(a, b, args["compare"], args["split"])
-    else:
-        scored = run_split(args["ckpt"], args, overrides)
-        result = scored.result
-        report(scored.name, result, mean_baseline(scored.cfg, scored.labels))
+    return args, {k: v for k, v in given_flags(p, argv).items() if k in run_names}
+
+
+def main(argv=None):
+    args, overrides = read_args(*parser(argv), argv)
+    scored = run_split(args["ckpt"], args, overrides)
+    report(scored.name, scored.result, mean_baseline(scored.cfg, scored.labels))
     if args["json"]:
-        save_json(Path(args["json"]), result)
+        save_json(Path(args["json"]), scored.result)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,11 @@ declares its own flags on its class (readout.py), and the parser collects them f
 import argparse
 import dataclasses
 import importlib.util
+import json
+from pathlib import Path
 
-from data import DENOISE, UserError
+from batches import QUESTION
+from data import DENOISE, UserError, task_file
 
 
 @dataclasses.dataclass
@@ -48,7 +51,25 @@ def reading_flags(readouts):
         Flag(
             "denoise", str, "none", "audio denoised first: deepfilternet (DeepFilterNet3)", DENOISE
         ),
+        *TASK_FLAGS,
     )
+
+
+# The task: what is read, on what scale, asked how (default: MOSI's sentiment). A dataset's task.json (beside
+# its label file) or --task FILE gives them other defaults; a flag given wins.
+TASK_FLAGS = (
+    Flag("targets", str, "label", "the label column(s) read, comma-separated (disc: one head)"),
+    Flag("low", float, -3.0, "the targets' range: its lowest value"),
+    Flag("high", float, 3.0, "the targets' range: its highest value"),
+    Flag("decimals", int, 1, "gen's answers (and the bins) have this many decimals", (0, 1, 2, 3)),
+    Flag("question", str, QUESTION, "what the model is asked after the transcript"),
+    Flag(
+        "classes",
+        bool,
+        True,
+        "MOSI's classification metrics too (Acc2, F1, Acc5, Acc7 of scores on [-3, 3])",
+    ),
+)
 
 
 TRAINING_FLAGS = (  # the run flags of every readout that say how it trains (None: the preset's)
@@ -61,7 +82,10 @@ TRAINING_FLAGS = (  # the run flags of every readout that say how it trains (Non
     Flag("lora_r", int, None, "LoRA rank (default: 16 tiny, 32 otherwise)"),
     Flag("lora_alpha", float, None, "LoRA scale = alpha / r (default: 2 r)"),
     Flag("lora_dropout", float, 0.05, "dropout on the LoRA input"),
-    Flag("seed", int, 0, "LoRA and head initialisation, data order"),
+    Flag("seed", int, 0, "LoRA and head initialisation, data order, --subsample"),
+    Flag(
+        "subsample", int, None, "train on this many training clips, drawn by --seed (default: all)"
+    ),
     Flag("epochs", int, None, "default: 30 tiny, 5 otherwise"),
     Flag("batch_size", int, None, "clips per step and process (default: 8 tiny, 4)"),
     Flag("grad_accum", int, None, "batches per optimizer step (default: 1 tiny, 4)"),
@@ -112,7 +136,7 @@ RECIPES = dict(
 )
 
 POSITIVE = ("epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha", "lr", "grad_clip", "fps")
-POSITIVE += ("max_frames", "max_pixels", "eval_batch_size", "max_new_tokens")
+POSITIVE += ("max_frames", "max_pixels", "eval_batch_size", "max_new_tokens", "subsample")
 
 
 RESOLVED = {*PRESETS["tiny"], "lora_alpha"}  # the flags that resolve() always gives a value
@@ -145,6 +169,11 @@ def add_flag(p, flag, help=None):
 def run_flags(p, readouts, training=True):
     """Add the flags that define a run (config.json) to `p`; training=False: only those that say how it is
     read -> their names."""
+    p.add_argument(
+        "--task",
+        metavar="FILE",
+        help="a task.json: the task's flags' defaults (default: the data's)",
+    )
     names = []
     for f in reading_flags(tuple(readouts)) + (TRAINING_FLAGS if training else ()):
         add_flag(p, f)
@@ -168,9 +197,47 @@ def readout_file(argv):
     return p.parse_known_args(argv)[0].readout_file
 
 
+def task_defaults(p, argv):
+    """Make the task's flags default to those of --task FILE, or of the data's task.json where it has one: the
+    keys of TASK_FLAGS, such as {"targets": "V", "low": 1, "high": 5}."""
+    given = p.parse_known_args(argv)[0]
+    file = given.task or task_file(given.data)
+    if file is None:
+        return
+    flags = {f.name: f for f in TASK_FLAGS}
+    try:
+        values = json.loads(Path(file).read_text())
+        wrong = [value_problem(flags[k], v) if k in flags else k for k, v in values.items()]
+    except (OSError, ValueError, AttributeError) as e:  # AttributeError: not a JSON object
+        raise UserError(f"{file}: not a JSON object of task flags ({e})") from None
+    if any(wrong):
+        raise UserError(
+            f"{file}: {'; '.join(filter(None, wrong))} (a task's keys: {', '.join(flags)})"
+        )
+    p.set_defaults(**values)
+
+
+def value_problem(flag, value):
+    """What is wrong with a saved value of a run flag (its type, a choice it lacks), or None."""
+    types = (float, int) if flag.type is float else (flag.type,)
+    if value is None and flag.default is None and flag.name not in RESOLVED:  # e.g. lora_targets
+        return None
+    if not isinstance(value, types) or (isinstance(value, bool) and flag.type is not bool):
+        return f"{flag.name!r} is {value!r}, not a {flag.type.__name__}"
+    if flag.choices and value not in flag.choices:
+        return f"{flag.name!r} is {value!r}, not one of {', '.join(map(str, flag.choices))}"
+    return None
+
+
 def check_values(cfg):
     """Flag values that parse but make no sense, as one line naming them."""
-    wrong = [f"--{k} {cfg[k]} (must be above 0)" for k in POSITIVE if k in cfg and not cfg[k] > 0]
+    wrong = [
+        f"--{k} {cfg[k]} (must be above 0)"
+        for k in POSITIVE
+        if k in cfg and cfg[k] is not None and not cfg[k] > 0
+    ]
+    if cfg.get("low", 0) >= cfg.get("high", 1):
+        wrong.append(f"--low {cfg['low']} (must be below --high {cfg['high']})")
     if not 0 <= cfg.get("lora_dropout", 0) < 1:
         wrong.append(f"--lora_dropout {cfg['lora_dropout']} (must be from 0 to 1)")
     if wrong:

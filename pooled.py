@@ -1,8 +1,13 @@
-"""One statement over several paired comparisons of the same two readouts, one a seed: the mean difference of
-absolute errors over all of them, with a 95% interval that accounts for both the seeds and the clips, and how
-many comparisons on their own put each side significantly ahead (p < 0.05).
+"""Statistics of runs' predictions. --bootstrap N: one run's metrics with 95% percentile intervals from N
+resamplings of its clips. --compare: two runs on the same clips, side by side, and d = |error
+of A| - |error of B| clip by clip (a bootstrap 95% interval, a paired permutation test); it takes eval.py's flags
+(a run flag given replaces both runs' own, e.g. --decode; --target: one target of several). Given such files,
+one statement over several comparisons of the same two readouts, one a seed: the mean difference of absolute
+errors over all of them, with a 95% interval that accounts for both the seeds and the clips, and how many
+comparisons on their own put each side significantly ahead (p < 0.05).
 
-    python eval.py --compare DISC_S0 GEN_S0 --decode expected --json compare-s0.json   # and so on, per seed
+    python pooled.py --bootstrap 1000 --ckpt runs/toy-disc-tav-s0 [--json test.json]
+    python pooled.py --compare DISC_S0 GEN_S0 --decode expected --json compare-s0.json   # and so on, per seed
     python pooled.py compare-s0.json compare-s1.json compare-s2.json [--json pooled.json]
 
 The interval: a bootstrap that draws the seeds with replacement and the clips with replacement, the same clips
@@ -16,6 +21,97 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from data import UserError
+from eval import metrics, parser, read_args, run_split, scoring, table
+from readout import READOUTS
+from runs import load_config, read_tensors, save_json
+
+
+def paired(preds_a, preds_b, labels, n=10000, seed=0):
+    """A against B on the same clips: d = |error of A| - |error of B| per clip (averaged over targets), its mean with
+    a bootstrap 95% interval, a two-sided paired permutation test (each clip's sign flipped at random n times),
+    who is closer how often, and d."""
+    errors = np.abs(preds_a - labels) - np.abs(preds_b - labels)
+    d = errors.reshape(len(labels), -1).mean(1)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), (n, len(d)))].mean(1)
+    null = np.abs((rng.choice([-1.0, 1.0], (n, len(d))) * d).mean(1))
+    return dict(
+        mean_abs_error_diff=float(d.mean()),
+        ci95=[float(np.percentile(means, q)) for q in (2.5, 97.5)],
+        p_value=float((1 + np.sum(null >= abs(d.mean()) - 1e-12)) / (n + 1)),
+        permutations=n,
+        a_closer=float(np.mean(d < 0)),
+        b_closer=float(np.mean(d > 0)),
+        per_clip=d.tolist(),  # for statistics over several comparisons (pooled.py)
+    )
+
+
+def compare(a, b, folders, split):
+    """Two runs' predictions on the same clips, side by side and tested clip by clip."""
+    if a.ids != b.ids or not np.array_equal(a.labels, b.labels):
+        raise UserError(
+            f"--compare: {folders[0]} ({a.cfg['data']}, {len(a.ids)} clips) and {folders[1]} "
+            f"({b.cfg['data']}, {len(b.ids)} clips) are not evaluated on the same clips of {split!r}"
+        )
+    print(table({f"A: {a.name}": [a.result], f"B: {b.name}": [b.result]}))
+    c = paired(a.preds, b.preds, a.labels)
+    print(
+        f"paired over {len(a.ids)} clips, |error of A| - |error of B|: mean {c['mean_abs_error_diff']:+.4f}, "
+        f"95% bootstrap CI [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]; permutation test p = "
+        f"{c['p_value']:.4f} ({c['permutations']} sign flips); A closer on {c['a_closer']:.1%} of clips, "
+        f"B on {c['b_closer']:.1%}"
+    )
+    return dict(
+        a=a.result, b=b.result, paired=c, checkpoints=folders, names=[a.name, b.name], ids=a.ids
+    )
+
+
+def bootstrap(preds, labels, n=1000, seed=0, keys=("MAE", "Corr", "Acc2_non0", "Acc7"), **task):
+    """95% percentile intervals of the metrics `keys` (those the task has) over `n` resamplings of the clips
+    with replacement; `task`: metrics()'s keyword arguments."""
+    idx = np.random.default_rng(seed).integers(0, len(labels), (n, len(labels)))
+    samples = [metrics(preds[i], labels[i], **task) for i in idx]
+    kept = [k for k in keys if k in samples[0]]
+    return {
+        k: [float(np.nanpercentile([s[k] for s in samples], q)) for q in (2.5, 97.5)] for k in kept
+    }
+
+
+def intervals(argv):
+    """pooled.py --bootstrap N --ckpt RUN, with eval.py's flags -> the run's metrics with their intervals."""
+    p, run_names = parser(argv)
+    p.description = __doc__
+    p.add_argument(
+        "--bootstrap", type=int, required=True, metavar="N", help="resamplings of the clips"
+    )
+    args, overrides = read_args(p, run_names, argv)
+    scored = run_split(args["ckpt"], args, overrides)
+    ci = bootstrap(scored.preds, scored.labels, args["bootstrap"], **scoring(scored.cfg))
+    result = dict(scored.result, ci95=ci)
+    print(table({scored.name: [result]}))
+    if args["json"]:
+        save_json(Path(args["json"]), result)
+    return result
+
+
+def compare_runs(argv):
+    """pooled.py --compare A B, with eval.py's flags -> the comparison (also written with --json)."""
+    p, run_names = parser(argv)
+    p.description = __doc__
+    p.add_argument(
+        "--compare", nargs=2, metavar=("A", "B"), required=True, help="two checkpoint folders"
+    )
+    args, overrides = read_args(p, run_names, argv)
+    for folder in args["compare"]:  # both, before either is evaluated
+        load_config(folder, READOUTS)
+        read_tensors(Path(folder) / "weights.safetensors")
+    a, b = [run_split(folder, args, overrides) for folder in args["compare"]]
+    result = compare(a, b, args["compare"], args["split"])
+    if args["json"]:
+        save_json(Path(args["json"]), result)
+    return result
 
 
 def pooled(per_seed, n=10000, seed=0):
@@ -43,7 +139,7 @@ def verdict(paired):
 
 
 def read(file):
-    """A file eval.py --compare --json wrote, with the per-clip differences, or SystemExit naming the problem."""
+    """A file pooled.py --compare --json wrote, with the per-clip differences, or SystemExit naming the problem."""
     try:
         comparison = json.loads(Path(file).read_text())
         comparison["paired"]["per_clip"]
@@ -51,7 +147,7 @@ def read(file):
         raise SystemExit(f"error: {file}: cannot be read ({e})") from None
     except (KeyError, TypeError):
         raise SystemExit(
-            f"error: {file}: not a comparison with per-clip differences (eval.py --compare A B --json "
+            f"error: {file}: not a comparison with per-clip differences (pooled.py --compare A B --json "
             "FILE writes one; files written before it saved them: run the comparison again)"
         ) from None
     return comparison
@@ -84,10 +180,14 @@ def check_same(files, comparisons):
 
 
 def main(argv=None):
+    if "--compare" in argv:
+        return compare_runs(argv)
+    if "--bootstrap" in argv:
+        return intervals(argv)
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("files", nargs="+", help="eval.py --compare --json files, one a seed")
+    p.add_argument("files", nargs="+", help="pooled.py --compare --json files, one a seed")
     p.add_argument(
         "--json", default=None, metavar="FILE", help="write the statement as JSON to this file"
     )
@@ -116,4 +216,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (UserError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}") from None

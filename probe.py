@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from batches import make_loader, to_device
-from data import SPLITS, UserError, load_clips
+from data import SPLITS, Clips, UserError
 from eval import autocast, metrics, table
 from flags import device_of
 from readout import at_last_token, build
@@ -65,9 +65,7 @@ def probe(cfg):
     device = torch.device(device_of(cfg["device"]))
     readout, processor = build({**cfg, "readout": "disc"}, device, lora=False)
     readout.eval()
-    split = {
-        s: states(readout, make_loader(cfg, load_clips(cfg, s), processor), device) for s in SPLITS
-    }
+    split = {s: states(readout, make_loader(cfg, Clips(cfg, s), processor), device) for s in SPLITS}
     rows = {}
     for pooling in ("last", "mean"):
         x = {s: split[s][0][pooling] for s in SPLITS}

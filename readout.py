@@ -1,4 +1,4 @@
-"""Readouts: nn.Modules with `loss(batch) -> scalar` and `predict(batch) -> (preds (B,), info dict)` over a
+"""Readouts: nn.Modules with `loss(batch) -> scalar` and `predict(batch) -> (preds (B, targets), info dict)` over a
 backbone. A new one: a class, a line in READOUTS (in the user's own file too: --readout_file)."""
 
 import importlib.util
@@ -34,7 +34,7 @@ def at_last_token(h, attention_mask):
 
 
 class Readout(nn.Module):
-    """A subclass defines loss(batch) -> scalar and predict(batch) -> (preds (B,), info dict), and declares
+    """A subclass defines loss(batch) -> scalar and predict(batch) -> (preds (B, targets), info dict), and declares
     the run flags it reads in `flags`; self.cfg holds their values. predict's info may hold per-clip tensors
     and the standard counts that evaluation sums: `parse_failures` (answers without a number, scored as
     some fallback) and `out_of_bounds` (answers outside the scale, before they are clipped)."""
@@ -62,25 +62,23 @@ class Readout(nn.Module):
         """The model under the LM head (the Thinker's or a causal LM's), or an encoder itself."""
         return getattr(self.backbone, "model", self.backbone)
 
-    def hidden_states(self, inputs, layer=None):
-        """Hidden states (B, L, H) after decoder layer `layer` (0: the embeddings; negative: from the end;
-        None: the last layer's, after the final norm). The LM head is never run."""
-        model = self.text_model()
-        out = model(
-            **inputs,
-            **self.model_kwargs,
-            use_cache=False,
-            output_hidden_states=layer is not None,  # every layer's states only when one is read
-        )
-        if layer is None:
-            return out.last_hidden_state
-        return out.hidden_states[layer]
+    def hidden_states(self, inputs, **kwargs):
+        """The last layer's hidden states (B, L, H), after the final norm (a layer of one's choice: cut the model
+        there, as Disc's --layer does, or ask for output_hidden_states). The LM head is never run."""
+        return self.text_model()(**inputs, **self.model_kwargs, **kwargs, use_cache=False)
 
     def prepare(self, batches):
         """Called before each evaluation with the training batches (e.g. to refresh statistics)."""
 
+    def start(self, labels):
+        """Called once before training with the training labels (clips, targets), e.g. to start a head there."""
 
-BINS = torch.arange(-30, 31) / 10  # the bins head's values: the 61 answers gen is trained to write
+
+def grid(cfg):
+    """The values gen is trained to write and the bins head's: the task's range by its decimals' step (61 on
+    MOSI's [-3, 3] with one decimal)."""
+    step = 10 ** cfg["decimals"]
+    return torch.arange(round(cfg["low"] * step), round(cfg["high"] * step) + 1) / step
 
 
 class Disc(Readout):
@@ -99,6 +97,14 @@ class Disc(Readout):
         Flag("head_lr", float, None, "the head's peak learning rate (default: --lr)"),
         Flag("pool_norm", str, "none", "standardised pooled states", ("none", "batch")),
         Flag("loss", str, "mse", "linear, mlp: the regression loss", ("mse", "l1")),
+        Flag(
+            "head_start",
+            str,
+            "labels",
+            "labels: at the training labels (their mean; linear, mlp: weights scaled by their std; bins: "
+            "their distribution); default: PyTorch's initialisation",
+            ("labels", "default"),
+        ),
     )
 
     def __init__(self, parts, cfg):
@@ -106,7 +112,7 @@ class Disc(Readout):
         backbone = parts.model
         keep_layers(backbone, cfg["layer"])  # the layers after it are neither run nor kept
         hidden = backbone.config.get_text_config().hidden_size
-        self.head = HEADS[cfg["head"]](hidden, cfg).to(backbone.device)
+        self.head = HEADS[cfg["head"]](hidden, cfg).to(backbone.device)  # an output per target
         # pool_norm 'batch': pooled states that vary across clips by a few percent of their norm are too
         # alike for the head; standardise them with batch statistics in training, training-set ones after.
         self.norm = nn.Identity()
@@ -128,12 +134,17 @@ class Disc(Readout):
                 self.norm(self.pooled(b))
             self.norm.eval()
 
+    @torch.no_grad()
+    def start(self, labels):
+        if self.cfg["head_start"] == "labels":
+            self.head.start(labels.to(self.backbone.device))
+
     def pooled(self, batch):
-        h = self.hidden_states(batch["inputs"])  # (B, L, H)
+        h = self.hidden_states(batch["inputs"]).last_hidden_state  # (B, L, H)
         return at_last_token(h, batch["inputs"]["attention_mask"]).float()  # (B, H)
 
     def forward(self, batch):
-        return self.head(self.norm(self.pooled(batch)))  # (B, 1), or (B, bins)
+        return self.head(self.norm(self.pooled(batch)))  # (B, targets), or (B, targets x bins)
 
     def loss(self, batch):
         return self.head.loss(self(batch), batch["label"])
@@ -147,60 +158,74 @@ LOSSES = dict(mse=F.mse_loss, l1=F.l1_loss)
 
 
 class Score:
-    """A head whose one output is the score, trained with --loss."""
+    """A head whose outputs are the targets' scores, trained with --loss summed over the targets."""
+
+    def start(self, labels):
+        """Start at the training labels: each output's bias at its target's mean, its weights scaled by its std."""
+        last = self[-1] if isinstance(self, nn.Sequential) else self
+        last.weight.mul_(labels.std(0)[:, None])
+        last.bias.copy_(labels.mean(0))
 
     def loss(self, out, labels):
-        return LOSSES[self.loss_name](out[:, 0], labels)
+        return LOSSES[self.loss_name](out, labels) * labels.shape[1]
 
     def predict(self, out):
-        return out[:, 0], {}
+        return out, {}
 
 
 class LinearHead(Score, nn.Linear):
-    """One layer to the score."""
+    """One layer to the scores."""
 
     def __init__(self, hidden, cfg):
-        super().__init__(hidden, 1)
+        super().__init__(hidden, len(cfg["targets"].split(",")))
         self.loss_name = cfg["loss"]
 
 
 class MLPHead(Score, nn.Sequential):
-    """The paper's: hidden -> 256 -> 1 with LayerNorm, ReLU and dropout 0.2."""
+    """The paper's: hidden -> 256 -> a score per target, with LayerNorm, ReLU and dropout 0.2."""
 
     def __init__(self, hidden, cfg):
         layers = [nn.LayerNorm(hidden), nn.Linear(hidden, 256), nn.ReLU(), nn.Dropout(0.2)]
-        super().__init__(*layers, nn.Linear(256, 1))
+        super().__init__(*layers, nn.Linear(256, len(cfg["targets"].split(","))))
         self.loss_name = cfg["loss"]
 
 
 class BinsHead(nn.Linear):
-    """One layer to the logits of the 61 bins, trained with HL-Gauss targets; it predicts the mean of the
-    distribution over the bins, and reports its std per clip."""
+    """One layer to the logits of each target's bins (the grid gen writes), trained with HL-Gauss targets; it
+    predicts the mean of the distribution over the bins, and reports its std per clip."""
 
     def __init__(self, hidden, cfg):
-        super().__init__(hidden, len(BINS))
-        self.sigma = cfg["bin_sigma"] * 0.1  # in bins of 0.1
+        values = grid(cfg)
+        super().__init__(hidden, len(cfg["targets"].split(",")) * len(values))
+        self.register_buffer("values", values, persistent=False)
+        self.sigma = cfg["bin_sigma"] * 10 ** -cfg["decimals"]  # in bins
+
+    def start(self, labels):
+        """Start at each target's training labels' distribution: a Gaussian of their mean and std."""
+        start = hl_gauss(labels.mean(0), labels.std(0)[:, None], self.values)
+        self.bias.copy_(start.clamp(min=1e-6).log().flatten())
 
     def loss(self, out, labels):
-        return F.cross_entropy(out, hl_gauss(labels, self.sigma))
+        logits = out.view(-1, len(self.values))
+        return (
+            F.cross_entropy(logits, hl_gauss(labels.flatten(), self.sigma, self.values))
+            * labels.shape[1]
+        )
 
     def predict(self, out):
-        p = out.softmax(-1)
-        values = BINS.to(p.device)
-        mean = p @ values
-        std = (p @ values**2 - mean**2).clamp(min=0).sqrt()
-        return mean, dict(std=std, median=median(p, values))
+        p = out.view(len(out), -1, len(self.values)).softmax(-1)
+        mean = p @ self.values
+        std = (p @ self.values**2 - mean**2).clamp(min=0).sqrt()
+        return mean, dict(std=std, median=median(p, self.values))
 
 
 HEADS = dict(linear=LinearHead, mlp=MLPHead, bins=BinsHead)
 
 
-def hl_gauss(labels, sigma):
+def hl_gauss(labels, sigma, values):
     """HL-Gauss targets (Farebrother et al., 2024): each label's Gaussian (std sigma) integrated over the
-    bins, which end halfway between their values; the mass beyond the outer bins goes to them."""
-    edges = torch.cat([BINS[:1] - 1e3, (BINS[1:] + BINS[:-1]) / 2, BINS[-1:] + 1e3]).to(
-        labels.device
-    )
+    bins of `values`, which end halfway between them; the mass beyond the outer bins goes to them."""
+    edges = torch.cat([values[:1] - 1e3, (values[1:] + values[:-1]) / 2, values[-1:] + 1e3])
     cdf = torch.special.ndtr((edges - labels[:, None]) / sigma)
     return cdf[:, 1:] - cdf[:, :-1]
 
@@ -227,7 +252,7 @@ def keep_layers(backbone, layer):
 
 class Gen(Readout):
     """Generative readout: the model writes the score as text, which parse_score reads (an unparseable answer
-    is counted and scored as --parse_fallback). Trained with cross-entropy on the answer (the label with one decimal, then the end token), or
+    is counted and scored as --parse_fallback). Trained with cross-entropy on the answer (the label with --decimals, then the end token), or
     regression-aware (RAFT, Lukasik et al., ICLR 2025: the squared error of the expected answer), or both.
     --decode: greedy, or the mean or median answer under the model's probabilities."""
 
@@ -261,13 +286,18 @@ class Gen(Readout):
             raise UserError(
                 f"--readout gen: {cfg['model']} has no eos_token_id in its generation config"
             )
+        if "," in cfg["targets"]:
+            raise UserError(
+                f"--readout gen writes one number, not --targets {cfg['targets']}: a gen run per target"
+            )
 
     def title(self):
         return f"{self.cfg['readout']}@{self.cfg['decode']}"  # how its answers became predictions
 
     def answer(self, label, device):
-        """The token ids of the answer a label is trained as: its value with one decimal, the end token."""
-        text = f"{round(label, 1) + 0.0:.1f}"  # + 0.0: no -0.0
+        """The token ids of the answer a label is trained as: its value with --decimals, the end token."""
+        decimals = self.cfg["decimals"]
+        text = f"{round(label, decimals) + 0.0:.{decimals}f}"  # + 0.0: no -0.0
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         return torch.tensor([*ids, self.end_id], device=device)
 
@@ -286,12 +316,12 @@ class Gen(Readout):
 
     def token_loss(self, inputs, targets):
         """Cross-entropy of the tokens where targets != -100; the LM head runs on those positions only."""
-        h = self.hidden_states(inputs)[:, :-1]  # position t predicts token t + 1
+        h = self.hidden_states(inputs).last_hidden_state[:, :-1]  # position t predicts token t + 1
         keep = targets[:, 1:] != -100
         return F.cross_entropy(self.backbone.lm_head(h[keep]).float(), targets[:, 1:][keep])
 
     def loss(self, batch):
-        objective, labels = self.cfg["objective"], batch["label"]
+        objective, labels = self.cfg["objective"], batch["label"][:, 0]
         loss = 0.0
         if objective != "raft":
             loss = self.token_loss(*self.with_answers(batch["inputs"], labels))
@@ -309,7 +339,7 @@ class Gen(Readout):
             values, loglik = self.answer_loglik(inputs)
             probs = loglik.softmax(-1)
             rule = dict(expected=probs @ values, median=median(probs, values))[self.cfg["decode"]]
-            return rule, dict(parse_failures=0, out_of_bounds=0)
+            return rule[:, None], dict(parse_failures=0, out_of_bounds=0)
         out = self.backbone.generate(
             **inputs,
             **self.model_kwargs,
@@ -318,20 +348,21 @@ class Gen(Readout):
         )
         new = out[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        written = np.array([parse_score(t) for t in texts], dtype=float)  # None (no number): NaN
+        low, high = self.cfg["low"], self.cfg["high"]
+        # None (no number): NaN
+        written = np.array([parse_score(t, low, high) for t in texts], dtype=float)
         unanswered = np.isnan(written)
-        # out_of_bounds: the paper's count of answers outside [-3, 3], before they are clipped
-        info = dict(
-            parse_failures=int(unanswered.sum()), out_of_bounds=int((np.abs(written) > 3).sum())
-        )
-        scored = np.where(unanswered, self.cfg["parse_fallback"], written).clip(-3, 3)
-        return torch.tensor(scored), info
+        # out_of_bounds: the paper's count of answers outside the scale, before they are clipped
+        outside = (written < low) | (written > high)
+        info = dict(parse_failures=int(unanswered.sum()), out_of_bounds=int(outside.sum()))
+        scored = np.where(unanswered, self.cfg["parse_fallback"], written).clip(low, high)
+        return torch.tensor(scored)[:, None], info
 
     def answer_loglik(self, inputs):
-        """(values (C,), log-likelihoods (B, C)) of the C = 61 answers gen is trained to write, -3.0 to 3.0
-        by 0.1: each answer's first token after the prompt, each next one after its prefix."""
+        """(values (C,), log-likelihoods (B, C)) of the C answers gen is trained to write (grid(): 61 on
+        [-3, 3]): each answer's first token after the prompt, each next one after its prefix."""
         device = inputs["input_ids"].device
-        values = BINS.to(device)
+        values = grid(self.cfg).to(device)
         answers = [tuple(self.answer(v, device).tolist()) for v in values.tolist()]
         # what follows the prompt: every prefix but the empty one
         prefixes = sorted({a[:d] for a in answers for d in range(1, len(a))})
@@ -386,7 +417,7 @@ class Mean(Disc):
     """Disc with mean pooling: the average last-layer state over the real tokens, not the last token's."""
 
     def pooled(self, batch):
-        h = self.hidden_states(batch["inputs"])  # (B, L, H)
+        h = self.hidden_states(batch["inputs"]).last_hidden_state  # (B, L, H)
         mask = batch["inputs"]["attention_mask"].unsqueeze(-1).to(h.dtype)  # (B, L, 1)
         return ((h * mask).sum(1) / mask.sum(1)).float()  # (B, H)
 
@@ -403,16 +434,20 @@ CUED = re.compile(
     + ")",
     re.IGNORECASE,
 )
-# The scale as models echo it from the prompt ("from -3 to 3", "[-3, +3]", "-3 and 3"): not an answer.
-SCALE = re.compile(
-    r"-\s*3(?:\.0+)?\s*(?:to|and|-|–|—|\.\.\.?|,)\s*\+?3(?:\.0+)?(?![\w.])", re.IGNORECASE
-)
 
 
-def parse_score(text):
-    """The score in a text as written (the readout clips it to [-3, 3]), or None: the number after the
-    last cue word (score, sentiment, rating, answer), else the first number. Never raises on a string."""
-    text = SCALE.sub(" ", text.replace("\u2212", "-"))
+def echoed(value):
+    """A pattern of a scale's end as a model may echo it: -3, - 3, -3.0, +3."""
+    sign = r"-\s*" if value < 0 else r"\+?"
+    return sign + re.escape(f"{abs(value):g}") + r"(?:\.0+)?"
+
+
+def parse_score(text, low=-3.0, high=3.0):
+    """The score in a text as written (the readout clips it to [low, high]), or None: the number after the
+    last cue word (score, sentiment, rating, answer), else the first number; the scale echoed from the
+    prompt ("from -3 to 3", "[-3, +3]", "-3 and 3") is not an answer. Never raises on a string."""
+    scale = echoed(low) + r"\s*(?:to|and|-|–|—|\.\.\.?|,)\s*" + echoed(high) + r"(?![\w.])"
+    text = re.sub(scale, " ", text.replace("\u2212", "-"), flags=re.IGNORECASE)
     cued = CUED.findall(text)
     number = cued[-1] if cued else next(iter(re.findall(NUMBER, text)), None)
     if number is None:

@@ -15,11 +15,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
+from batches import QUESTION
 from data import UserError, write_atomically
-from flags import RESOLVED, TRAINING_FLAGS, reading_flags, resolve
+from flags import TRAINING_FLAGS, reading_flags, resolve, value_problem
 
 RUN_FILES = ("config.json", "weights.safetensors", "last.safetensors", "log.jsonl", "metrics.json")
-FORMAT = 4  # config.json's format; upgrade() brings an older one to it, a step a format
+FORMAT = 5  # config.json's format; upgrade() brings an older one to it, a step a format
 STOPS = (signal.SIGINT, signal.SIGTERM)  # what stops a run: Ctrl-C, SIGTERM
 # What each step of upgrade() fills in (by the format it brings a config to), at the value the runs before it
 # trained with: a run's settings at these values hash as before (ablate.py's folder names stay the same).
@@ -27,6 +28,17 @@ FILLS = {
     2: dict(group_by_length=False),
     3: dict(denoise="none"),
     4: dict(objective="ce", raft_weight=1.0),  # gen's, where the run is gen's
+    # the task (MOSI's sentiment), all training clips, a head (disc's) that starts at zero
+    5: dict(
+        targets="label",
+        low=-3.0,
+        high=3.0,
+        decimals=1,
+        question=QUESTION,
+        classes=True,
+        subsample=None,
+        head_start="default",
+    ),
 }
 FILLED = {k: v for fills in FILLS.values() for k, v in fills.items()}
 
@@ -116,18 +128,6 @@ def unknown_readout(file, name, readouts):
     source = metadata(weights).get("readout_file") if weights.is_file() else None
     hint = f"--readout_file {source}" if source else "--readout_file FILE, the file that defines it"
     return f"{file}: its readout {name!r} is not one of {', '.join(readouts)}: pass {hint}"
-
-
-def value_problem(flag, value):
-    """What is wrong with a saved value of a run flag (its type, a choice it lacks), or None."""
-    types = (float, int) if flag.type is float else (flag.type,)
-    if value is None and flag.default is None and flag.name not in RESOLVED:  # e.g. lora_targets
-        return None
-    if not isinstance(value, types) or (isinstance(value, bool) and flag.type is not bool):
-        return f"{flag.name!r} is {value!r}, not a {flag.type.__name__}"
-    if flag.choices and value not in flag.choices:
-        return f"{flag.name!r} is {value!r}, not one of {', '.join(map(str, flag.choices))}"
-    return None
 
 
 def trained_state(readout):

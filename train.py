@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from backbone import check_model
 from batches import make_loader, to_device
-from data import SPLITS, UserError, load_clips
+from data import SPLITS, Clips, UserError
 from eval import autocast, evaluate, mean_baseline, report
 from flags import (
     RECIPES,
@@ -33,6 +33,7 @@ from flags import (
     readout_file,
     resolve,
     run_flags,
+    task_defaults,
 )
 from lora import count_parameters
 from readout import READOUTS, build, load_readout_file
@@ -97,7 +98,7 @@ def train(cfg):
     quiet = open(os.devnull, "w") if procs.rank > 0 else None  # noqa: SIM115 (closed below)
     try:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
-            clips = {split: load_clips(cfg, split) for split in SPLITS}  # a bad input stops here
+            clips = {split: Clips(cfg, split) for split in SPLITS}  # a bad input stops here
             check_batches(cfg, clips, procs)
             return train_loaded(cfg, clips, procs)
     except KeyboardInterrupt:
@@ -139,6 +140,7 @@ class Setup:
 def set_up(cfg, clips, procs):
     """The model, LoRA and readout, the loaders and the optimizer of the run `cfg` describes."""
     readout, parts = build(cfg, procs.device)
+    readout.start(torch.tensor([r["label"] for r in clips["train"].rows]))
     # after the model: transformers' save_pretrained (the tiny model) on rank 0 alone
     if procs.world > 1:
         dist.init_process_group("nccl" if procs.device.type == "cuda" else "gloo")
@@ -347,6 +349,7 @@ def read_flags(p, argv):
     recipe = p.parse_args(argv).recipe
     if recipe:
         p.set_defaults(**RECIPES[recipe])
+    task_defaults(p, argv)
     cfg = resolve(vars(p.parse_args(argv)))
     del cfg["recipe"]
     # auto: cuda or cpu, from here on (ablate.py, probe.py too)

@@ -17,7 +17,8 @@ class Middle(Disc):
     )
 
     def pooled(self, batch):
-        h = self.hidden_states(batch["inputs"], layer=self.cfg["read_layer"])
+        out = self.hidden_states(batch["inputs"], output_hidden_states=True)  # every layer's
+        h = out.hidden_states[self.cfg["read_layer"]]
         return at_last_token(h, batch["inputs"]["attention_mask"]).float()
 
     def param_groups(self, lr):  # LoRA at --lr, the head at its own rate

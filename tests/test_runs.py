@@ -42,7 +42,10 @@ def test_an_older_config_is_brought_up_to_date_and_keeps_its_folder_name(capsys)
     # every readout's flags and the retired ones dropped, the newer one filled in, each said once
     assert "format 1 -> 2" in said and "'group_by_length': False" in said and "'samples'" in said
     assert cfg["group_by_length"] is False and "samples" not in cfg and "decode" not in cfg
-    assert run_config(cfg, READOUTS["disc"])["format"] == 4 and cfg["denoise"] == "none"
+    assert run_config(cfg, READOUTS["disc"])["format"] == 5 and cfg["denoise"] == "none"
+    # format 5: the task (MOSI's), every training clip, a head started as PyTorch starts it
+    assert cfg["targets"] == "label" and (cfg["low"], cfg["high"], cfg["decimals"]) == (-3, 3, 1)
+    assert cfg["subsample"] is None and cfg["head_start"] == "default"
     # the name ablate.py gave this run before formats (computed by that version's folder_name)
     assert folder_name(cfg, True) == "disc-t-s0-6917a2b5"
     assert folder_name({**cfg, "group_by_length": True}, True) != "disc-t-s0-6917a2b5"

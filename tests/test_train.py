@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from batches import make_loader
-from data import UserError, load_clips
+from data import Clips, UserError
 from eval import evaluate, load_checkpoint
 from readout import READOUTS, build
 from runs import load_config, read_log
@@ -24,7 +24,7 @@ from train import lr_at, train
 
 
 def loader(cfg, split, parts, **kw):
-    return make_loader(cfg, load_clips(cfg, split), parts, **kw)
+    return make_loader(cfg, Clips(cfg, split), parts, **kw)
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
@@ -515,7 +515,7 @@ def test_gguf_causal_lm_quantised_in_memory_trains_disc_and_gen_on_real_transcri
         optimizer.step()
         optimizer.zero_grad()
     preds, info = gen.predict(batch)
-    assert preds.shape == (4,) and 0 <= info["out_of_bounds"] <= 4
+    assert preds.shape == (4, 1) and 0 <= info["out_of_bounds"] <= 4
 
 
 @pytest.mark.parametrize(
