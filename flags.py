@@ -172,7 +172,7 @@ def run_flags(p, readouts, training=True):
     p.add_argument(
         "--task",
         metavar="FILE",
-        help="a task.json: the task's flags' defaults (default: the data's)",
+        help="a task.json: defaults for the task's flags (default: the one beside --data's labels)",
     )
     names = []
     for f in reading_flags(tuple(readouts)) + (TRAINING_FLAGS if training else ()):
