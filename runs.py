@@ -28,7 +28,7 @@ FILLS = {
     2: dict(group_by_length=False),
     3: dict(denoise="none"),
     4: dict(objective="ce", raft_weight=1.0),  # gen's, where the run is gen's
-    # the task (MOSI's sentiment), all training clips, a head (disc's) that starts at zero
+    # the task (MOSI's sentiment), all training clips, disc's head as PyTorch starts it
     5: dict(
         targets="label",
         low=-3.0,
