@@ -340,7 +340,7 @@ class Clips:
         on_bad = cfg["on_bad"]
         rows, self.skipped = read_split(cfg, split, on_bad)
         # --subsample: that many training clips, drawn by the seed, in their order
-        if split == "train" and cfg.get("subsample"):
+        if split == "train" and cfg["subsample"]:
             drawn = np.random.default_rng(cfg["seed"]).permutation(len(rows))[: cfg["subsample"]]
             rows = [rows[i] for i in sorted(drawn)]
         problems = self.check(rows, split, cfg["num_workers"])
