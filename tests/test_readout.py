@@ -320,6 +320,16 @@ def test_each_head_trains_beats_the_train_mean_and_its_checkpoint_reproduces(mak
     assert again["MAE"] == result["test"]["MAE"]
 
 
+def test_pool_norm_auto_gives_each_head_what_it_needs(make_cfg):
+    wanted = dict(linear=torch.nn.Identity, mlp=torch.nn.Identity, bins=torch.nn.BatchNorm1d)
+    for head, norm in wanted.items():
+        readout, _ = build(make_cfg("--modalities", "t", "--head", head), torch.device("cpu"))
+        assert type(readout.norm) is norm, head
+    flags = ("--modalities", "t", "--head", "bins", "--pool_norm", "none")  # a flag given wins
+    readout, _ = build(make_cfg(*flags), torch.device("cpu"))
+    assert type(readout.norm) is torch.nn.Identity
+
+
 def evaluate_split(cfg, readout, parts, split="test"):
     from batches import make_loader
     from data import Clips
@@ -337,7 +347,8 @@ def test_bins_put_their_mass_where_a_one_value_training_set_puts_it(make_cfg):
     assert torch.allclose(targets.sum(-1), torch.ones(2)) and targets[0].argmax() == 40  # bin 1.0
     assert targets[1, 0] > 0.5  # the mass beyond -3 goes to the outer bin
     torch.manual_seed(0)
-    readout, parts = build(make_cfg("--modalities", "t", "--head", "bins"), torch.device("cpu"))
+    flags = ("--modalities", "t", "--head", "bins", "--pool_norm", "none")  # the head alone
+    readout, parts = build(make_cfg(*flags), torch.device("cpu"))
     prompts = [prompt(t, "t", parts) for t in ["good", "the plot was bad", "okay"]]
     batch = dict(inputs=dict(parts.processor(text=prompts, padding=True, return_tensors="pt")))
     batch["label"] = torch.full((3, 1), 1.0)  # every training label is 1.0
