@@ -183,14 +183,6 @@ def add_run_lora(model, cfg):
 TINY_FILES = Path(__file__).with_name("tiny")
 
 
-def tiny_processor():
-    """The Omni processor of the tiny Thinker: a byte-level BPE tokenizer (512 tokens, the Omni special tokens),
-    Whisper features, the Qwen2-VL image and video processors."""
-    from transformers import Qwen2_5OmniProcessor
-
-    return Qwen2_5OmniProcessor.from_pretrained(TINY_FILES)
-
-
 def build_tiny(folder, seed=0):
     """Write a random Qwen2.5-Omni Thinker of tiny/'s configuration (about 0.4 M parameters) and its processor
     into `folder`."""

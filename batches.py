@@ -153,11 +153,13 @@ class ShardedShuffle(torch.utils.data.Sampler):
     batch_size * world clips (an incomplete one dropped: a batch norm needs two clips), of which `rank` takes
     its contiguous batch_size: `world` processes (torchrun) see exactly the batches of one process with the
     global batch size. Grouped (--group_by_length), each run of 50 global batches is sorted by length
-    before it is cut: clips of similar length together, in new batches each epoch."""
+    before it is cut: clips of similar length together, in new batches each epoch. `skip`: the global batches
+    of the next pass to leave out (a run resumed within an epoch goes on in the same order), then 0."""
 
     def __init__(self, lengths, batch_size, rank, world, generator, grouped=False):
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.lengths, self.generator, self.grouped = lengths, generator, grouped
+        self.skip = 0
 
     def __iter__(self):
         n = len(self.lengths)
@@ -169,7 +171,9 @@ class ShardedShuffle(torch.utils.data.Sampler):
         if self.grouped:
             runs = perm.split(50 * size)
             perm = torch.cat([run[self.lengths[run].argsort(descending=True)] for run in runs])
-        yield from perm.view(-1, self.world, self.batch_size)[:, self.rank].flatten().tolist()
+        mine = perm.view(-1, self.world, self.batch_size)[self.skip :, self.rank]
+        self.skip = 0
+        yield from mine.flatten().tolist()
 
     def __len__(self):
         return len(self.lengths) // (self.batch_size * self.world) * self.batch_size

@@ -31,9 +31,9 @@ from backbone import (
     LORA_TARGETS,
     PAPER_TARGETS,
     SKIP_QUANT,
+    TINY_FILES,
     Backbone,
     model_source,
-    tiny_processor,
 )
 from batches import QUESTION, collate, make_loader, model_inputs, prompt, to_device
 from data import (
@@ -72,6 +72,14 @@ TINY = dict(
         depth=1, hidden_size=64, intermediate_size=128, num_heads=2, fullatt_block_indexes=[0]
     ),
 )
+
+
+def tiny_processor():
+    """The Omni processor of the tiny Thinker: a byte-level BPE tokenizer (512 tokens, the Omni special tokens),
+    Whisper features, the Qwen2-VL image and video processors."""
+    from transformers import Qwen2_5OmniProcessor
+
+    return Qwen2_5OmniProcessor.from_pretrained(TINY_FILES)
 
 
 def thinker_config(tokenizer, text, audio, vision):

@@ -111,6 +111,20 @@ MACHINE_FLAGS = (  # this machine's settings: never saved with a run, always fro
     Flag("trust_remote_code", bool, False, "let transformers run code shipped with --model"),
     Flag("readout_file", str, None, "a .py file that adds readouts to READOUTS (README: a fork)"),
 )
+TRAINING_MACHINE_FLAGS = (  # train.py's (ablate.py's) too
+    Flag(
+        "save_every",
+        float,
+        30.0,
+        "minutes between saves within an epoch (--resume goes on from there)",
+    ),
+    Flag(
+        "grad_ckpt",
+        bool,
+        False,
+        "activation checkpointing of the layers that train: less memory, slower",
+    ),
+)
 
 # A random tiny model needs more steps at a larger rate. LoRA r=32 trains 0.90% of the 7B Thinker's parameters.
 PRESETS = {
@@ -185,8 +199,9 @@ def run_flags(p, readouts, training=True):
     return names
 
 
-def machine_flags(p):
-    for f in MACHINE_FLAGS:
+def machine_flags(p, training=False):
+    """Add this machine's flags to `p`; training: train.py's too."""
+    for f in MACHINE_FLAGS + (TRAINING_MACHINE_FLAGS if training else ()):
         add_flag(p, f)
 
 

@@ -220,24 +220,19 @@ def stop_deferred():
         raise KeyboardInterrupt
 
 
-def save_epoch(out, readout, cfg, optimizer, generator, log):
-    """The end of an epoch, in this order, so that a crash anywhere leaves a folder that --resume continues;
-    nothing that is not finite is written, and a stop waits until the epoch is saved whole."""
-    epoch = log[-1]
+def save_epoch(out, readout, cfg, optimizer, log, going, loader):
+    """What --resume continues from (save_last's), in this order, so that a crash anywhere leaves a folder that it
+    continues; between epochs (`going` without losses) the weights too if the epoch improved. Nothing that is
+    not finite is written, and a stop waits until all is saved."""
     broken = [k for k, v in trained_state(readout).items() if not torch.isfinite(v).all()]
     if broken:
-        raise FloatingPointError(
-            f"after epoch {epoch['epoch']}, {len(broken)} trained tensors are not finite"
-        )
+        raise FloatingPointError(f"{len(broken)} trained tensors are not finite")
     with stop_deferred():
-        if epoch["improved"]:
+        if "losses" not in going and log[-1]["improved"]:
             save_weights(out, readout, cfg)
-        if epoch["epoch"] == 1:
-            save_json(out / "config.json", run_config(cfg, type(readout)))
+        save_json(out / "config.json", run_config(cfg, type(readout)))
         write_log(out, log)
-        save_last(
-            out / "last.safetensors", readout, optimizer, generator, epoch["epoch"], epoch["step"]
-        )
+        save_last(out / "last.safetensors", readout, optimizer, going, loader)
 
 
 def hold(out, resume, overwrite):
@@ -284,8 +279,9 @@ def kept_so_far(out, then):
     """What a stopped run leaves, in words, and `then`: what to do with it, if it is anything."""
     file = out / "last.safetensors"
     if not file.exists():
-        return "no epoch had finished, nothing was kept"
-    return f"{out} holds epoch {last_meta(file)['epoch']}, the last good one; {then}"
+        return "nothing was saved yet"
+    going = last_going(file)
+    return f"{out} holds epoch {going['epoch'] - 1} and {len(going.get('losses', []))} batches of the next, the last good state; {then}"
 
 
 def check_space(out, trainable):
@@ -300,29 +296,31 @@ def check_space(out, trainable):
         )
 
 
-def save_last(file, readout, optimizer, generator, epoch, step):
-    """What continuing after `epoch` needs: trained tensors, optimizer state, random states; the rest as
-    metadata."""
+def save_last(file, readout, optimizer, going, loader):
+    """What continuing needs: trained tensors, optimizer state, random states (`loader`: the loader's where
+    the epoch in progress began); as metadata the optimizer's parameter groups and `going`, the Epoch record
+    to go on with (train.py's: between epochs its epoch and step; within one, its batches' losses so far too)."""
     tensors = {f"model.{k}": v for k, v in trained_state(readout).items()}
     state = optimizer.state_dict()
     tensors.update({f"optim.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()})
     tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.loader"] = generator.get_state()
+    tensors["rng.loader"] = loader
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    meta = dict(epoch=epoch, step=step, param_groups=state["param_groups"])
+    meta = dict(going=going, param_groups=state["param_groups"])
     save_tensors(file, tensors, {"train": json.dumps(meta)})
 
 
-def last_meta(file):
-    """What save_last wrote as metadata: the epoch, the step, the optimizer's parameter groups."""
-    return json.loads(metadata(file)["train"])
+def last_going(file):
+    """The Epoch record save_last wrote (before it did: the epoch after the one it held, from its step)."""
+    meta = json.loads(metadata(file)["train"])
+    return meta.get("going") or dict(epoch=meta["epoch"] + 1, step=meta["step"])
 
 
 def load_last(file, readout, optimizer, generator):
-    """Restore what save_last wrote -> (epoch, step)."""
+    """Restore what save_last wrote -> the Epoch record to go on with."""
     tensors = read_tensors(file)  # a clear error for a missing, truncated or foreign file
-    meta = last_meta(file)
+    meta = json.loads(metadata(file)["train"])
     load_weights(readout, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, file)
     state = {}
     for k, v in tensors.items():
@@ -334,4 +332,4 @@ def load_last(file, readout, optimizer, generator):
     generator.set_state(tensors["rng.loader"])
     if "rng.cuda" in tensors:
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return meta["epoch"], meta["step"]
+    return last_going(file)

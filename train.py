@@ -6,6 +6,7 @@ torchrun --nproc_per_node 4 train.py --data mosei        # data parallel: one pr
 """
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import math
@@ -52,32 +53,28 @@ from runs import (
     save_json,
 )
 
-
-@dataclasses.dataclass(frozen=True)
-class Processes:
-    """This process's place under torchrun (one process and no torchrun: rank 0 of 1), and its device."""
-
-    rank: int
-    world: int
-    device: torch.device
+# This process's place under torchrun (one process and no torchrun: rank 0 of 1), and its device
+Processes = collections.namedtuple("Processes", "rank world device")
 
 
 @dataclasses.dataclass
 class Epoch:
-    """One epoch's line of log.jsonl."""
+    """One epoch's line of log.jsonl, and within an epoch what --resume goes on from (save_last's `going`)."""
 
     epoch: int
     step: int
+    losses: list = dataclasses.field(default_factory=list)  # each batch's training loss, so far
     train_loss: float = math.nan
     data_wait_seconds: float = 0.0
-    padding_share: float = 0.0
-    seconds: float = 0.0
+    padding_share: float = 0.0  # the mean over its batches of their share of padding tokens
+    seconds: float = 0.0  # training and validating it
     valid: dict = None
     improved: bool = False
 
 
-def lr_at(step, total, warmup, peak):
-    """Linear warm-up to `peak`, then cosine decay to zero."""
+def lr_at(step, total, warmup_ratio, peak):
+    """Linear warm-up to `peak` over the first warmup_ratio of the `total` steps, then cosine decay to zero."""
+    warmup = max(1, round(warmup_ratio * total))
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
@@ -85,7 +82,8 @@ def lr_at(step, total, warmup, peak):
 
 def train(cfg):
     """Train the run `cfg` describes -> (folder, metrics). Under torchrun every process runs it; rank 0
-    writes. The folder is locked while it trains; what it holds is always a whole epoch's state."""
+    writes. The folder is locked while it trains; what it holds is always a whole state to go on from (an epoch's
+    end, or a step within one: --save_every)."""
     procs = processes(cfg["device"])
     # a SIGTERM stops as Ctrl-C does (also where a shell started the run ignoring Ctrl-C)
     for s in STOPS:
@@ -123,18 +121,9 @@ def check_batches(cfg, clips, procs):
         )
 
 
-@dataclasses.dataclass
-class Setup:
-    """What a run trains with: the readout over its backbone's parts, the loaders, the optimizer."""
-
-    readout: torch.nn.Module
-    parts: object
-    # shuffled by the run's seed; this rank's part of each batch
-    loader: torch.utils.data.DataLoader
-    valid: torch.utils.data.DataLoader
-    in_order: torch.utils.data.DataLoader  # the training clips, for prepare()
-    optimizer: torch.optim.Optimizer
-    counts: dict
+# What a run trains with: the readout over its backbone's parts, the loaders (`loader`: shuffled by the run's
+# seed, this rank's part of each batch; `in_order`: the training clips, for prepare()), the optimizer
+Setup = collections.namedtuple("Setup", "readout parts loader valid in_order optimizer counts")
 
 
 def set_up(cfg, clips, procs):
@@ -147,15 +136,15 @@ def set_up(cfg, clips, procs):
     if cfg["grad_ckpt"]:
         checkpoint_trained_layers(readout.backbone)
     counts = count_parameters(readout)
-    share = f"{counts['trainable_pct']:.2f}%"
-    print(f"trainable {counts['trainable']:,} of {counts['total']:,} parameters ({share})")
+    print(
+        f"trainable {counts['trainable']:,} of {counts['total']:,} parameters ({counts['trainable_pct']:.2f}%)"
+    )
     check_space(Path(cfg["out"]), counts["trainable"])
     batch, rank, world = cfg["batch_size"], procs.rank, procs.world
     loader = make_loader(cfg, clips["train"], parts, batch, True, cfg["seed"], rank, world)
-    per_step = batch * world * cfg["grad_accum"]
     print(
         f"effective batch: {batch} clips x {world} process(es) x {cfg['grad_accum']} accumulation "
-        f"steps = {per_step} clips per optimizer step"
+        f"steps = {batch * world * cfg['grad_accum']} clips per optimizer step"
     )
     groups = [dict(params=ps, lr=lr, peak=lr) for ps, lr in readout.param_groups(cfg["lr"]) if ps]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])
@@ -169,27 +158,34 @@ def set_up(cfg, clips, procs):
 def train_loaded(cfg, clips, procs):
     out, device = Path(cfg["out"]), procs.device
     run = set_up(cfg, clips, procs)
-    log, start, step = [], 0, 0
+    log, going = [], dict(epoch=1, step=0)
     if cfg["resume"]:
-        start, step = load_last(
+        going = load_last(
             out / "last.safetensors", run.readout, run.optimizer, run.loader.generator
         )
-        log = [r for r in read_log(out) if r["epoch"] <= start]
-        print(f"resuming {out} after epoch {start}")
-    for epoch in range(start + 1, cfg["epochs"] + 1):
+        log = [r for r in read_log(out) if r["epoch"] < going["epoch"]]
+        print(
+            f"resuming {out} at epoch {going['epoch']}, after {len(going.get('losses', []))} of its batches"
+        )
+
+    def save(*last):  # rank 0 writes
+        if procs.rank == 0:
+            save_epoch(out, run.readout, cfg, run.optimizer, log, *last)
+
+    while going["epoch"] <= cfg["epochs"]:
+        record = Epoch(**going)
+        train_epoch(run.readout, run.loader, run.optimizer, cfg, record, procs, save)
         started = time.time()
-        record = train_epoch(run.readout, run.loader, run.optimizer, cfg, Epoch(epoch, step), procs)
-        step = record.step
         # the statistics a readout keeps (a batch norm's) from the training set, then the validation split
         with autocast(device):
             run.readout.prepare(to_device(b, device) for b in run.in_order)
         record.valid = evaluate(run.readout, run.valid, device)[0]
         best = min((r["valid"]["MAE"] for r in log), default=math.inf)  # every earlier epoch's
         record.improved = record.valid["MAE"] < best
-        record.seconds = time.time() - started
+        record.seconds += time.time() - started
         log.append(dataclasses.asdict(record))
-        if procs.rank == 0:
-            save_epoch(out, run.readout, cfg, run.optimizer, run.loader.generator, log)
+        going = dict(epoch=record.epoch + 1, step=record.step)
+        save(going, run.loader.generator.get_state())
         say(record)
     extra = dict(parameters=run.counts, data={s: c.counts() for s, c in clips.items()})
     return finish(cfg, run.readout, make_loader(cfg, clips["test"], run.parts), log, extra, procs)
@@ -217,48 +213,52 @@ def say(r):
     )
 
 
-def train_epoch(readout, loader, optimizer, cfg, record, procs):
-    """One pass over the training batches -> `record` with the mean loss, the optimizer steps so far, the
-    seconds spent waiting for data and the mean share of padding in a batch's tokens."""
+def train_epoch(readout, loader, optimizer, cfg, record, procs, save):
+    """The epoch's batches after those in record.losses -> `record`; every --save_every minutes, save(record, the
+    loader's RNG state at the epoch's start)."""
     readout.train()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     total = cfg["epochs"] * math.ceil(len(loader) / cfg["grad_accum"])
-    warmup = max(1, round(cfg["warmup_ratio"] * total))
-    losses, padded, ready = [], [], time.perf_counter()
-    bar = tqdm(
-        loader, desc=f"epoch {record.epoch}/{cfg['epochs']}", leave=False, disable=procs.rank > 0
-    )
-    for i, batch in enumerate(bar):
+    began, ready = loader.generator.get_state(), time.perf_counter()
+    started, saved = ready - record.seconds, record.seconds
+    loader.sampler.skip = done = len(record.losses)  # resumed: on after its batches done
+    bar = tqdm(loader, f"epoch {record.epoch}", initial=done, leave=False, disable=procs.rank > 0)
+    for i, batch in enumerate(bar, done):
         record.data_wait_seconds += time.perf_counter() - ready
-        padded.append(1 - batch["inputs"]["attention_mask"].float().mean().item())
+        padding = 1 - batch["inputs"]["attention_mask"].float().mean().item()
+        record.padding_share += padding / len(loader)
         where = f"at epoch {record.epoch}, batch {i + 1}"
         with autocast(procs.device):
             loss = readout.loss(to_device(batch, procs.device))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the training loss is {loss.item()} {where}")
         (loss / cfg["grad_accum"]).backward()
-        losses.append(loss.item())
+        record.losses.append(loss.item())
         # an optimizer step every grad_accum batches, and after the last
         if (i + 1) % cfg["grad_accum"] == 0 or i + 1 == len(loader):
-            if procs.world > 1:
-                average_gradients(params, procs.world)
+            average_gradients(params, procs.world)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(record.step, total, warmup, group["peak"])
+                group["lr"] = lr_at(record.step, total, cfg["warmup_ratio"], group["peak"])
             norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
             if not torch.isfinite(norm):
                 raise FloatingPointError(f"the gradient norm is {norm.item()} {where}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             record.step += 1
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            record.seconds = time.perf_counter() - started
+            if record.seconds - saved > 60 * cfg["save_every"]:
+                save(vars(record), began)
+                saved = record.seconds
+        bar.set_postfix(loss=f"{np.mean(record.losses[-20:]):.4f}")
         ready = time.perf_counter()
-    record.train_loss = float(np.mean(losses))
-    record.padding_share = float(np.mean(padded))
+    record.train_loss = float(np.mean(record.losses))
     return record
 
 
 def average_gradients(params, world):
     """What DistributedDataParallel does, without its wrapper: any readout's loss() works."""
+    if world == 1:
+        return
     grads = [p.grad.flatten() if p.grad is not None else p.new_zeros(p.numel()) for p in params]
     flat = torch.cat(grads)
     dist.all_reduce(flat)
@@ -288,9 +288,8 @@ def finish(cfg, readout, test_loader, log, extra, procs):
     if procs.rank == 0:
         save_json(out / "metrics.json", result)
     report(f"{readout.title()} ({cfg['modalities']}, test)", test, baseline)
-    ratio = test["MAE"] / baseline["MAE"]
     print(
-        f"test MAE / train-mean MAE = {ratio:.3f}   kept epoch {kept['epoch']}   checkpoint: {out}"
+        f"test MAE / train-mean MAE = {test['MAE'] / baseline['MAE']:.3f}   kept epoch {kept['epoch']}   checkpoint: {out}"
     )
     if procs.world > 1:
         dist.destroy_process_group()
@@ -321,12 +320,7 @@ def parser(
     machine = p.add_argument_group(
         "this machine (not saved with the run; --resume takes them from here)"
     )
-    machine_flags(machine)
-    machine.add_argument(
-        "--grad_ckpt",
-        action="store_true",
-        help="activation checkpointing of the layers that train: less memory, slower",
-    )
+    machine_flags(machine, training=True)
     p.add_argument("--out", help=out_help)
     p.add_argument(
         "--recipe",
@@ -338,7 +332,7 @@ def parser(
         p.add_argument(
             "--resume",
             metavar="DIR",
-            help="continue the run in DIR after its last finished epoch, with its own run settings",
+            help="continue the run in DIR from its last save, with its own run settings",
         )
         p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     return p

@@ -116,7 +116,8 @@ def test_cache_decodes_once_and_again_after_a_change(toy_root, tmp_path):
 
 
 def test_prompt_leaves_out_what_is_not_requested():
-    from backbone import Backbone, tiny_processor
+    from backbone import Backbone
+    from bench import tiny_processor
 
     processor = tiny_processor()
     parts = Backbone(None, processor.tokenizer, processor)
@@ -491,6 +492,27 @@ def test_grouped_batches_hold_clips_of_similar_length_and_change_between_epochs(
     assert torch.equal(torch.cat(halves, 1), epochs(True, count=1)[0])
 
 
+def test_a_sampler_told_to_skip_gives_the_rest_of_the_same_order_and_then_skips_nothing():
+    import torch
+
+    from batches import ShardedShuffle
+
+    lengths = torch.zeros(40)
+
+    def two_epochs(
+        skip, rank=0, world=1
+    ):  # a run resumed within an epoch: the same generator state
+        sampler = ShardedShuffle(lengths, 4, rank, world, torch.Generator().manual_seed(3))
+        sampler.skip = skip
+        return list(sampler), list(sampler)
+
+    full, next_full = two_epochs(0)
+    rest, next_rest = two_epochs(3)
+    assert rest == full[12:] and next_rest == next_full != full
+    # under torchrun every rank skips the same global batches: 3, of 4 clips each per rank
+    assert two_epochs(3, 1, 2)[0] == two_epochs(0, 1, 2)[0][12:]
+
+
 def test_a_spreadsheet_saved_label_csv_reads_like_a_plain_one(tmp_path):
     rows = (
         "video_id,clip_id,text,label,mode\r\n"
@@ -573,7 +595,8 @@ def test_a_full_disk_is_one_line_and_leaves_the_previous_file_whole(tmp_path):
 
 
 def test_audio_in_video_interleaves_the_clips_audio_with_its_video(toy_root, tmp_path):
-    from backbone import Backbone, tiny_processor
+    from backbone import Backbone
+    from bench import tiny_processor
 
     processor = tiny_processor()
     parts = Backbone(None, processor.tokenizer, processor)

@@ -273,7 +273,8 @@ def test_expected_scores_every_answer_as_separate_forward_passes_would(make_cfg,
 def test_expected_on_a_llama_decoder_with_left_padding(make_cfg):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from backbone import Backbone, tiny_processor
+    from backbone import Backbone
+    from bench import tiny_processor
     from readout import Gen
 
     tokenizer = tiny_processor().tokenizer

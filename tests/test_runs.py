@@ -74,3 +74,19 @@ def test_an_out_that_cannot_be_written_is_one_line_and_cleaning_up_never_raises(
     assert (out / "kept.txt").exists()
     release(hold(tmp_path / "empty", resume=None, overwrite=False), tmp_path / "empty")
     assert not (tmp_path / "empty").exists()  # an empty one goes
+
+
+def test_a_last_safetensors_from_before_mid_epoch_saves_goes_on_at_the_next_epoch(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from runs import kept_so_far, last_going
+
+    old = dict(
+        epoch=3, step=27, param_groups=[]
+    )  # what save_last wrote until it saved within epochs
+    save_file(
+        {"rng.torch": torch.zeros(1)}, tmp_path / "last.safetensors", {"train": json.dumps(old)}
+    )
+    assert last_going(tmp_path / "last.safetensors") == dict(epoch=4, step=27)
+    assert "holds epoch 3 and 0 batches of the next" in kept_so_far(tmp_path, "")

@@ -28,7 +28,7 @@ def loader(cfg, split, parts, **kw):
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    lrs = [lr_at(s, total=100, warmup=10, peak=1.0) for s in range(100)]
+    lrs = [lr_at(s, total=100, warmup_ratio=0.1, peak=1.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert lrs[-1] < 0.001
@@ -336,12 +336,12 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_epoch(make_cfg,
     monkeypatch.setattr(Disc, "loss", loss_that_blows_up_in_epoch_2)
     cfg = make_cfg("--modalities", "t", "--epochs", "3", "--batch_size", "4")
     with pytest.raises(
-        UserError, match="loss is nan at epoch 2, batch 4.*holds epoch 1, the last good one"
+        UserError, match="loss is nan at epoch 2, batch 4.*holds epoch 1 and 0 batches of the next"
     ):
         train(cfg)
     out = Path(cfg["out"])
     with safe_open(out / "last.safetensors", framework="pt") as f:
-        assert json.loads(f.metadata()["train"])["epoch"] == 1
+        assert json.loads(f.metadata()["train"])["going"] == dict(epoch=2, step=9)
     load_checkpoint(out, cfg)  # the best epoch loads
 
 
@@ -753,7 +753,7 @@ def test_a_diverging_run_keeps_nothing_that_is_not_finite(make_cfg, tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert (
         "training loss is nan at epoch 2, batch 2" in error
-        and "holds epoch 1, the last good one" in error
+        and "holds epoch 1 and 0 batches of the next, the last good state" in error
         and "lower --lr" in error
     )
     for file in (tmp_path / "run").glob("*.safetensors"):  # no NaN tensor anywhere
@@ -829,7 +829,7 @@ def test_a_stop_while_an_epoch_is_saved_waits_until_its_files_are_all_written(
     out = Path(cfg["out"])
     assert f"{out} holds epoch 1" in str(stop.value) and "--resume" in str(stop.value)
     with safe_open(out / "last.safetensors", framework="pt") as f:
-        assert json.loads(f.metadata()["train"])["epoch"] == 1
+        assert json.loads(f.metadata()["train"])["going"]["epoch"] == 2
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
 
@@ -864,6 +864,43 @@ def test_ctrl_c_says_what_was_kept_and_resume_ends_as_if_left_alone(make_cfg, tm
     for split in ("valid", "test"):
         a[split].pop("ms_per_clip"), b[split].pop("ms_per_clip")
     assert a == b
+
+
+def test_a_run_stopped_within_an_epoch_goes_on_from_its_last_save_as_if_left_alone(
+    make_cfg, tmp_path, monkeypatch
+):
+    import runs
+    import train as train_module
+
+    flags = ("--modalities", "t", "--epochs", "2", "--batch_size", "4")  # 9 batches an epoch
+    train(make_cfg(*flags, "--out", str(tmp_path / "alone")))
+    real = runs.save_last
+
+    def ctrl_c_after_5_batches_of_epoch_2(file, readout, optimizer, going, loader):
+        real(file, readout, optimizer, going, loader)
+        if going["epoch"] == 2 and len(going.get("losses", [])) == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # while it is saved: the save ends first
+
+    monkeypatch.setattr(runs, "save_last", ctrl_c_after_5_batches_of_epoch_2)
+    cfg = make_cfg(*flags, "--save_every", "0", "--out", str(tmp_path / "stopped"))
+    with pytest.raises(UserError, match="holds epoch 1 and 5 batches of the next") as stop:
+        train(cfg)
+    assert f"python train.py --resume {cfg['out']} continues" in str(stop.value)
+    monkeypatch.undo()
+    out = Path(cfg["out"])
+    assert not (out / "metrics.json").exists() and len(read_log(out)) == 1
+    again = ["--resume", str(out), "--cache_dir", cfg["cache_dir"], "--device", "cpu"]
+    train(train_module.parse_args(again))
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "alone", out))
+    for split in ("valid", "test"):  # (read back: the train mean's Corr is the one NaN in both)
+        a[split].pop("ms_per_clip"), b[split].pop("ms_per_clip")
+    assert a == b
+    logs = [read_log(d) for d in (tmp_path / "alone", out)]
+    for a, b in zip(*logs):  # each epoch once, the same batches' losses; only the timings differ
+        for timing in ("seconds", "data_wait_seconds"):
+            a.pop(timing), b.pop(timing)
+        a["valid"].pop("ms_per_clip"), b["valid"].pop("ms_per_clip")
+        assert a == b and len(a["losses"]) == 9
 
 
 @pytest.mark.parametrize(
