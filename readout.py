@@ -382,16 +382,16 @@ class Gen(Readout):
         answers = [tuple(self.answer(v, device).tolist()) for v in values.tolist()]
         # what follows the prompt: every prefix but the empty one
         prefixes = sorted({a[:d] for a in answers for d in range(1, len(a))})
-        first, after = self.next_token_logp(inputs, prefixes)  # (B, V), (B, prefixes, V)
-        row = {p: i for i, p in enumerate(prefixes)}
-        columns = []
-        for a in answers:
-            later = [after[:, row[a[:d]], a[d]] for d in range(1, len(a))]
-            columns.append(first[:, a[0]] + sum(later))
-        return values, torch.stack(columns, 1)
+        logp = self.next_token_logp(inputs, prefixes)  # (B, 1 + prefixes, V)
+        row = {p: i for i, p in enumerate([(), *prefixes])}  # (): the prompt alone
+        # every answer's tokens, each after its prefix, in one gather: autograd then fills one gradient of
+        # logp's size, not one per token (with a large vocabulary, most of a RAFT step's time)
+        steps = torch.tensor([(row[a[:d]], a[d]) for a in answers for d in range(len(a))])
+        taken = logp[:, steps[:, 0], steps[:, 1]].split([len(a) for a in answers], 1)
+        return values, torch.stack([t.sum(1) for t in taken], 1)
 
     def next_token_logp(self, inputs, prefixes):
-        """Log-probabilities of the token after each prompt (B, V) and after each prompt + prefix (B, P, V), in
+        """Log-probabilities of the token after each prompt and after each prompt + prefix, (B, 1 + P, V), in
         two passes: the prompts, then every prefix's last token at once (a tree attention mask over the cache)."""
         model, mask = self.text_model(), inputs["attention_mask"]
         numbered = {}  # real tokens numbered from 0 past the padding, as generate() does
@@ -419,8 +419,7 @@ class Gen(Readout):
         logits = self.backbone.lm_head(
             torch.cat([prompt.last_hidden_state[:, -1:], fed.last_hidden_state], 1)
         )
-        logp = F.log_softmax(logits.float(), -1)
-        return logp[:, 0], logp[:, 1:]
+        return F.log_softmax(logits.float(), -1)
 
 
 def median(probs, values):
