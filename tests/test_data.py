@@ -499,9 +499,8 @@ def test_a_sampler_told_to_skip_gives_the_rest_of_the_same_order_and_then_skips_
 
     lengths = torch.zeros(40)
 
-    def two_epochs(
-        skip, rank=0, world=1
-    ):  # a run resumed within an epoch: the same generator state
+    def two_epochs(skip, rank=0, world=1):
+        # a run resumed within an epoch: the generator in the state the epoch began with
         sampler = ShardedShuffle(lengths, 4, rank, world, torch.Generator().manual_seed(3))
         sampler.skip = skip
         return list(sampler), list(sampler)
