@@ -280,7 +280,7 @@ def kept_so_far(out, then):
     file = out / "last.safetensors"
     if not file.exists():
         return "nothing was saved yet"
-    going = last_going(file)
+    going = last_going(last_meta(file))
     return f"{out} holds epoch {going['epoch'] - 1} and {len(going.get('losses', []))} batches of the next, the last good state; {then}"
 
 
@@ -311,16 +311,20 @@ def save_last(file, readout, optimizer, going, loader):
     save_tensors(file, tensors, {"train": json.dumps(meta)})
 
 
-def last_going(file):
-    """The Epoch record save_last wrote (before it did: the epoch after the one it held, from its step)."""
-    meta = json.loads(metadata(file)["train"])
+def last_meta(file):
+    """What save_last wrote as metadata: the optimizer's parameter groups, `going`."""
+    return json.loads(metadata(file)["train"])
+
+
+def last_going(meta):
+    """The Epoch record in save_last's metadata (before it wrote one: the epoch after the one it held)."""
     return meta.get("going") or dict(epoch=meta["epoch"] + 1, step=meta["step"])
 
 
 def load_last(file, readout, optimizer, generator):
     """Restore what save_last wrote -> the Epoch record to go on with."""
     tensors = read_tensors(file)  # a clear error for a missing, truncated or foreign file
-    meta = json.loads(metadata(file)["train"])
+    meta = last_meta(file)
     load_weights(readout, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, file)
     state = {}
     for k, v in tensors.items():
@@ -332,4 +336,4 @@ def load_last(file, readout, optimizer, generator):
     generator.set_state(tensors["rng.loader"])
     if "rng.cuda" in tensors:
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return last_going(file)
+    return last_going(meta)

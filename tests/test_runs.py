@@ -80,7 +80,7 @@ def test_a_last_safetensors_from_before_mid_epoch_saves_goes_on_at_the_next_epoc
     import torch
     from safetensors.torch import save_file
 
-    from runs import kept_so_far, last_going
+    from runs import kept_so_far, last_going, last_meta
 
     old = dict(
         epoch=3, step=27, param_groups=[]
@@ -88,5 +88,5 @@ def test_a_last_safetensors_from_before_mid_epoch_saves_goes_on_at_the_next_epoc
     save_file(
         {"rng.torch": torch.zeros(1)}, tmp_path / "last.safetensors", {"train": json.dumps(old)}
     )
-    assert last_going(tmp_path / "last.safetensors") == dict(epoch=4, step=27)
+    assert last_going(last_meta(tmp_path / "last.safetensors")) == dict(epoch=4, step=27)
     assert "holds epoch 3 and 0 batches of the next" in kept_so_far(tmp_path, "")
