@@ -86,6 +86,11 @@ def test_the_tiny_files_are_what_this_code_makes(tmp_path):
     generation.save_pretrained(folder)
     names = ("config.json", "generation_config.json", "processor_config.json", "tokenizer.json")
     for name in (*names, "tokenizer_config.json"):
-        made = json.loads((folder / name).read_text())
-        kept = json.loads((TINY_FILES / name).read_text())
-        assert made == kept, name
+        assert settings(folder / name) == settings(TINY_FILES / name), name
+
+
+def settings(path):
+    """A file's settings, less the version of transformers that wrote it (a newer release writes its own)."""
+    written = json.loads(path.read_text())
+    written.pop("transformers_version", None)
+    return written
