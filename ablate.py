@@ -156,7 +156,7 @@ def evaluated(file, cfg, folder=None):
     if file.exists() and json.loads(file.read_text())["settings"] == settings:
         print(f"reusing {file}")
     else:
-        args = {**cfg, "split": "test", "bootstrap": 0, "plot": False}
+        args = {**cfg, "split": "test", "plot": False}
         test = run_split(folder, args, {"decode": cfg["decode"]}).result
         save_json(file, dict(settings=settings, test=test))
     return json.loads(file.read_text())["test"]

@@ -108,7 +108,10 @@ def evaluate(readout, loader, device):
     rates; preds; labels). Under torchrun every process evaluates the whole split: simpler than shards, and a
     small share of an epoch's time."""
     readout.eval()
-    preds, labels, times, counts = [], [], [], Counter()
+    preds = []
+    labels = []
+    times = []
+    counts = Counter()
     for batch in tqdm(loader, desc="evaluating", leave=False):
         batch = to_device(batch, device)
         start = time.perf_counter()

@@ -108,9 +108,10 @@ class Disc(Readout):
             "head_start",
             str,
             "labels",
-            "labels: at the training labels (their mean; linear, mlp: weights scaled by their std; bins: "
-            "their distribution); default: PyTorch's initialisation",
-            ("labels", "default"),
+            "labels: at the training labels (their mean; linear, mlp: last weights scaled by their std; bins: "
+            "their distribution); mean: exactly at their mean (linear, mlp: last weights at zero; bins: as "
+            "labels); default: PyTorch's initialisation",
+            ("labels", "mean", "default"),
         ),
     )
 
@@ -146,8 +147,8 @@ class Disc(Readout):
 
     @torch.no_grad()
     def start(self, labels):
-        if self.cfg["head_start"] == "labels":
-            self.head.start(labels.to(self.backbone.device))
+        if self.cfg["head_start"] != "default":
+            self.head.start(labels.to(self.backbone.device), self.cfg["head_start"])
 
     def pooled(self, batch):
         h = self.hidden_states(batch["inputs"]).last_hidden_state  # (B, L, H)
@@ -172,10 +173,12 @@ class Score:
 
     pool_norm = "none"  # what --pool_norm auto gives it
 
-    def start(self, labels):
-        """Start at the training labels: each output's bias at its target's mean, its weights scaled by its std."""
+    def start(self, labels, how):
+        """Start at the training labels: each output's bias at its target's mean, the last layer's weights scaled
+        by its std (labels) or at zero (mean: every clip starts at the mean; the weights' gradient is not zero)."""
         last = self[-1] if isinstance(self, nn.Sequential) else self
-        last.weight.mul_(labels.std(0)[:, None])
+        scale = labels.std(0)[:, None] if how == "labels" else 0.0
+        last.weight.mul_(scale)
         last.bias.copy_(labels.mean(0))
 
     def loss(self, out, labels):
@@ -216,8 +219,8 @@ class BinsHead(nn.Linear):
         self.register_buffer("values", values, persistent=False)
         self.sigma = cfg["bin_sigma"] * 10 ** -cfg["decimals"]  # in bins
 
-    def start(self, labels):
-        """Start at each target's training labels' distribution: a Gaussian of their mean and std."""
+    def start(self, labels, how):
+        """Start at each target's training labels' distribution (either `how`): a Gaussian of their mean and std."""
         start = hl_gauss(labels.mean(0), labels.std(0)[:, None], self.values)
         self.bias.copy_(start.clamp(min=1e-6).log().flatten())
 

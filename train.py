@@ -140,18 +140,18 @@ def set_up(cfg, clips, procs):
         f"trainable {counts['trainable']:,} of {counts['total']:,} parameters ({counts['trainable_pct']:.2f}%)"
     )
     check_space(Path(cfg["out"]), counts["trainable"])
-    batch, rank, world = cfg["batch_size"], procs.rank, procs.world
-    loader = make_loader(cfg, clips["train"], parts, batch, True, cfg["seed"], rank, world)
+    batch = cfg["batch_size"]
+    loader = make_loader(
+        cfg, clips["train"], parts, batch, True, cfg["seed"], procs.rank, procs.world
+    )
     print(
-        f"effective batch: {batch} clips x {world} process(es) x {cfg['grad_accum']} accumulation "
-        f"steps = {batch * world * cfg['grad_accum']} clips per optimizer step"
+        f"effective batch: {batch} clips x {procs.world} process(es) x {cfg['grad_accum']} accumulation "
+        f"steps = {batch * procs.world * cfg['grad_accum']} clips per optimizer step"
     )
     groups = [dict(params=ps, lr=lr, peak=lr) for ps, lr in readout.param_groups(cfg["lr"]) if ps]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])
-    valid, in_order = (
-        make_loader(cfg, clips["valid"], parts),
-        make_loader(cfg, clips["train"], parts, batch),
-    )
+    valid = make_loader(cfg, clips["valid"], parts)
+    in_order = make_loader(cfg, clips["train"], parts, batch)
     return Setup(readout, parts, loader, valid, in_order, optimizer, counts)
 
 

@@ -165,6 +165,15 @@ def test_the_head_starts_where_the_labels_are(toy_csv, tmp_path):
         inputs = dict(parts.processor(text=texts, padding=True, return_tensors="pt"))
         preds = readout.predict(dict(inputs=inputs))[0]
         assert abs(float(preds.mean()) - near) < 0.5, start
+    # mean: every clip exactly at the mean, and the zero weights still get a gradient
+    torch.manual_seed(0)
+    readout, parts = build({**cfg, "head_start": "mean"}, torch.device("cpu"))
+    readout.start(labels)
+    batch = dict(inputs=inputs, label=labels[:8])
+    assert torch.allclose(readout.predict(batch)[0], labels.mean().expand(8, 1), atol=1e-5)
+    readout.train()
+    readout.loss(batch).backward()
+    assert readout.head.weight.grad.abs().sum() > 0
     _, result = train.main([*flags, "--epochs", "3", "--out", str(tmp_path / "short")])
     assert result["test"]["MAE"] < result["test_mean_baseline"]["MAE"]
 
