@@ -13,57 +13,69 @@ from pathlib import Path
 
 from data import UserError, read_split
 from eval import mean_baseline, run_split, table
-from flags import check_values
 from readout import DECODE, READOUTS
-from runs import run_config, save_json, settings_hash, settings_key
-from train import parser, read_flags, train
+from runs import save_json
+from settings import Setting, Settings, grouped, settings_hash, settings_key
+from train import command, train
 
 SUBSETS = "t,a,v,ta,tv,av,tav"
 
 
-def parse_args(argv=None):
-    """-> (the base run's settings, the comparison's: subsets, seeds and readouts as lists, out)."""
-    p = parser(
-        argv,
-        out_help="the folder of the runs and the table (default: runs/DATA-READOUT-ablation)",
-        resume=False,
-    )
-    p.description = __doc__  # not train.py's
-    group = p.add_argument_group("the comparison")
-    group.add_argument(
-        "--subsets",
-        help=f"comma-separated modality subsets (default: {SUBSETS}; with --readouts: --modalities)",
-    )
-    group.add_argument(
-        "--seeds",
-        type=numbers,
-        default=[0],
-        help="comma-separated seeds: cells are mean ± std over them",
-    )
-    group.add_argument(
-        "--readouts",
-        help="comma-separated readouts; gen0: gen zero-shot; gen@RULE, gen0@RULE: read with another "
+def numbers(text):
+    return [int(n) for n in text.split(",")]
+
+
+# ablate.py's own settings: what it compares
+COMPARISON = grouped(
+    "the comparison",
+    Setting(
+        "out",
+        str,
+        None,
+        "the folder of the runs and the table (default: runs/DATA-READOUT-ablation)",
+    ),
+    Setting(
+        "subsets",
+        str,
+        None,
+        f"comma-separated modality subsets (default: {SUBSETS}; with --readouts: --modalities)",
+    ),
+    Setting("seeds", numbers, [0], "comma-separated seeds: cells are mean ± std over them"),
+    Setting(
+        "readouts",
+        str,
+        None,
+        "comma-separated readouts; gen0: gen zero-shot; gen@RULE, gen0@RULE: read with another "
         "--decode rule (default: --readout, a row per subset)",
+    ),
+)
+
+
+def settings_from(argv=None):
+    """-> (the base run's settings, the comparison's: subsets, seeds and readouts as lists, out)."""
+    cmd = command(argv, COMPARISON, __doc__)
+    base = cmd.settings(cmd.parse(argv))
+    # each run is trained anew, or continued where it stopped: never one of the command line's
+    base = Settings(**vars(base), resume=None, overwrite=False)
+    by_readout = base.readouts is not None
+    readouts = (base.readouts or base.readout).split(",")
+    check_readouts(readouts)
+    subsets = base.subsets or (base.modalities if by_readout else SUBSETS)
+    name = "readouts" if by_readout else base.readout
+    data = Path(base.data.replace(":", "")).name
+    out = Path(base.out or f"runs/{data}-{name}-ablation")
+    return base, dict(
+        by_readout=by_readout,
+        readouts=readouts,
+        subsets=subsets.split(","),
+        seeds=base.seeds,
+        out=out,
     )
-    base = read_flags(p, argv)
-    args = {k: base.pop(k) for k in ("subsets", "seeds", "readouts")}
-    base.update(resume=None, overwrite=False)
-    check_values(base)
-    args["compare_readouts"] = args["readouts"] is not None
-    args["readouts"] = (args["readouts"] or base["readout"]).split(",")
-    check_readouts(args["readouts"])
-    args["subsets"] = (
-        args["subsets"] or (base["modalities"] if args["compare_readouts"] else SUBSETS)
-    ).split(",")
-    name = "readouts" if args["compare_readouts"] else base["readout"]
-    data = Path(base["data"].replace(":", "")).name
-    args["out"] = Path(base["out"] or f"runs/{data}-{name}-ablation")
-    return base, args
 
 
 def main(argv=None):
-    base, args = parse_args(argv)
-    by_readout, out = args["compare_readouts"], args["out"]
+    base, args = settings_from(argv)
+    by_readout, out = args["by_readout"], args["out"]
     rows = {}
     for readout in args["readouts"]:
         kind, _, rule = readout.partition("@")  # gen@expected: the gen runs, read another way
@@ -71,33 +83,30 @@ def main(argv=None):
             row = subset
             if by_readout:
                 row = readout if len(args["subsets"]) == 1 else f"{readout} {subset}"
-            cfg = {**base, "readout": "gen" if kind == "gen0" else kind, "modalities": subset}
+            cfg = base.but(readout="gen" if kind == "gen0" else kind, modalities=subset)
             if kind == "gen0":  # the untrained model
                 rows[row] = [
-                    evaluated(
-                        out / f"{readout}-{subset}.json", {**cfg, "decode": rule or cfg["decode"]}
-                    )
+                    evaluated(out / f"{readout}-{subset}.json", cfg.but(decode=rule or cfg.decode))
                 ]
                 continue
             rows[row] = []
             for seed in args["seeds"]:
-                run = {**cfg, "seed": seed}
-                folder = folder_name(run, by_readout)
-                run["out"] = str(out / folder)
+                folder = folder_name(cfg.but(seed=seed), by_readout)
+                run = cfg.but(seed=seed, out=str(out / folder))
                 result = trained(run)
-                print(f"run: {run['out']}")
+                print(f"run: {run.out}")
                 if rule:  # the trained run, read with another decoding rule
                     file = out / folder / f"test@{rule}.json"
-                    result = evaluated(file, {**run, "decode": rule}, run["out"])
+                    result = evaluated(file, run.but(decode=rule), run.out)
                 rows[row].append(result)
     write_table(base, args, rows)
 
 
 def write_table(base, args, rows):
     """The comparison's table with the train-mean baseline's row, printed and written under its own name."""
-    by_readout, out = args["compare_readouts"], args["out"]
+    by_readout, out = args["by_readout"], args["out"]
     what = "readout" if by_readout else "modality subset"
-    title = f"Each {what}, everything else fixed ({base['data']}, test)"
+    title = f"Each {what}, everything else fixed ({base.data}, test)"
     columns = ("MAE", "Corr", "Acc2_non0", "F1_non0", "Acc7")
     if by_readout:
         columns += ("parse_fail_rate", "ms_per_clip")
@@ -107,14 +116,11 @@ def write_table(base, args, rows):
     print(markdown)
     # named by what it compares: another comparison writes beside it
     seeds = "-".join(map(str, args["seeds"]))
-    name = f"ablation_{'+'.join(args['readouts'])}_{'+'.join(args['subsets'])}_s{seeds}"
+    compared = f"{'+'.join(args['readouts'])}_{'+'.join(args['subsets'])}"
+    name = f"ablation_{compared}_s{seeds}"
     save_json(out / f"{name}.json", dict(title=title, results=rows))
     (out / f"{name}.md").write_text(markdown + "\n")
     print(f"written: {out / name}.md, {out / name}.json")
-
-
-def numbers(text):
-    return [int(n) for n in text.split(",")]
 
 
 def check_readouts(readouts):
@@ -128,36 +134,35 @@ def check_readouts(readouts):
 
 
 def trained(cfg):
-    """The test metrics of the run cfg describes, in cfg['out']: reused if it is done there, continued if it
+    """The test metrics of the run cfg describes, in cfg.out: reused if it is done there, continued if it
     was stopped, trained if there is none."""
-    folder = Path(cfg["out"])
+    folder = Path(cfg.out)
     if (folder / "metrics.json").exists():
         print(f"reusing {folder} (the same run settings)")
         return json.loads((folder / "metrics.json").read_text())["test"]
     if (folder / "last.safetensors").exists():
         print(f"continuing {folder} (stopped before it finished)")
-        return train({**cfg, "resume": cfg["out"]})[1]["test"]
+        return train(cfg.but(resume=cfg.out))[1]["test"]
     return train(cfg)[1]["test"]
 
 
 def folder_name(run, by_readout):
     """[READOUT-]MODALITIES-sSEED-HASH, the hash that of the run's settings: other settings, another folder."""
-    digest = settings_hash(run_config(run, READOUTS[run["readout"]]))[:8]
-    name = f"{run['modalities']}-s{run['seed']}-{digest}"
+    digest = settings_hash(run, READOUTS[run.readout])[:8]
+    name = f"{run.modalities}-s{run.seed}-{digest}"
     if by_readout:
-        name = f"{run['readout']}-{name}"
+        name = f"{run.readout}-{name}"
     return name
 
 
 def evaluated(file, cfg, folder=None):
     """The test metrics of the run in `folder` read with cfg's decoding rule (no folder: gen zero-shot),
     kept in `file` with the run settings they come from, and computed again when these differ."""
-    settings = settings_key(run_config(cfg, READOUTS[cfg["readout"]]))
+    settings = settings_key(cfg, READOUTS[cfg.readout])
     if file.exists() and json.loads(file.read_text())["settings"] == settings:
         print(f"reusing {file}")
     else:
-        args = {**cfg, "split": "test", "plot": False}
-        test = run_split(folder, args, {"decode": cfg["decode"]}).result
+        test = run_split(cfg, folder).result
         save_json(file, dict(settings=settings, test=test))
     return json.loads(file.read_text())["test"]
 

@@ -143,12 +143,12 @@ def cannot_load(name, error):
 def check_model(cfg):
     """What the model's configuration says about the run, before the clips are decoded: that it loads, and
     takes the modalities asked for."""
-    if cfg["model"] == "tiny":
+    if cfg.model == "tiny":
         return
-    kind = model_config(cfg["model"], cfg["trust_remote_code"]).model_type
-    if kind not in THINKER_TYPES and cfg["modalities"] != "t":
+    kind = model_config(cfg.model, cfg.trust_remote_code).model_type
+    if kind not in THINKER_TYPES and cfg.modalities != "t":
         raise UserError(
-            f"--model {cfg['model']} is a text model ({kind}): only --modalities t is possible"
+            f"--model {cfg.model} is a text model ({kind}): only --modalities t is possible"
         )
 
 
@@ -168,7 +168,7 @@ def hub_reachable():
 def add_run_lora(model, cfg):
     """LoRA over the layers --lora_targets names ('paper': the paper's; none: by architecture)."""
     kind = model.config.model_type
-    targets = cfg["lora_targets"] or LORA_TARGETS.get(kind)
+    targets = cfg.lora_targets or LORA_TARGETS.get(kind)
     if targets == "paper":
         targets = PAPER_TARGETS
     if targets is None:
@@ -176,7 +176,7 @@ def add_run_lora(model, cfg):
             f"no default LoRA targets for a {kind} model: pass --lora_targets REGEX (dotted names of "
             "its linear layers, e.g. the attention and MLP projections)"
         )
-    add_lora(model, targets, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"])
+    add_lora(model, targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
 
 
 # The tiny Thinker's configuration and processor files (tests/test_tiny.py: the code that made them)

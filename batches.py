@@ -24,10 +24,11 @@ class ModelInputs(torch.utils.data.Dataset):
     epochs neither read the decoded media nor run the processor. `parts`: a backbone's tokenizer and
     processor (None for a text model)."""
 
-    def __init__(self, clips, parts, cache_processed=False, question=QUESTION):
+    def __init__(self, clips, parts, cache_processed=False, question=QUESTION, system=SYSTEM):
         self.clips = clips
         self.parts = parts
         self.question = question
+        self.system = system
         self.processed_key = None
         if cache_processed:
             made_by = repr(parts.processor or parts.tokenizer)
@@ -38,7 +39,9 @@ class ModelInputs(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         c, r = self.clips, self.clips.rows[i]
-        text = prompt(r["text"], c.modalities, self.parts, c.audio_in_video, self.question)
+        text = prompt(
+            r["text"], c.modalities, self.parts, c.audio_in_video, self.question, self.system
+        )
         file = None
         if self.processed_key:
             folder = Path(c.cache_dir) / "processed"
@@ -75,7 +78,7 @@ def model_inputs(parts, text, media, fps=2.0, max_pixels=128 * 28 * 28, audio_in
     return dict(processor(text=[text], return_tensors="pt", **kwargs))
 
 
-def prompt(text, modalities, parts, audio_in_video=False, question=QUESTION):
+def prompt(text, modalities, parts, audio_in_video=False, question=QUESTION, system=SYSTEM):
     """The Qwen chat prompt with the media `modalities` asks for (the others absent, not blanked); for a text model,
     the same question through its chat template (an encoder, which has none, reads the transcript alone)."""
     question = (f'Transcript: "{text}"\n' if "t" in modalities else "") + question
@@ -86,13 +89,13 @@ def prompt(text, modalities, parts, audio_in_video=False, question=QUESTION):
         if "a" in modalities and not audio_in_video:
             media += "<|audio_bos|><|AUDIO|><|audio_eos|>"
         return (
-            f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
+            f"<|im_start|>system\n{system}<|im_end|>\n"
             f"<|im_start|>user\n{media}{question}<|im_end|>\n<|im_start|>assistant\n"
         )
     if parts.tokenizer.chat_template is None:
         return text
     return parts.tokenizer.apply_chat_template(
-        [dict(role="system", content=SYSTEM), dict(role="user", content=question)],
+        [dict(role="system", content=system), dict(role="user", content=question)],
         tokenize=False,
         add_generation_prompt=True,
     )
@@ -127,7 +130,7 @@ def collate(items, tokenizer):
 def make_loader(cfg, clips, parts, batch_size=None, shuffle=False, seed=0, rank=0, world=1):
     """A DataLoader over `clips` (eval_batch_size unless told otherwise). Shuffled: this rank's part of
     each complete global batch (ShardedShuffle); not shuffled, every clip on every rank."""
-    batch_size = batch_size or cfg["eval_batch_size"]
+    batch_size = batch_size or cfg.eval_batch_size
     generator = torch.Generator().manual_seed(seed)
     tokenizer = parts.tokenizer
     sampler = None
@@ -135,15 +138,13 @@ def make_loader(cfg, clips, parts, batch_size=None, shuffle=False, seed=0, rank=
         # a transcript's tokens stand for its prompt's length
         transcripts = tokenizer([r["text"] for r in clips.rows], return_length=True)
         lengths = torch.tensor(transcripts["length"])
-        sampler = ShardedShuffle(
-            lengths, batch_size, rank, world, generator, cfg["group_by_length"]
-        )
+        sampler = ShardedShuffle(lengths, batch_size, rank, world, generator, cfg.group_by_length)
     return torch.utils.data.DataLoader(
-        ModelInputs(clips, parts, cfg["cache_processed"], cfg["question"]),
+        ModelInputs(clips, parts, cfg.cache_processed, cfg.question, cfg.system),
         batch_size=batch_size,
         sampler=sampler,
         generator=generator,
-        num_workers=cfg["num_workers"],
+        num_workers=cfg.num_workers,
         collate_fn=functools.partial(collate, tokenizer=tokenizer),
     )
 
@@ -185,3 +186,8 @@ def to_device(batch, device):
         inputs={k: v.to(device) for k, v in batch["inputs"].items()},
         label=batch["label"].to(device),
     )
+
+
+def autocast(device):
+    """bfloat16 compute on a GPU (the 4-bit layers' compute dtype), float32 on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -58,7 +58,7 @@ def read_split(cfg, split, on_bad="skip"):
     """The rows of `split` in the label file of --data (cfg: the run's settings, which name the task's targets and
     range) -> (rows, skipped: (clip id, DataError) with on_bad='skip')."""
     rows, skipped = [], []
-    path = label_file(data_root(cfg["data"]))
+    path = label_file(data_root(cfg.data))
     for row, mode, problem in label_rows(path, cfg):
         if SPLIT_NAMES.get(mode) not in (split, None):  # None: a short row, or no known split
             continue
@@ -89,7 +89,7 @@ def label_rows(path, cfg):
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         layout = LAYOUTS["video_id" in header]
-        targets = cfg["targets"].split(",")
+        targets = cfg.targets.split(",")
         missing = [c for c in (*layout, "text", *targets) if c not in header]
         if missing:
             raise DataError(
@@ -134,8 +134,8 @@ def row_problem(r, first_line, layout, cfg):
         )
     if any("\udc80" <= ch <= "\udcff" for ch in r["text"]):
         return "bad transcript", "the transcript is not valid UTF-8"
-    low, high = cfg["low"], cfg["high"]
-    for target in cfg["targets"].split(","):
+    low, high = cfg.low, cfg.high
+    for target in cfg.targets.split(","):
         try:
             value = float(r[target])
         except ValueError:
@@ -330,20 +330,20 @@ class Clips:
     before training (on_bad='skip': is skipped, counted). An item: a clip's model inputs (make_loader sets how)."""
 
     def __init__(self, cfg, split):
-        self.modalities, self.cache_dir = cfg["modalities"], cfg["cache_dir"]
-        self.audio_in_video = cfg["audio_in_video"]
+        self.modalities, self.cache_dir = cfg.modalities, cfg.cache_dir
+        self.audio_in_video = cfg.audio_in_video
         check_modalities(self.modalities, self.audio_in_video)
-        self.root = data_root(cfg["data"])
-        self.video = {k: cfg[k] for k in ("fps", "max_frames", "max_pixels")}
-        self.audio = dict(denoise=cfg["denoise"])  # the cache keeps denoised and plain audio apart
-        check_denoise(cfg["denoise"] if "a" in self.modalities else "none")
-        on_bad = cfg["on_bad"]
+        self.root = data_root(cfg.data)
+        self.video = dict(fps=cfg.fps, max_frames=cfg.max_frames, max_pixels=cfg.max_pixels)
+        self.audio = dict(denoise=cfg.denoise)  # the cache keeps denoised and plain audio apart
+        check_denoise(cfg.denoise if "a" in self.modalities else "none")
+        on_bad = cfg.on_bad
         rows, self.skipped = read_split(cfg, split, on_bad)
         # --subsample: that many training clips, drawn by the seed, in their order
-        if split == "train" and cfg["subsample"]:
-            drawn = np.random.default_rng(cfg["seed"]).permutation(len(rows))[: cfg["subsample"]]
+        if split == "train" and cfg.subsample:
+            drawn = np.random.default_rng(cfg.seed).permutation(len(rows))[: cfg.subsample]
             rows = [rows[i] for i in sorted(drawn)]
-        problems = self.check(rows, split, cfg["num_workers"])
+        problems = self.check(rows, split, cfg.num_workers)
         for e in problems:
             if e is not None and on_bad != "skip":
                 raise DataError(f"{e}; --on_bad skip skips such clips", e.kind) from None
@@ -355,9 +355,9 @@ class Clips:
                 f"({len(self.skipped)} skipped)"
             )
         self.empty_transcripts = sum(not r["text"].strip() for r in self.rows)
-        self.say(split)
+        self.print_summary(split)
 
-    def say(self, split):
+    def print_summary(self, split):
         """What was skipped, and what is kept though odd, in a line each."""
         if self.skipped:
             print(

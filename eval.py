@@ -5,7 +5,6 @@ or the gen readout zero-shot: MMSA metrics, ms per clip, the train-mean baseline
     python eval.py --model tiny --data toy --readout gen              # zero-shot: no training, no LoRA
 """
 
-import argparse
 import json
 import re
 import time
@@ -16,36 +15,27 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from batches import make_loader, to_device
+from batches import autocast, make_loader, to_device
 from data import SPLITS, Clips, UserError, read_split
-from flags import (
-    Help,
-    device_of,
-    given_flags,
-    machine_flags,
-    readout_file,
-    run_flags,
-    task_defaults,
-)
 from readout import READOUTS, build, load_readout_file
-from runs import default_config, load_config, load_weights, read_log, read_tensors, save_json
+from runs import load_config, load_weights, read_log, read_tensors, save_json
+from settings import Command, Setting, Settings, grouped, readout_file
 
 METRIC_KEYS = ("MAE", "Corr", "Acc2_has0", "F1_has0", "Acc2_non0", "F1_non0", "Acc5", "Acc7")
 # The standard counts in a readout's predict() info, summed over a split, and the rate each is reported as
 COUNTS = dict(parse_failures="parse_fail_rate", out_of_bounds="out_of_bounds_rate")
 
 
-def load_checkpoint(folder, flags, overrides=None):
-    """(cfg, readout, parts) from a run folder: config.json (brought up to date, checked) but for `overrides`,
-    then `flags` (a command line's) for the rest, such as the machine's settings. Only safetensors are read."""
-    config = load_config(folder, READOUTS)
-    cfg = {**flags, **config, **{k: v for k, v in (overrides or {}).items() if k in config}}
-    device = torch.device(cfg["device"])
+def load_checkpoint(cfg, folder):
+    """(readout, parts) of the run in `folder`, built as `cfg` says (its config.json's settings but for those a
+    command line changed, such as the data or gen's --decode). Only safetensors are read."""
+    device = torch.device(cfg.device)
     file = Path(folder) / "weights.safetensors"
     weights = read_tensors(file, device)
     readout, parts = build(cfg, device)
-    load_weights(readout, weights, file, {**cfg, **config})  # the hash is of the trained settings
-    return cfg, readout, parts
+    trained = Settings(**load_config(folder, READOUTS))  # the hash is of the trained settings
+    load_weights(readout, weights, file, trained)
+    return readout, parts
 
 
 def weighted_f1(truth, pred):
@@ -74,7 +64,7 @@ def metrics(preds, labels, targets=("label",), classes=True):
 
 def scoring(cfg):
     """metrics()'s keyword arguments for the task of the run `cfg` describes."""
-    return dict(targets=cfg["targets"].split(","), classes=cfg["classes"])
+    return dict(targets=cfg.targets.split(","), classes=cfg.classes)
 
 
 def target_metrics(p, y, classes):
@@ -95,11 +85,6 @@ def target_metrics(p, y, classes):
             np.mean(np.round(np.clip(p, -bound, bound)) == np.round(np.clip(y, -bound, bound)))
         )
     return out
-
-
-def autocast(device):
-    """bfloat16 compute on a GPU (the 4-bit layers' compute dtype), float32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -185,17 +170,17 @@ def report(name, result, baseline):
     print(line)
 
 
-def plot(scored, folder):
+def draw(scored, folder):
     """PNGs in `folder`, their paths printed: the predictions against the labels, named by what was read
     (e.g. gen@expected-t-test_scatter.png), and for a training run learning_curve.png."""
     import matplotlib.pyplot as plt  # here: its import costs a second that only plots need
 
-    folder, scale = Path(folder), [scored.cfg["low"], scored.cfg["high"]]
+    folder, scale = Path(folder), [scored.cfg.low, scored.cfg.high]
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot(scored.labels, scored.preds, ".", alpha=0.6)  # a colour per target
     ax.plot(scale, scale, "k--", lw=1)
     ax.set(
-        xlabel=f"true {scored.cfg['targets']}",
+        xlabel=f"true {scored.cfg.targets}",
         ylabel="predicted",
         title=f"{folder.resolve().name}: {scored.name}\nMAE {scored.result['MAE']:.3f}",
     )
@@ -219,7 +204,7 @@ def learning_curve(plt, folder, cfg):
     bottom.axvline(kept, color="k", ls=":", label=f"kept epoch ({kept})")
     top.set(
         ylabel="training loss",
-        title=f"{folder.resolve().name} ({cfg['readout']}, {cfg['modalities']})",
+        title=f"{folder.resolve().name} ({cfg.readout}, {cfg.modalities})",
     )
     bottom.set(xlabel="epoch", ylabel="validation MAE")
     bottom.legend()
@@ -231,65 +216,66 @@ def learning_curve(plt, folder, cfg):
 Scored = namedtuple("Scored", "cfg name result preds labels ids")
 
 
-def run_split(folder, args, overrides):
-    """A checkpoint (None: gen zero-shot) on args['split'], the run flags in `overrides` replacing its own."""
+def run_split(cfg, folder, split="test", target=None, plot=False):
+    """A checkpoint (None: gen zero-shot) on `split`, read as `cfg` says -> Scored."""
     if folder:
-        cfg, readout, parts = load_checkpoint(folder, args, overrides)
-    elif not READOUTS[args["readout"]].zero_shot:
-        raise UserError(f"the {args['readout']} readout has to be trained: pass --ckpt")
+        readout, parts = load_checkpoint(cfg, folder)
+    elif not READOUTS[cfg.readout].zero_shot:
+        raise UserError(f"the {cfg.readout} readout has to be trained: pass --ckpt")
     else:  # zero-shot: the untrained model, no LoRA
-        cfg = {**default_config(READOUTS[args["readout"]], args["readout"]), **args}
-        readout, parts = build(cfg, torch.device(cfg["device"]), lora=False)
+        readout, parts = build(cfg, torch.device(cfg.device), lora=False)
     name = readout.title() + ("" if folder else " zero-shot")  # e.g. gen@expected zero-shot
-    name += f" ({cfg['modalities']}, {args['split']})"
-    targets, target = cfg["targets"].split(","), args.get("target")
+    name += f" ({cfg.modalities}, {split})"
+    targets = cfg.targets.split(",")
     if target not in (None, *targets):
-        raise UserError(f"--target {target}: not one of the run's targets ({cfg['targets']})")
-    clips = Clips(cfg, args["split"])
+        raise UserError(f"--target {target}: not one of the run's targets ({cfg.targets})")
+    clips = Clips(cfg, split)
     result, preds, labels = evaluate(
-        readout, make_loader(cfg, clips, parts), torch.device(cfg["device"])
+        readout, make_loader(cfg, clips, parts), torch.device(cfg.device)
     )
     if target:  # one target of several
         column = [targets.index(target)]
         preds, labels = preds[:, column], labels[:, column]
-        result.update(metrics(preds, labels, classes=cfg["classes"]))
+        result.update(metrics(preds, labels, classes=cfg.classes))
         name += f" {target}"
     scored = Scored(cfg, name, result, preds, labels, [r["id"] for r in clips.rows])
-    if args["plot"]:
-        plot(scored, folder or ".")
+    if plot:
+        draw(scored, folder or ".")
     return scored
 
 
-def parser(argv):
-    """eval.py's flags (pooled.py --compare's too), with the readouts --readout_file adds -> (the parser, the
-    names of the run flags, which replace a run's own where given)."""
-    if readout_file(argv):  # a fork's readouts, before the parser shows their flags
+# eval.py's own settings (pooled.py's too)
+OWN = grouped(
+    "this command",
+    Setting("ckpt", str, None, "a checkpoint folder written by train.py"),
+    Setting("split", str, "test", "the split to evaluate", SPLITS),
+    Setting("plot", bool, False, "scatter plot and learning curve PNGs"),
+    Setting("target", str, None, "of a run with several targets: report (and compare) this one"),
+    Setting("json", str, None, "write the results as JSON to this file", metavar="FILE"),
+)
+
+
+def command(argv, doc=__doc__):
+    """eval.py's command line (pooled.py's too): of a run, only the settings that say how it is read, which
+    replace its own where given; the readouts of the file that its --readout_file names."""
+    if readout_file(argv):  # a fork's readouts, before the parser shows their settings
         load_readout_file(readout_file(argv))
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help, allow_abbrev=False)
-    p.add_argument("--ckpt", help="a checkpoint folder written by train.py")
-    p.add_argument("--split", default="test", choices=SPLITS, help="the split to evaluate")
-    p.add_argument("--plot", action="store_true", help="scatter plot and learning curve PNGs")
-    p.add_argument("--target", help="of a run with several targets: report (and compare) this one")
-    p.add_argument("--json", metavar="FILE", help="write the results as JSON to this file")
-    machine_flags(p.add_argument_group("this machine"))
-    run = p.add_argument_group("the run (with --ckpt: only those given replace the run's own)")
-    return p, run_flags(run, READOUTS, training=False)
+    return Command(doc, READOUTS, OWN, training=False)
 
 
-def read_args(p, run_names, argv):
-    """A command line -> (its settings, the run flags it gives)."""
-    task_defaults(p, argv)
-    args = vars(p.parse_args(argv))
-    args["device"] = device_of(args["device"])
-    return args, {k: v for k, v in given_flags(p, argv).items() if k in run_names}
+def checkpoint_settings(cmd, given, folder):
+    """The settings of the run in `folder` (None: gen zero-shot, the defaults) but for those `given`."""
+    return cmd.settings(given, load_config(folder, READOUTS) if folder else None)
 
 
 def main(argv=None):
-    args, overrides = read_args(*parser(argv), argv)
-    scored = run_split(args["ckpt"], args, overrides)
+    cmd = command(argv)
+    given = cmd.parse(argv)
+    cfg = checkpoint_settings(cmd, given, given.get("ckpt"))
+    scored = run_split(cfg, cfg.ckpt, cfg.split, cfg.target, cfg.plot)
     report(scored.name, scored.result, mean_baseline(scored.cfg, scored.labels))
-    if args["json"]:
-        save_json(Path(args["json"]), scored.result)
+    if cfg.json:
+        save_json(Path(cfg.json), scored.result)
 
 
 if __name__ == "__main__":

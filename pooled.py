@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from data import UserError
-from eval import metrics, parser, read_args, run_split, scoring, table
+from eval import checkpoint_settings, command, metrics, run_split, scoring, table
 from readout import READOUTS
 from runs import load_config, read_tensors, save_json
 
@@ -52,8 +52,8 @@ def compare(a, b, folders, split):
     """Two runs' predictions on the same clips, side by side and tested clip by clip."""
     if a.ids != b.ids or not np.array_equal(a.labels, b.labels):
         raise UserError(
-            f"--compare: {folders[0]} ({a.cfg['data']}, {len(a.ids)} clips) and {folders[1]} "
-            f"({b.cfg['data']}, {len(b.ids)} clips) are not evaluated on the same clips of {split!r}"
+            f"--compare: {folders[0]} ({a.cfg.data}, {len(a.ids)} clips) and {folders[1]} "
+            f"({b.cfg.data}, {len(b.ids)} clips) are not evaluated on the same clips of {split!r}"
         )
     print(table({f"A: {a.name}": [a.result], f"B: {b.name}": [b.result]}))
     c = paired(a.preds, b.preds, a.labels)
@@ -81,36 +81,37 @@ def bootstrap(preds, labels, n=1000, seed=0, keys=("MAE", "Corr", "Acc2_non0", "
 
 def intervals(argv):
     """pooled.py --bootstrap N --ckpt RUN, with eval.py's flags -> the run's metrics with their intervals."""
-    p, run_names = parser(argv)
-    p.description = __doc__
-    p.add_argument(
+    cmd = command(argv, __doc__)
+    cmd.parser.add_argument(
         "--bootstrap", type=int, required=True, metavar="N", help="resamplings of the clips"
     )
-    args, overrides = read_args(p, run_names, argv)
-    scored = run_split(args["ckpt"], args, overrides)
-    ci = bootstrap(scored.preds, scored.labels, args["bootstrap"], **scoring(scored.cfg))
+    given = cmd.parse(argv)
+    cfg = checkpoint_settings(cmd, given, given.get("ckpt"))
+    scored = run_split(cfg, cfg.ckpt, cfg.split, cfg.target)
+    ci = bootstrap(scored.preds, scored.labels, given["bootstrap"], **scoring(scored.cfg))
     result = dict(scored.result, ci95=ci)
     print(table({scored.name: [result]}))
-    if args["json"]:
-        save_json(Path(args["json"]), result)
+    if cfg.json:
+        save_json(Path(cfg.json), result)
     return result
 
 
 def compare_runs(argv):
     """pooled.py --compare A B, with eval.py's flags -> the comparison (also written with --json)."""
-    p, run_names = parser(argv)
-    p.description = __doc__
-    p.add_argument(
+    cmd = command(argv, __doc__)
+    cmd.parser.add_argument(
         "--compare", nargs=2, metavar=("A", "B"), required=True, help="two checkpoint folders"
     )
-    args, overrides = read_args(p, run_names, argv)
-    for folder in args["compare"]:  # both, before either is evaluated
+    given = cmd.parse(argv)
+    folders = given["compare"]
+    for folder in folders:  # both, before either is evaluated
         load_config(folder, READOUTS)
         read_tensors(Path(folder) / "weights.safetensors")
-    a, b = [run_split(folder, args, overrides) for folder in args["compare"]]
-    result = compare(a, b, args["compare"], args["split"])
-    if args["json"]:
-        save_json(Path(args["json"]), result)
+    runs = [checkpoint_settings(cmd, given, folder) for folder in folders]
+    a, b = [run_split(cfg, folder, cfg.split, cfg.target) for cfg, folder in zip(runs, folders)]
+    result = compare(a, b, folders, runs[0].split)
+    if runs[0].json:
+        save_json(Path(runs[0].json), result)
     return result
 
 

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from batches import make_loader, to_device
+from batches import autocast, make_loader, to_device
 from data import SPLITS, Clips, UserError
-from eval import autocast, metrics, table
-from flags import device_of
+from eval import metrics, table
 from readout import at_last_token, build
-from train import parser, read_flags
+from settings import Setting, grouped
+from train import command
 
 STRENGTHS = [10.0**k for k in range(-3, 6)]  # ridge strengths tried, on standardised states
 
@@ -62,8 +62,8 @@ def states(readout, loader, device):
 
 def probe(cfg):
     """{pooling: [{layer, strength, valid MAE, test MAE, test Corr}, ...]}."""
-    device = torch.device(device_of(cfg["device"]))
-    readout, processor = build({**cfg, "readout": "disc"}, device, lora=False)
+    device = torch.device(cfg.device)
+    readout, processor = build(cfg.but(readout="disc"), device, lora=False)
     readout.eval()
     split = {s: states(readout, make_loader(cfg, Clips(cfg, s), processor), device) for s in SPLITS}
     rows = {}
@@ -109,13 +109,13 @@ def plot(rows, file, title):
 
 
 def main(argv=None):
-    p = parser(
-        argv,
-        out_help="the folder of the table and the plot (default: runs/DATA-probe)",
-        resume=False,
+    # probe.py's own: where the table goes (it trains nothing: no --resume or --overwrite)
+    out = Setting(
+        "out", str, None, "the folder of the table and the plot (default: runs/DATA-probe)"
     )
-    cfg = {**read_flags(p, argv), "resume": None, "overwrite": False}
-    out = Path(cfg["out"] or f"runs/{Path(cfg['data'].replace(':', '')).name}-probe")
+    cmd = command(argv, grouped("this command", out), __doc__)
+    cfg = cmd.settings(cmd.parse(argv))
+    out = Path(cfg.out or f"runs/{Path(cfg.data.replace(':', '')).name}-probe")
     rows = probe(cfg)
     lines = []
     for pooling, runs in rows.items():
@@ -124,7 +124,7 @@ def main(argv=None):
             f"layer {r['layer']}" + (" (valid's choice)" if r is best else ""): [r] for r in runs
         }
         lines.append(
-            f"**{pooling} token(s) pooled, {cfg['data']}**\n\n"
+            f"**{pooling} token(s) pooled, {cfg.data}**\n\n"
             + table(named, ("valid_MAE", "MAE", "Corr"), "layer")
         )
     markdown = "\n\n".join(lines)
@@ -132,9 +132,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.md").write_text(markdown + "\n")
     (out / "probe.json").write_text(
-        json.dumps(dict(settings={k: str(v) for k, v in cfg.items()}, rows=rows), indent=2)
+        json.dumps(dict(settings={k: str(v) for k, v in vars(cfg).items()}, rows=rows), indent=2)
     )
-    plot(rows, out / "probe.png", f"{Path(cfg['model']).name}: ridge readout by layer")
+    plot(rows, out / "probe.png", f"{Path(cfg.model).name}: ridge readout by layer")
     print(f"written: {out / 'probe.md'}, {out / 'probe.json'}, {out / 'probe.png'}")
 
 

@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from backbone import add_run_lora, check_model, load_backbone
 from data import UserError
-from flags import Flag
+from settings import Setting
 
 # gen's decoding rules: greedy, and the Bayes rules over its answers' probabilities for squared error (their
 # mean) and absolute error (their median). The median and mean of sampled answers went: expected beat both.
@@ -35,11 +35,11 @@ def at_last_token(h, attention_mask):
 
 class Readout(nn.Module):
     """A subclass defines loss(batch) -> scalar and predict(batch) -> (preds (B, targets), info dict), and declares
-    the run flags it reads in `flags`; self.cfg holds their values. predict's info may hold per-clip tensors
+    the run settings it reads in `settings`; self.cfg holds the run's (cfg.NAME). predict's info may hold per-clip tensors
     and the standard counts that evaluation sums: `parse_failures` (answers without a number, scored as
     some fallback) and `out_of_bounds` (answers outside the scale, before they are clipped)."""
 
-    flags = ()
+    settings = ()
     zero_shot = False  # whether an untrained model (no LoRA, no head) can be read out (gen)
 
     def __init__(self, parts, cfg):
@@ -48,7 +48,7 @@ class Readout(nn.Module):
         self.tokenizer = parts.tokenizer
         self.cfg = cfg
         # what every call of the model needs: with --audio_in_video, the rope positions of interleaved audio
-        self.model_kwargs = dict(use_audio_in_video=True) if cfg["audio_in_video"] else {}
+        self.model_kwargs = dict(use_audio_in_video=True) if cfg.audio_in_video else {}
 
     def param_groups(self, lr):
         """[(parameters, peak learning rate)] of what trains: by default everything at --lr."""
@@ -56,7 +56,7 @@ class Readout(nn.Module):
 
     def title(self):
         """What was read, as tables and plots name it."""
-        return self.cfg["readout"]
+        return self.cfg.readout
 
     def text_model(self):
         """The model under the LM head (the Thinker's or a causal LM's), or an encoder itself."""
@@ -77,25 +77,27 @@ class Readout(nn.Module):
 def grid(cfg):
     """The values gen is trained to write and the bins head's: the task's range by its decimals' step (61 on
     MOSI's [-3, 3] with one decimal)."""
-    step = 10 ** cfg["decimals"]
-    return torch.arange(round(cfg["low"] * step), round(cfg["high"] * step) + 1) / step
+    step = 10**cfg.decimals
+    return torch.arange(round(cfg.low * step), round(cfg.high * step) + 1) / step
 
 
 class Disc(Readout):
     """Discriminative readout: a regression head on the last non-padding token's hidden state."""
 
-    flags = (
-        Flag(
+    settings = (
+        Setting(
             "head",
             str,
             "linear",
             "linear; mlp (the paper's); bins (HL-Gauss)",
             ("linear", "mlp", "bins"),
         ),
-        Flag("bin_sigma", float, 0.75, "bins: the width of a label's Gaussian, in bins"),
-        Flag("layer", int, -1, "read the state after this decoder layer (negative: from the end)"),
-        Flag("head_lr", float, None, "the head's peak learning rate (default: --lr)"),
-        Flag(
+        Setting("bin_sigma", float, 0.75, "bins: the width of a label's Gaussian, in bins"),
+        Setting(
+            "layer", int, -1, "read the state after this decoder layer (negative: from the end)"
+        ),
+        Setting("head_lr", float, None, "the head's peak learning rate (default: --lr)"),
+        Setting(
             "pool_norm",
             str,
             "auto",
@@ -103,8 +105,8 @@ class Disc(Readout):
             "auto: the head's need (bins: batch, which it needs to learn; linear, mlp: none)",
             ("auto", "none", "batch"),
         ),
-        Flag("loss", str, "mse", "linear, mlp: the regression loss", ("mse", "l1")),
-        Flag(
+        Setting("loss", str, "mse", "linear, mlp: the regression loss", ("mse", "l1")),
+        Setting(
             "head_start",
             str,
             "labels",
@@ -112,18 +114,19 @@ class Disc(Readout):
             "their distribution); mean: exactly at their mean (linear, mlp: last weights at zero; bins: as "
             "labels); default: PyTorch's initialisation",
             ("labels", "mean", "default"),
+            older=(5, "default"),
         ),
     )
 
     def __init__(self, parts, cfg):
         super().__init__(parts, cfg)
         backbone = parts.model
-        keep_layers(backbone, cfg["layer"])  # the layers after it are neither run nor kept
+        keep_layers(backbone, cfg.layer)  # the layers after it are neither run nor kept
         hidden = backbone.config.get_text_config().hidden_size
-        self.head = HEADS[cfg["head"]](hidden, cfg).to(backbone.device)  # an output per target
+        self.head = HEADS[cfg.head](hidden, cfg).to(backbone.device)  # an output per target
         # pool_norm 'batch': pooled states that vary across clips by a few percent of their norm are too
         # alike for the head; standardise them with batch statistics in training, training-set ones after.
-        norm = cfg["pool_norm"]
+        norm = cfg.pool_norm
         if norm == "auto":
             norm = self.head.pool_norm
         self.norm = nn.Identity()
@@ -133,7 +136,7 @@ class Disc(Readout):
     def param_groups(self, lr):
         head = list(self.head.parameters())
         lora = [p for p in self.backbone.parameters() if p.requires_grad]
-        return [(lora, lr), (head, self.cfg["head_lr"] or lr)]
+        return [(lora, lr), (head, self.cfg.head_lr or lr)]
 
     @torch.no_grad()
     def prepare(self, batches):
@@ -147,8 +150,8 @@ class Disc(Readout):
 
     @torch.no_grad()
     def start(self, labels):
-        if self.cfg["head_start"] != "default":
-            self.head.start(labels.to(self.backbone.device), self.cfg["head_start"])
+        if self.cfg.head_start != "default":
+            self.head.start(labels.to(self.backbone.device), self.cfg.head_start)
 
     def pooled(self, batch):
         h = self.hidden_states(batch["inputs"]).last_hidden_state  # (B, L, H)
@@ -192,8 +195,8 @@ class LinearHead(Score, nn.Linear):
     """One layer to the scores."""
 
     def __init__(self, hidden, cfg):
-        super().__init__(hidden, len(cfg["targets"].split(",")))
-        self.loss_name = cfg["loss"]
+        super().__init__(hidden, len(cfg.targets.split(",")))
+        self.loss_name = cfg.loss
 
 
 class MLPHead(Score, nn.Sequential):
@@ -201,8 +204,8 @@ class MLPHead(Score, nn.Sequential):
 
     def __init__(self, hidden, cfg):
         layers = [nn.LayerNorm(hidden), nn.Linear(hidden, 256), nn.ReLU(), nn.Dropout(0.2)]
-        super().__init__(*layers, nn.Linear(256, len(cfg["targets"].split(","))))
-        self.loss_name = cfg["loss"]
+        super().__init__(*layers, nn.Linear(256, len(cfg.targets.split(","))))
+        self.loss_name = cfg.loss
 
 
 class BinsHead(nn.Linear):
@@ -215,9 +218,9 @@ class BinsHead(nn.Linear):
 
     def __init__(self, hidden, cfg):
         values = grid(cfg)
-        super().__init__(hidden, len(cfg["targets"].split(",")) * len(values))
+        super().__init__(hidden, len(cfg.targets.split(",")) * len(values))
         self.register_buffer("values", values, persistent=False)
-        self.sigma = cfg["bin_sigma"] * 10 ** -cfg["decimals"]  # in bins
+        self.sigma = cfg.bin_sigma * 10**-cfg.decimals  # in bins
 
     def start(self, labels, how):
         """Start at each target's training labels' distribution (either `how`): a Gaussian of their mean and std."""
@@ -275,18 +278,23 @@ class Gen(Readout):
     regression-aware (RAFT, Lukasik et al., ICLR 2025: the squared error of the expected answer), or both.
     --decode: greedy, or the mean or median answer under the model's probabilities."""
 
-    flags = (
-        Flag("decode", str, "greedy", "how answers become a prediction", DECODE, reading=True),
-        Flag("max_new_tokens", int, 8, "at most this many tokens are generated", reading=True),
-        Flag("parse_fallback", float, 0.0, "the prediction of an unparseable answer", reading=True),
-        Flag(
+    settings = (
+        Setting("decode", str, "greedy", "how answers become a prediction", DECODE, reading=True),
+        Setting("max_new_tokens", int, 8, "at most this many tokens are generated", reading=True),
+        Setting(
+            "parse_fallback", float, 0.0, "the prediction of an unparseable answer", reading=True
+        ),
+        Setting(
             "objective",
             str,
             "ce",
             "ce on the answer, raft, or both: ce + raft_weight x raft",
             OBJECTIVES,
+            older=(4, "ce"),
         ),
-        Flag("raft_weight", float, 1.0, "both: RAFT's weight beside cross-entropy"),
+        Setting(
+            "raft_weight", float, 1.0, "both: RAFT's weight beside cross-entropy", older=(4, 1.0)
+        ),
     )
 
     zero_shot = True
@@ -296,26 +304,26 @@ class Gen(Readout):
         backbone = parts.model
         if not backbone.can_generate():
             raise UserError(
-                f"--readout gen needs a causal LM; {cfg['model']} is a "
+                f"--readout gen needs a causal LM; {cfg.model} is a "
                 f"{backbone.config.model_type} model that cannot generate"
             )
         eos = backbone.generation_config.eos_token_id  # the answer ends with the token that stops
         self.end_id = eos[0] if isinstance(eos, list) else eos
         if self.end_id is None:
             raise UserError(
-                f"--readout gen: {cfg['model']} has no eos_token_id in its generation config"
+                f"--readout gen: {cfg.model} has no eos_token_id in its generation config"
             )
-        if "," in cfg["targets"]:
+        if "," in cfg.targets:
             raise UserError(
-                f"--readout gen writes one number, not --targets {cfg['targets']}: a gen run per target"
+                f"--readout gen writes one number, not --targets {cfg.targets}: a gen run per target"
             )
 
     def title(self):
-        return f"{self.cfg['readout']}@{self.cfg['decode']}"  # how its answers became predictions
+        return f"{self.cfg.readout}@{self.cfg.decode}"  # how its answers became predictions
 
     def answer(self, label, device):
         """The token ids of the answer a label is trained as: its value with --decimals, the end token."""
-        decimals = self.cfg["decimals"]
+        decimals = self.cfg.decimals
         text = f"{round(label, decimals) + 0.0:.{decimals}f}"  # + 0.0: no -0.0
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         return torch.tensor([*ids, self.end_id], device=device)
@@ -340,7 +348,7 @@ class Gen(Readout):
         return F.cross_entropy(self.backbone.lm_head(h[keep]).float(), targets[:, 1:][keep])
 
     def loss(self, batch):
-        objective, labels = self.cfg["objective"], batch["label"][:, 0]
+        objective, labels = self.cfg.objective, batch["label"][:, 0]
         loss = 0.0
         if objective != "raft":
             loss = self.token_loss(*self.with_answers(batch["inputs"], labels))
@@ -348,33 +356,33 @@ class Gen(Readout):
         if objective != "ce":
             values, loglik = self.answer_loglik(batch["inputs"])
             raft = ((loglik.softmax(-1) @ values - labels) ** 2).mean()
-            loss = loss + raft * (self.cfg["raft_weight"] if objective == "both" else 1.0)
+            loss = loss + raft * (self.cfg.raft_weight if objective == "both" else 1.0)
         return loss
 
     @torch.no_grad()
     def predict(self, batch):
         inputs = batch["inputs"]
-        if self.cfg["decode"] != "greedy":  # never unparseable, never out of bounds
+        if self.cfg.decode != "greedy":  # never unparseable, never out of bounds
             values, loglik = self.answer_loglik(inputs)
             probs = loglik.softmax(-1)
-            rule = dict(expected=probs @ values, median=median(probs, values))[self.cfg["decode"]]
+            rule = dict(expected=probs @ values, median=median(probs, values))[self.cfg.decode]
             return rule[:, None], dict(parse_failures=0, out_of_bounds=0)
         out = self.backbone.generate(
             **inputs,
             **self.model_kwargs,
-            max_new_tokens=self.cfg["max_new_tokens"],
+            max_new_tokens=self.cfg.max_new_tokens,
             do_sample=False,
         )
         new = out[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        low, high = self.cfg["low"], self.cfg["high"]
+        low, high = self.cfg.low, self.cfg.high
         # None (no number): NaN
         written = np.array([parse_score(t, low, high) for t in texts], dtype=float)
         unanswered = np.isnan(written)
         # out_of_bounds: the paper's count of answers outside the scale, before they are clipped
         outside = (written < low) | (written > high)
         info = dict(parse_failures=int(unanswered.sum()), out_of_bounds=int(outside.sum()))
-        scored = np.where(unanswered, self.cfg["parse_fallback"], written).clip(low, high)
+        scored = np.where(unanswered, self.cfg.parse_fallback, written).clip(low, high)
         return torch.tensor(scored)[:, None], info
 
     def answer_loglik(self, inputs):
@@ -476,10 +484,10 @@ def parse_score(text, low=-3.0, high=3.0):
 def build(cfg, device, lora=True):
     """(readout, Backbone) of the run `cfg` describes: backbone, LoRA over it (lora=False: none), readout."""
     check_model(cfg)
-    parts = load_backbone(cfg["model"], cfg["quant"], device, cfg["trust_remote_code"])
+    parts = load_backbone(cfg.model, cfg.quant, device, cfg.trust_remote_code)
     if lora:
         add_run_lora(parts.model, cfg)
-    return READOUTS[cfg["readout"]](parts, cfg), parts
+    return READOUTS[cfg.readout](parts, cfg), parts
 
 
 def load_readout_file(path):

@@ -1,10 +1,9 @@
-"""The run folder: config.json (the settings that define a run, with its format version and the steps that bring
-an older one up to date), safetensors files (never a pickle), log.jsonl, resume state, the lock while a run
-trains into it, and deferring a stop while an epoch is saved. Every write is atomic."""
+"""The run folder: config.json read and written (what it holds: settings.py), safetensors files (never a pickle),
+log.jsonl, resume state, the lock while a run trains into it, and deferring a stop while an epoch is saved.
+Every write is atomic."""
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -15,111 +14,27 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from batches import QUESTION
 from data import UserError, write_atomically
-from flags import TRAINING_FLAGS, reading_flags, resolve, value_problem
+from settings import checked_config, run_config, settings_hash
 
 RUN_FILES = ("config.json", "weights.safetensors", "last.safetensors", "log.jsonl", "metrics.json")
-FORMAT = 5  # config.json's format; upgrade() brings an older one to it, a step a format
 STOPS = (signal.SIGINT, signal.SIGTERM)  # what stops a run: Ctrl-C, SIGTERM
-# What each step of upgrade() fills in (by the format it brings a config to), at the value the runs before it
-# trained with: a run's settings at these values hash as before (ablate.py's folder names stay the same).
-FILLS = {
-    2: dict(group_by_length=False),
-    3: dict(denoise="none"),
-    4: dict(objective="ce", raft_weight=1.0),  # gen's, where the run is gen's
-    # the task (MOSI's sentiment), all training clips, disc's head as PyTorch starts it
-    5: dict(
-        targets="label",
-        low=-3.0,
-        high=3.0,
-        decimals=1,
-        question=QUESTION,
-        classes=True,
-        subsample=None,
-        head_start="default",
-    ),
-}
-FILLED = {k: v for fills in FILLS.values() for k, v in fills.items()}
-
-
-def run_flags_of(readout, names=None):
-    """{name: Flag} of the settings a run of the readout class `readout` saves: the generic ones and its
-    own; `names`: the readouts --readout may name."""
-    generic = reading_flags(names) + TRAINING_FLAGS
-    return {f.name: f for f in generic + tuple(readout.flags)}
-
-
-def run_config(cfg, readout):
-    """The settings that define the run `cfg` describes, as config.json holds them (its format first)."""
-    return dict(format=FORMAT, **{k: cfg[k] for k in run_flags_of(readout)})
-
-
-def default_config(readout, name):
-    """Every run setting of the readout class `readout` (registered as `name`) at its default, tiny model."""
-    flags = run_flags_of(readout)
-    return resolve(dict({k: f.default for k, f in flags.items()}, model="tiny", readout=name))
-
-
-def settings_key(cfg):
-    """Run settings (a run_config) as they compare across formats: less the format, and less what upgrade()
-    filled in, at the value it fills in."""
-    return {k: v for k, v in cfg.items() if k != "format" and not (k in FILLED and FILLED[k] == v)}
-
-
-def settings_hash(cfg):
-    return hashlib.sha1(json.dumps(settings_key(cfg), sort_keys=True).encode()).hexdigest()
-
-
-def upgrade(cfg, file, readouts):
-    """An older config.json brought to FORMAT, a step a format, each key a step fills in or drops said once."""
-    dropped, own = [], run_flags_of(readouts[cfg["readout"]]).keys()
-    if not isinstance(cfg.get("format", 1), int) or cfg.get("format", 1) > FORMAT:
-        raise UserError(
-            f"{file}: format {cfg['format']!r}, not one this version reads (1 to {FORMAT})"
-        )
-    if cfg.get("format", 1) == 1:  # before formats: every readout's flags, and retired ones
-        if cfg.get("standardize"):
-            raise UserError(
-                f"{file}: trained with --standardize, which this version no longer reads"
-            )
-        dropped = sorted(cfg.keys() - own)
-        cfg = {k: v for k, v in cfg.items() if k in own}
-    for step in range(cfg.get("format", 1) + 1, FORMAT + 1):
-        filled = {k: v for k, v in FILLS[step].items() if k in own and k not in cfg}
-        said = f"filled in {filled or 'nothing'}, dropped {dropped or 'nothing'}"
-        print(f"{file}: format {step - 1} -> {step}: {said}")
-        cfg = {**filled, **cfg, "format": step}
-        dropped = []
-    return cfg
 
 
 def load_config(folder, readouts):
-    """A run folder's config.json, brought up to date and checked key by key (type, choices); a flag of its
-    readout that is newer than the run takes its default."""
+    """A run folder's config.json, brought up to date and checked key by key (type, choices) -> {name: value}."""
     file = Path(folder) / "config.json"
     if not file.is_file():
         raise UserError(f"{file}: not found ({folder} is not a run folder written by train.py)")
     try:
-        cfg = json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
+    if not isinstance(config, dict):
         raise UserError(f"{file}: not a JSON object")
-    if cfg.get("readout") not in readouts:
-        raise UserError(unknown_readout(file, cfg.get("readout"), readouts))
-    cfg = upgrade(cfg, file, readouts)
-    del cfg["format"]
-    readout = readouts[cfg["readout"]]
-    flags = run_flags_of(readout, tuple(readouts))
-    cfg = {**{f.name: f.default for f in readout.flags}, **cfg}
-    problems = [f"unknown key {k!r}" for k in cfg.keys() - flags.keys()]
-    problems += [f"missing key {k!r}" for k in flags.keys() - cfg.keys()]
-    problems += [value_problem(flags[k], cfg[k]) for k in cfg.keys() & flags.keys()]
-    problems = sorted(p for p in problems if p)
-    if problems:
-        raise UserError(f"{file}: {'; '.join(problems)}")
-    return cfg
+    if config.get("readout") not in readouts:
+        raise UserError(unknown_readout(file, config.get("readout"), readouts))
+    return checked_config(config, file, readouts[config["readout"]])
 
 
 def unknown_readout(file, name, readouts):
@@ -164,9 +79,11 @@ def metadata(file):
 
 def save_weights(folder, readout, cfg):
     """weights.safetensors: the trained tensors, named by the readout and the hash of the run's settings."""
-    meta = dict(readout=cfg["readout"], settings=settings_hash(run_config(cfg, type(readout))))
-    if cfg.get("readout_file"):  # where a fork's readout was defined: a hint, never run from here
-        meta["readout_file"] = str(Path(cfg["readout_file"]).resolve())
+    meta = dict(readout=cfg.readout, settings=settings_hash(cfg, type(readout)))
+    if (
+        cfg.readout_file
+    ):  # where a fork's readout was defined, as given: a hint, never run from here
+        meta["readout_file"] = cfg.readout_file
     save_tensors(Path(folder) / "weights.safetensors", trained_state(readout), meta)
 
 
@@ -175,8 +92,8 @@ def load_weights(readout, weights, file, cfg=None):
     and, given `cfg`, that the file was trained with these settings."""
     meta = metadata(file) if cfg else {}
     if "settings" in meta:  # files before format 2 carry no hash
-        settings = settings_hash(run_config(cfg, type(readout)))
-        if meta["readout"] != cfg["readout"] or meta["settings"] != settings:
+        settings = settings_hash(cfg, type(readout))
+        if meta["readout"] != cfg.readout or meta["settings"] != settings:
             raise UserError(
                 f"{file}: was trained by a {meta['readout']} run with other settings than config.json's "
                 f"(edited after training?): train again, or restore the run's config.json"
@@ -214,28 +131,34 @@ def stop_deferred():
     try:
         yield
     finally:
-        for s in STOPS:  # a SIGTERM stops as Ctrl-C does
-            signal.signal(s, signal.default_int_handler)
+        stop_as_interrupt()
     if asked:
         raise KeyboardInterrupt
 
 
-def save_epoch(out, readout, cfg, optimizer, log, going, loader):
+def stop_as_interrupt():
+    """A Ctrl-C or a SIGTERM raises KeyboardInterrupt from here on (also where a shell started the run ignoring
+    Ctrl-C), so that a stopped run says what it kept."""
+    for s in STOPS:
+        signal.signal(s, signal.default_int_handler)
+
+
+def save_epoch(out, readout, cfg, optimizer, log, progress, loader):
     """What --resume continues from (save_last's), in this order, so that a crash anywhere leaves a folder that it
-    continues; between epochs (`going` without losses) the weights too if the epoch improved. Nothing that is
+    continues; between epochs (`progress` without losses) the weights too if the epoch improved. Nothing that is
     not finite is written, and a stop waits until all is saved."""
     broken = [k for k, v in trained_state(readout).items() if not torch.isfinite(v).all()]
     if broken:
         raise FloatingPointError(f"{len(broken)} trained tensors are not finite")
     with stop_deferred():
-        if "losses" not in going and log[-1]["improved"]:
+        if "losses" not in progress and log[-1]["improved"]:
             save_weights(out, readout, cfg)
         save_json(out / "config.json", run_config(cfg, type(readout)))
         write_log(out, log)
-        save_last(out / "last.safetensors", readout, optimizer, going, loader)
+        save_last(out / "last.safetensors", readout, optimizer, progress, loader)
 
 
-def hold(out, resume, overwrite):
+def lock_folder(out, resume, overwrite):
     """Lock the run's folder (made here) for this process, after checking that training into it is what the
     user asked for -> the lock."""
     try:
@@ -253,7 +176,7 @@ def hold(out, resume, overwrite):
         raise UserError(f"--out {out}: another process is training into this folder now") from None
     holds = [f for f in RUN_FILES if (out / f).exists()]
     if holds and not (resume or overwrite):
-        release(lock, out)
+        unlock_folder(lock, out)
         raise UserError(
             f"--out {out}: holds a run already ({', '.join(holds)}); --resume {out} continues it, "
             "another --out trains elsewhere, --overwrite replaces it"
@@ -265,7 +188,7 @@ def hold(out, resume, overwrite):
     return lock
 
 
-def release(lock, out):
+def unlock_folder(lock, out):
     """Unlock the folder; an empty one goes (a run that ends before its first epoch leaves nothing), where it
     can: a mount point or a read-only parent keeps it."""
     if lock is None:
@@ -280,8 +203,8 @@ def kept_so_far(out, then):
     file = out / "last.safetensors"
     if not file.exists():
         return "nothing was saved yet"
-    going = last_going(last_meta(file))
-    return f"{out} holds epoch {going['epoch'] - 1} and {len(going.get('losses', []))} batches of the next, the last good state; {then}"
+    progress = last_progress(last_meta(file))
+    return f"{out} holds epoch {progress['epoch'] - 1} and {len(progress.get('losses', []))} batches of the next, the last good state; {then}"
 
 
 def check_space(out, trainable):
@@ -296,9 +219,9 @@ def check_space(out, trainable):
         )
 
 
-def save_last(file, readout, optimizer, going, loader):
+def save_last(file, readout, optimizer, progress, loader):
     """What continuing needs: trained tensors, optimizer state, random states (`loader`: the loader's where
-    the epoch in progress began); as metadata the optimizer's parameter groups and `going`, the Epoch record
+    the epoch in progress began); as metadata the optimizer's parameter groups and `progress`, the Epoch record
     to go on with (train.py's: between epochs its epoch and step; within one, its batches' losses so far too)."""
     tensors = {f"model.{k}": v for k, v in trained_state(readout).items()}
     state = optimizer.state_dict()
@@ -307,16 +230,16 @@ def save_last(file, readout, optimizer, going, loader):
     tensors["rng.loader"] = loader
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    meta = dict(going=going, param_groups=state["param_groups"])
+    meta = dict(going=progress, param_groups=state["param_groups"])
     save_tensors(file, tensors, {"train": json.dumps(meta)})
 
 
 def last_meta(file):
-    """What save_last wrote as metadata: the optimizer's parameter groups, `going`."""
+    """What save_last wrote as metadata: the optimizer's parameter groups, `progress` (under the key "going")."""
     return json.loads(metadata(file)["train"])
 
 
-def last_going(meta):
+def last_progress(meta):
     """The Epoch record in save_last's metadata (before it wrote one: the epoch after the one it held)."""
     return meta.get("going") or dict(epoch=meta["epoch"] + 1, step=meta["step"])
 
@@ -336,4 +259,4 @@ def load_last(file, readout, optimizer, generator):
     generator.set_state(tensors["rng.loader"])
     if "rng.cuda" in tensors:
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return last_going(meta)
+    return last_progress(meta)

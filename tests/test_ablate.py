@@ -202,8 +202,8 @@ def test_a_forks_own_parameter_group_trains_its_head_at_its_own_rate(make_cfg):
     try:
         cfg = make_cfg("--modalities", "t", "--readout", "middle")
         readout, _ = build(cfg, torch.device("cpu"))
-        (lora, lora_lr), (head, head_lr) = readout.param_groups(cfg["lr"])
-        assert lora_lr == cfg["lr"] and head_lr == 1e-2 and head == list(readout.head.parameters())
+        (lora, lora_lr), (head, head_lr) = readout.param_groups(cfg.lr)
+        assert lora_lr == cfg.lr and head_lr == 1e-2 and head == list(readout.head.parameters())
     finally:
         del READOUTS["middle"]
 

@@ -4,19 +4,26 @@ import pytest
 import torch
 from torch import nn
 
-import bench
-from bench import TINY
+from bench import common, params, pipeline, readouts, speed
+from bench.common import TINY
 from lora import bitsandbytes, quantize_nf4
 from readout import DECODE
+from settings import Settings
 from train import train
+
+
+def with_(cfg, **more):
+    """A run's settings and a benchmark's own."""
+    return Settings(**{**vars(cfg), **more})
+
 
 bnb = bitsandbytes()
 
 
 @pytest.mark.parametrize("size", ["random-7b", "random-3b"])
 def test_thinker_counts_match_their_published_shapes(size):
-    c = bench.param_counts(bench.SHAPES[size])
-    t, a, v = (bench.SHAPES[size][k] for k in ("text", "audio", "vision"))
+    c = params.param_counts(common.SHAPES[size])
+    t, a, v = (common.SHAPES[size][k] for k in ("text", "audio", "vision"))
     h, kv = (
         t["hidden_size"],
         t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"],
@@ -66,7 +73,7 @@ def test_quantize_nf4_replaces_linear_layers_but_not_the_skipped_ones():
 
 
 def test_bench_measures_every_key_on_the_tiny_model(tmp_path):
-    cfg = bench.parse_args(
+    cfg = speed.parse_args(
         [
             "--model",
             "tiny",
@@ -80,7 +87,7 @@ def test_bench_measures_every_key_on_the_tiny_model(tmp_path):
             str(tmp_path / "b.json"),
         ]
     )
-    out = bench.bench(cfg)
+    out = speed.bench(cfg)
     for key in (
         "disc_over_forward",
         "full_forward_over_disc",
@@ -90,7 +97,7 @@ def test_bench_measures_every_key_on_the_tiny_model(tmp_path):
         "peak_mem_eval_mb",
     ):
         assert out[key] > 0, key
-    assert 1 <= out["gen_mean_new_tokens"] <= cfg["max_new_tokens"]
+    assert 1 <= out["gen_mean_new_tokens"] <= cfg.max_new_tokens
     assert (
         0 < out["tower_share_eval"] < 1 and 0 < out["tower_share_step"] < 1
     )  # tav: both towers run
@@ -107,7 +114,7 @@ def test_bench_measures_every_key_on_the_tiny_model(tmp_path):
 
 
 def test_a_random_thinker_is_built_in_memory_with_a_4bit_text_decoder():
-    model, processor = bench.random_thinker(TINY, "nf4", "cpu")
+    model, processor = common.random_thinker(TINY, "nf4", "cpu")
     layers = model.model.language_model.layers
     assert isinstance(layers[0].mlp.up_proj, bnb.nn.Linear4bit) and type(model.lm_head) is nn.Linear
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.model.visual.modules())
@@ -121,32 +128,42 @@ def test_a_random_thinker_is_built_in_memory_with_a_4bit_text_decoder():
 def test_rule_times_reads_both_runs_with_every_rule_on_the_first_clips(make_cfg, tmp_path):
     runs = [
         train(
-            {
-                **make_cfg("--epochs", "1", "--modalities", "t", "--readout", r),
-                "out": str(tmp_path / r),
-            }
+            make_cfg("--epochs", "1", "--modalities", "t", "--readout", r).but(
+                out=str(tmp_path / r)
+            )
         )[0]
         for r in ("disc", "gen")
     ]
-    out = bench.rule_times({**make_cfg(), "clips": 5, "eval_batch_size": 2}, *runs)
+    out = readouts.rule_times(with_(make_cfg(), clips=5, eval_batch_size=2), *runs)
     assert out["clips"] == 5 and set(out["ms_per_clip"]) == {"disc", *(f"gen@{r}" for r in DECODE)}
     assert all(t > 0 for t in out["ms_per_clip"].values()) and out["over_first"]["disc"] == 1.0
     # two runs of one readout (a layer against the last): named by their folders
     cfg = make_cfg("--epochs", "1", "--modalities", "t", "--layer", "1")
-    layer = train({**cfg, "out": str(tmp_path / "disc-layer1")})[0]
-    both = bench.rule_times({**make_cfg(), "clips": 4, "eval_batch_size": 2}, runs[0], layer)
+    layer = train(cfg.but(out=str(tmp_path / "disc-layer1")))[0]
+    both = readouts.rule_times(with_(make_cfg(), clips=4, eval_batch_size=2), runs[0], layer)
     assert set(both["ms_per_clip"]) == {"disc", "disc-layer1"}
 
 
 def test_padding_of_batches_grouped_by_length_is_at_most_that_of_shuffled_ones(make_cfg):
-    out = bench.padding({**make_cfg("--batch_size", "4"), "trust_remote_code": False})
+    out = pipeline.padding(make_cfg("--batch_size", "4"))
     share = out["padded_over_real"]
     assert out["clips"] > 0 and 0 <= share["sorted"] <= share["grouped"] <= share["shuffled"]
     assert 0 < out["processed"]["sorted"] <= out["processed"]["grouped"] <= 1.0
 
 
 def test_a_raft_step_is_timed_beside_a_cross_entropy_step_on_the_same_batch(make_cfg):
-    cfg = {**make_cfg("--modalities", "t", "--batch_size", "4"), "warmup": 0, "repeats": 1}
-    out = bench.objective_steps(cfg)
+    cfg = with_(make_cfg("--modalities", "t", "--batch_size", "4"), warmup=0, repeats=1)
+    out = readouts.objective_steps(cfg)
     assert out["ce_step_s"] > 0 and out["raft_step_s"] > 0 and out["peak_rss_mb"] > 0
     assert out["raft_over_ce"] == out["raft_step_s"] / out["ce_step_s"]
+
+
+def test_gens_cost_beside_discs_is_measured_at_each_prompt_length(make_cfg):
+    out = readouts.prompt_lengths(with_(make_cfg(), clips=4, eval_batch_size=2))
+    assert list(out) == ["t", "ta", "tav"]
+    lengths = [out[m]["prompt_tokens"] for m in out]
+    assert lengths[0] < lengths[1] < lengths[2]  # the media's tokens lengthen the prompt
+    for m in out:
+        assert set(out[m]["ms_per_clip"]) == {"disc", *(f"gen@{r}" for r in DECODE)}
+        floor = (out[m]["prompt_tokens"] + out[m]["answer_prefixes"]) / out[m]["prompt_tokens"]
+        assert out[m]["floor"] == floor and out[m]["over_first"]["disc"] == 1.0

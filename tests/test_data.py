@@ -10,6 +10,7 @@ import soundfile
 
 import batches
 import data
+from settings import Settings
 
 # Clips' settings as train.py's flags give them by default
 CLIP_FLAGS = dict(
@@ -23,7 +24,8 @@ CLIP_FLAGS |= dict(subsample=None, seed=0)
 
 def make_clips(root, split, modalities="tav", **flags):
     """data.Clips of a dataset folder with the flags' defaults but for `flags`."""
-    return data.Clips({**CLIP_FLAGS, "data": str(root), "modalities": modalities, **flags}, split)
+    clip = Settings(**{**CLIP_FLAGS, "data": str(root), "modalities": modalities, **flags})
+    return data.Clips(clip, split)
 
 
 def first_clip(root):
@@ -51,7 +53,7 @@ def test_toy_dataset_layout_and_determinism(toy_root, tmp_path):
 
 def test_the_toy_label_is_the_sum_of_what_each_modality_carries(toy_root):
     """Words, brightness and pitch each track the label in part, and together determine it."""
-    rows, _ = data.read_split({**CLIP_FLAGS, "data": str(toy_root)}, "train")
+    rows, _ = data.read_split(Settings(**CLIP_FLAGS, data=str(toy_root)), "train")
     level = {w: lv - 3 for lv, words in enumerate(data.TOY_WORDS) for w in words}
     labels, features = [], []
     for r in rows:
@@ -117,7 +119,7 @@ def test_cache_decodes_once_and_again_after_a_change(toy_root, tmp_path):
 
 def test_prompt_leaves_out_what_is_not_requested():
     from backbone import Backbone
-    from bench import tiny_processor
+    from bench.common import tiny_processor
 
     processor = tiny_processor()
     parts = Backbone(None, processor.tokenizer, processor)
@@ -524,7 +526,7 @@ def test_a_spreadsheet_saved_label_csv_reads_like_a_plain_one(tmp_path):
     # as spreadsheet programs save it
     (tmp_path / "bom" / "label.csv").write_bytes(b"\xef\xbb\xbf" + rows.encode())
     plain, with_bom = (
-        data.read_split({**CLIP_FLAGS, "data": str(tmp_path / name)}, "train")[0]
+        data.read_split(Settings(**CLIP_FLAGS, data=str(tmp_path / name)), "train")[0]
         for name in ("plain", "bom")
     )
     texts = ['commas, "quotes" and a\r\nline break', "plain"]
@@ -595,7 +597,7 @@ def test_a_full_disk_is_one_line_and_leaves_the_previous_file_whole(tmp_path):
 
 def test_audio_in_video_interleaves_the_clips_audio_with_its_video(toy_root, tmp_path):
     from backbone import Backbone
-    from bench import tiny_processor
+    from bench.common import tiny_processor
 
     processor = tiny_processor()
     parts = Backbone(None, processor.tokenizer, processor)
@@ -634,7 +636,13 @@ def test_a_real_mosi_clip_with_audio_in_video_goes_through_the_thinker(tmp_path)
         on_bad="skip",
         audio_in_video=True,
     )
-    cfg = dict(eval_batch_size=1, num_workers=0, cache_processed=False, question=batches.QUESTION)
+    cfg = Settings(
+        eval_batch_size=1,
+        num_workers=0,
+        cache_processed=False,
+        question=batches.QUESTION,
+        system=batches.SYSTEM,
+    )
     batch = next(iter(batches.make_loader(cfg, clips, parts)))
     assert batch["label"].shape == (1, 1) and "<|AUDIO|>" not in batches.prompt(
         "", "tav", parts, True
@@ -691,13 +699,13 @@ def test_denoising_without_its_package_says_what_to_install_before_decoding(
 @real
 @denoiser
 def test_deepfilternet_cleans_real_speech_and_is_cached_beside_the_plain_audio(tmp_path):
-    import bench
+    from bench.denoise import mixed, si_sdr
 
     plain = make_clips(SHARED / "mosi_clips", "train", "a", cache_dir=tmp_path, on_bad="skip")
     clean = plain.media(plain.rows[0])["audio"]  # 03bSnISJMiM/1.wav: 3.3 s of speech
-    noisy = bench.mixed(clean, np.random.default_rng(0).normal(size=clean.shape), snr_db=0)
-    assert abs(bench.si_sdr(noisy, clean)) < 0.5  # 0 dB white noise
-    assert bench.si_sdr(data.deepfilternet(noisy), clean) >= bench.si_sdr(noisy, clean) + 8
+    noisy = mixed(clean, np.random.default_rng(0).normal(size=clean.shape), snr_db=0)
+    assert abs(si_sdr(noisy, clean)) < 0.5  # 0 dB white noise
+    assert si_sdr(data.deepfilternet(noisy), clean) >= si_sdr(noisy, clean) + 8
     denoised = make_clips(
         SHARED / "mosi_clips", "train", "a", cache_dir=tmp_path, denoise="deepfilternet"
     )

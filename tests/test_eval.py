@@ -126,12 +126,9 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
 
     from train import train
 
-    a, _ = train({**make_cfg("--epochs", "1", "--modalities", "t"), "out": str(tmp_path / "a")})
+    a, _ = train(make_cfg("--epochs", "1", "--modalities", "t").but(out=str(tmp_path / "a")))
     b, _ = train(
-        {
-            **make_cfg("--epochs", "1", "--modalities", "t", "--seed", "1"),
-            "out": str(tmp_path / "b"),
-        }
+        make_cfg("--epochs", "1", "--modalities", "t", "--seed", "1").but(out=str(tmp_path / "b"))
     )
     run = [sys.executable, "eval.py", "--device", "cpu"]
     stats = [sys.executable, "pooled.py", "--device", "cpu"]
@@ -155,7 +152,7 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
     other = [",".join([*r[:3], str(-float(r[3])), r[4]]) for r in rows]
     (tmp_path / "other" / "label.csv").write_text("\n".join([labels[0], *other]) + "\n")
     cfg = make_cfg("--epochs", "1", "--modalities", "t")
-    other, _ = train({**cfg, "data": str(tmp_path / "other"), "out": str(tmp_path / "o")})
+    other, _ = train(cfg.but(data=str(tmp_path / "other"), out=str(tmp_path / "o")))
     refused = subprocess.run(
         stats + ["--compare", str(a), str(other)], capture_output=True, text=True
     )
@@ -229,12 +226,7 @@ def test_a_checkpoint_is_tested_with_modalities_left_out(make_cfg, tmp_path):
 
 
 def test_a_row_names_gen_with_its_decoding_rule(make_cfg):
-    args = {
-        **make_cfg("--modalities", "t", "--readout", "gen", "--decode", "expected"),
-        "split": "test",
-        "bootstrap": 0,
-        "plot": False,
-    }
-    scored = run_split(None, args, {})
+    cfg = make_cfg("--modalities", "t", "--readout", "gen", "--decode", "expected")
+    scored = run_split(cfg, None, "test")
     assert scored.name == "gen@expected zero-shot (t, test)"
     assert scored.result["parse_failures"] == 0  # expected always answers

@@ -6,7 +6,8 @@ import torch
 
 from backbone import load_backbone
 from batches import prompt
-from readout import build, last_token_index, parse_score
+from readout import READOUTS, build, last_token_index, parse_score
+from settings import Settings
 
 
 def test_last_token_index_left_and_right_padding():
@@ -274,7 +275,7 @@ def test_expected_on_a_llama_decoder_with_left_padding(make_cfg):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from backbone import Backbone
-    from bench import tiny_processor
+    from bench.common import tiny_processor
     from readout import Gen
 
     tokenizer = tiny_processor().tokenizer
@@ -310,13 +311,15 @@ def test_expected_on_a_llama_decoder_with_left_padding(make_cfg):
 @pytest.mark.parametrize("head", [["linear"], ["mlp"], ["bins"]])
 def test_each_head_trains_beats_the_train_mean_and_its_checkpoint_reproduces(make_cfg, head):
     from eval import load_checkpoint
+    from runs import load_config
     from train import train
 
     flags = ["--modalities", "t", "--epochs", "10", "--head", *head, "--head_lr", "3e-3"]
     out, result = train(make_cfg(*flags))
     assert result["test"]["MAE"] < result["test_mean_baseline"]["MAE"]
-    cfg, readout, parts = load_checkpoint(out, make_cfg())
-    assert cfg["head"] == head[0] and cfg["head_lr"] == 3e-3
+    cfg = make_cfg().but(**load_config(out, READOUTS))  # the run's settings, as eval.py reads them
+    readout, parts = load_checkpoint(cfg, out)
+    assert cfg.head == head[0] and cfg.head_lr == 3e-3
     again = evaluate_split(cfg, readout, parts)
     assert again["MAE"] == result["test"]["MAE"]
 
@@ -343,7 +346,7 @@ def evaluate_split(cfg, readout, parts, split="test"):
 def test_bins_put_their_mass_where_a_one_value_training_set_puts_it(make_cfg):
     from readout import grid, hl_gauss
 
-    values = grid(dict(low=-3.0, high=3.0, decimals=1))
+    values = grid(Settings(low=-3.0, high=3.0, decimals=1))
     targets = hl_gauss(torch.tensor([1.0, -3.0]), 0.075, values)
     assert torch.allclose(targets.sum(-1), torch.ones(2)) and targets[0].argmax() == 40  # bin 1.0
     assert targets[1, 0] > 0.5  # the mass beyond -3 goes to the outer bin

@@ -8,7 +8,8 @@ import pytest
 from ablate import folder_name
 from data import UserError
 from readout import READOUTS
-from runs import hold, load_config, release, run_config
+from runs import load_config, lock_folder, unlock_folder
+from settings import Settings, run_config
 
 # a run folder of every config.json format this project wrote
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -37,18 +38,18 @@ def test_a_run_folder_of_every_format_loads_and_reproduces_its_test_row(folder, 
 
 
 def test_an_older_config_is_brought_up_to_date_and_keeps_its_folder_name(capsys):
-    cfg = load_config(FIXTURES / "format1-disc", READOUTS)
+    cfg = Settings(**load_config(FIXTURES / "format1-disc", READOUTS))
     said = capsys.readouterr().out
     # every readout's flags and the retired ones dropped, the newer one filled in, each said once
-    assert "format 1 -> 2" in said and "'group_by_length': False" in said and "'samples'" in said
-    assert cfg["group_by_length"] is False and "samples" not in cfg and "decode" not in cfg
-    assert run_config(cfg, READOUTS["disc"])["format"] == 5 and cfg["denoise"] == "none"
+    assert "format 1 -> 6" in said and "'group_by_length': False" in said and "'samples'" in said
+    assert cfg.group_by_length is False and "samples" not in vars(cfg) and "decode" not in vars(cfg)
+    assert run_config(cfg, READOUTS["disc"])["format"] == 6 and cfg.denoise == "none"
     # format 5: the task (MOSI's), every training clip, a head started as PyTorch starts it
-    assert cfg["targets"] == "label" and (cfg["low"], cfg["high"], cfg["decimals"]) == (-3, 3, 1)
-    assert cfg["subsample"] is None and cfg["head_start"] == "default"
+    assert cfg.targets == "label" and (cfg.low, cfg.high, cfg.decimals) == (-3, 3, 1)
+    assert cfg.subsample is None and cfg.head_start == "default"
     # the name ablate.py gave this run before formats (computed by that version's folder_name)
     assert folder_name(cfg, True) == "disc-t-s0-6917a2b5"
-    assert folder_name({**cfg, "group_by_length": True}, True) != "disc-t-s0-6917a2b5"
+    assert folder_name(cfg.but(group_by_length=True), True) != "disc-t-s0-6917a2b5"
 
 
 def test_a_config_of_a_retired_setting_or_of_a_newer_format_is_refused(tmp_path):
@@ -66,13 +67,13 @@ def test_an_out_that_cannot_be_written_is_one_line_and_cleaning_up_never_raises(
     blocker.write_text("in the way")
     for out in (blocker, blocker / "run"):
         with pytest.raises(UserError, match="--out .*: cannot be written"):
-            hold(out, resume=None, overwrite=False)
+            lock_folder(out, resume=None, overwrite=False)
     out = tmp_path / "run"
-    lock = hold(out, resume=None, overwrite=False)
+    lock = lock_folder(out, resume=None, overwrite=False)
     (out / "kept.txt").write_text("not empty")
-    release(lock, out)  # a folder that is not empty stays, silently
+    unlock_folder(lock, out)  # a folder that is not empty stays, silently
     assert (out / "kept.txt").exists()
-    release(hold(tmp_path / "empty", resume=None, overwrite=False), tmp_path / "empty")
+    unlock_folder(lock_folder(tmp_path / "empty", resume=None, overwrite=False), tmp_path / "empty")
     assert not (tmp_path / "empty").exists()  # an empty one goes
 
 
@@ -80,7 +81,7 @@ def test_a_last_safetensors_from_before_mid_epoch_saves_goes_on_at_the_next_epoc
     import torch
     from safetensors.torch import save_file
 
-    from runs import kept_so_far, last_going, last_meta
+    from runs import kept_so_far, last_meta, last_progress
 
     old = dict(
         epoch=3, step=27, param_groups=[]
@@ -88,5 +89,5 @@ def test_a_last_safetensors_from_before_mid_epoch_saves_goes_on_at_the_next_epoc
     save_file(
         {"rng.torch": torch.zeros(1)}, tmp_path / "last.safetensors", {"train": json.dumps(old)}
     )
-    assert last_going(last_meta(tmp_path / "last.safetensors")) == dict(epoch=4, step=27)
+    assert last_progress(last_meta(tmp_path / "last.safetensors")) == dict(epoch=4, step=27)
     assert "holds epoch 3 and 0 batches of the next" in kept_so_far(tmp_path, "")

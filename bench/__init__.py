@@ -1,0 +1,1 @@
+"""Benchmarks, a script each by what it measures (bench/common.py lists them): python -m bench.NAME."""
