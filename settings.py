@@ -21,15 +21,8 @@ from batches import QUESTION, SYSTEM
 from data import DENOISE, UserError, task_file
 
 FORMAT = 6  # config.json's format
-TASK = (
-    "targets",
-    "low",
-    "high",
-    "decimals",
-    "question",
-    "system",
-    "classes",
-)  # what a task.json may set
+# what a task.json may set
+TASK = ("targets", "low", "high", "decimals", "question", "system", "classes")
 DATA = "the data and the task (a dataset's task.json, or --task FILE, sets the task's defaults)"
 MODEL = "the model and LoRA"
 TRAINING = "training"
@@ -171,18 +164,6 @@ RUN = (
         ),
     )
 )
-READ = {
-    "data",
-    "modalities",
-    "fps",
-    "max_frames",
-    "max_pixels",
-    "audio_in_video",
-    "denoise",
-    "model",
-}
-READ |= {"quant", "readout", "task", *TASK}  # the run settings eval.py may change
-
 UNSAVED = grouped(  # every script's, never saved: this machine's, and where the task came from
     MACHINE,
     Setting("device", str, "auto", "cpu, cuda, cuda:N; auto: cuda where there is a GPU"),
@@ -205,6 +186,9 @@ UNSAVED = grouped(  # every script's, never saved: this machine's, and where the
         metavar="FILE",
     ),
 )
+
+# The run settings eval.py may change for a trained run: the data and the task, and the model read
+READ = {s.name for s in RUN + UNSAVED if s.group == DATA} | {"model", "quant", "readout"}
 
 # A random tiny model needs more steps at a larger rate. LoRA r=32 trains 0.90% of the 7B Thinker's parameters.
 PRESETS = {
