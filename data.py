@@ -382,7 +382,16 @@ class Clips:
 
         with ThreadPoolExecutor(max(1, workers)) as pool:  # PyAV decodes without holding the GIL
             done = pool.map(problem, rows)
-            return list(tqdm(done, total=len(rows), desc=f"decoding {split}", leave=False, delay=2))
+            return list(
+                tqdm(
+                    done,
+                    total=len(rows),
+                    desc=f"decoding {split}",
+                    leave=False,
+                    delay=2,
+                    disable=None,
+                )
+            )
 
     def counts(self):
         return dict(
@@ -443,7 +452,7 @@ def make_toy(root, n=TOY_CLIPS, seed=0):
         return root
     print(f"data: writing the toy dataset, {n} clips, to {root} (once)")
     rng, rows = np.random.default_rng(seed), [["video_id", "clip_id", "text", "label", "mode"]]
-    for i in tqdm(range(n), desc="toy clips", leave=False):
+    for i in tqdm(range(n), desc="toy clips", leave=False, disable=None):
         video_id, clip_id = f"toy{i // 6:03d}", str(i % 6 + 1)
         part = {m: float(rng.uniform(-half, half)) for m, half in TOY_PARTS.items()}
         level = round(part["t"] * 3 / TOY_PARTS["t"])  # 7 word levels over ±1.5

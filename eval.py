@@ -97,7 +97,9 @@ def evaluate(readout, loader, device):
     labels = []
     times = []
     counts = Counter()
-    for batch in tqdm(loader, desc="evaluating", leave=False):
+    for batch in tqdm(
+        loader, desc="evaluating", leave=False, disable=None
+    ):  # None: on a terminal only
         batch = to_device(batch, device)
         start = time.perf_counter()
         with autocast(device):

@@ -38,7 +38,7 @@ def states(readout, loader, device):
     """Every layer's pooled states of a split -> ({pooling: (clips, layers + 1, H)}, labels)."""
     pooled, labels = {"last": [], "mean": []}, []
     model = readout.text_model()
-    for batch in tqdm(loader, desc="states", leave=False):
+    for batch in tqdm(loader, desc="states", leave=False, disable=None):
         batch = to_device(batch, device)
         mask = batch["inputs"]["attention_mask"]
         with autocast(device):

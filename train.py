@@ -205,7 +205,10 @@ def train_epoch(readout, loader, optimizer, cfg, record, procs, save):
     began, ready = loader.generator.get_state(), time.perf_counter()
     started, saved = ready - record.seconds, record.seconds
     loader.sampler.skip = done = len(record.losses)  # resumed: on after its batches done
-    bar = tqdm(loader, f"epoch {record.epoch}", initial=done, leave=False, disable=procs.rank > 0)
+    hidden = (
+        True if procs.rank > 0 else None
+    )  # None: a bar on a terminal only; a redirected log keeps its lines
+    bar = tqdm(loader, f"epoch {record.epoch}", initial=done, leave=False, disable=hidden)
     for i, batch in enumerate(bar, done):
         record.data_wait_seconds += time.perf_counter() - ready
         padding = 1 - batch["inputs"]["attention_mask"].float().mean().item()

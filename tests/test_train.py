@@ -579,6 +579,9 @@ def test_two_processes_with_gloo_match_one_process_with_the_same_global_batch(to
         text=True,
     )
     assert one.returncode == 0, one.stderr[-2000:]
+    # not a terminal: no progress bars, a line an epoch (three) and the test row
+    assert "it/s" not in one.stderr and one.stdout.count("valid MAE") == 3
+    assert len(one.stdout) + len(one.stderr) < 5000
     two = subprocess.run(
         [
             sys.executable,
