@@ -94,7 +94,7 @@ def label_rows(path, cfg):
         if missing:
             raise DataError(
                 f"{path}: missing column(s) {', '.join(missing)} (needed: {', '.join(layout)}, text, "
-                "and the task's --targets)"
+                f"and the task's --targets; it has {', '.join(header) or 'none'})"
             )
         for r in reader:
             *ids, mode = (str(r[c]) for c in layout)

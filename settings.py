@@ -274,7 +274,10 @@ class Command:
         )  # its model and data pick the preset and the task
         values = {**defaults, **PRESETS["tiny" if final.model == "tiny" else "pretrained"]}
         values.update(RECIPES.get(given.get("recipe"), {}))
-        values.update(task_values(final.task or task_file(final.data)))
+        task = final.task or task_file(final.data)
+        values.update(task_values(task))
+        if task and not saved:  # said once: a run's own config.json holds its task
+            print(f"task: {task}")
         cfg = Settings(**{**values, **saved, **given})
         cfg.lora_alpha = cfg.lora_alpha or 2.0 * cfg.lora_r
         cfg.device = device_of(cfg.device)

@@ -207,12 +207,13 @@ def test_a_missing_column_names_the_file_and_what_is_needed(tmp_path):
     file = tmp_path / "emobank.csv"
     file.write_text("id,split,V,text\nx1,train,3.1,fine\n")
     with pytest.raises(
-        UserError, match=r"emobank.csv: missing column\(s\) A \(needed: id, split, text"
+        UserError,
+        match=r"emobank.csv: missing column\(s\) A \(needed: id, split, text.*it has id, split, V, text\)",
     ):
         read_split(Settings(data=str(file), targets="V,A", low=1.0, high=5.0), "train")
 
 
-def test_a_task_json_beside_the_labels_sets_the_defaults_and_a_flag_wins(toy_csv, tmp_path):
+def test_a_task_json_beside_the_labels_sets_the_defaults_and_a_flag_wins(toy_csv, tmp_path, capsys):
     folder = tmp_path / "data"
     folder.mkdir()
     (folder / "emobank.csv").write_bytes(toy_csv.read_bytes())
@@ -220,6 +221,7 @@ def test_a_task_json_beside_the_labels_sets_the_defaults_and_a_flag_wins(toy_csv
     flags = ["--model", "tiny", "--data", str(folder / "emobank.csv"), "--out", str(tmp_path / "o")]
     cfg = train.settings_from(flags)
     assert (cfg.targets, cfg.low, cfg.high, cfg.decimals) == ("A", 1, 5, 2)
+    assert f"task: {folder / 'task.json'}" in capsys.readouterr().out  # which file, said
     assert train.settings_from([*flags, "--targets", "D"]).targets == "D"
     vad = train.settings_from([*flags, "--task", str(TASKS / "emobank-vad.json")])
     assert vad.targets == "V,A,D" and "arousal" in vad.question
