@@ -1,7 +1,9 @@
 """Controlled comparisons, everything else fixed: which modalities carry the score, which readout reads it best?
 
-    python ablate.py --model tiny --data toy [--subsets t,a,tav] [--seeds 0,1,2]   # train and test each subset
-    python ablate.py --model tiny --data toy --readouts gen0,gen,gen@expected,disc   # each readout, --modalities
+    python ablate.py --model tiny --data toy [--modalities t,a,tav] [--seeds 0,1,2]   # train and test each subset
+    python ablate.py --model tiny --data toy --readouts gen0,gen,gen@expected,disc   # each readout
+
+--modalities: comma-separated subsets, a row each (default: every subset of tav; with --readouts: tav)
 
 The other flags are train.py's. Each run has its folder, named by its readout, modalities, seed and a hash of
 its run settings: a finished run is reused, a stopped one continued, and other settings never train into it.
@@ -15,8 +17,8 @@ from data import UserError, read_split
 from eval import mean_baseline, run_split, table
 from readout import DECODE, READOUTS
 from runs import save_json
-from settings import Setting, Settings, grouped, settings_hash, settings_key
-from train import command, train
+from settings import Setting, Settings, grouped, settings_key
+from train import command, run_folder, train
 
 SUBSETS = "t,a,v,ta,tv,av,tav"
 
@@ -34,12 +36,6 @@ COMPARISON = grouped(
         None,
         "the folder of the runs and the table (default: runs/DATA-READOUT-ablation)",
     ),
-    Setting(
-        "subsets",
-        str,
-        None,
-        f"comma-separated modality subsets (default: {SUBSETS}; with --readouts: --modalities)",
-    ),
     Setting("seeds", numbers, [0], "comma-separated seeds: cells are mean ± std over them"),
     Setting(
         "readouts",
@@ -54,13 +50,14 @@ COMPARISON = grouped(
 def settings_from(argv=None):
     """-> (the base run's settings, the comparison's: subsets, seeds and readouts as lists, out)."""
     cmd = command(argv, COMPARISON, __doc__)
-    base = cmd.settings(cmd.parse(argv))
+    given = cmd.parse(argv)
+    base = cmd.settings(given)
     # each run is trained anew, or continued where it stopped: never one of the command line's
     base = Settings(**vars(base), resume=None, overwrite=False)
     by_readout = base.readouts is not None
     readouts = (base.readouts or base.readout).split(",")
     check_readouts(readouts)
-    subsets = base.subsets or (base.modalities if by_readout else SUBSETS)
+    subsets = base.modalities if by_readout or "modalities" in given else SUBSETS
     name = "readouts" if by_readout else base.readout
     data = Path(base.data.replace(":", "")).name
     out = Path(base.out or f"runs/{data}-{name}-ablation")
@@ -148,11 +145,8 @@ def trained(cfg):
 
 def folder_name(run, by_readout):
     """[READOUT-]MODALITIES-sSEED-HASH, the hash that of the run's settings: other settings, another folder."""
-    digest = settings_hash(run, READOUTS[run.readout])[:8]
-    name = f"{run.modalities}-s{run.seed}-{digest}"
-    if by_readout:
-        name = f"{run.readout}-{name}"
-    return name
+    name = run_folder(run)
+    return name if by_readout else name.partition("-")[2]
 
 
 def evaluated(file, cfg, folder=None):

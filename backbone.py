@@ -111,9 +111,9 @@ def load_text_model(folder, source, load, causal):
 
 def model_source(name, trust_remote_code=False):
     """(folder, from_pretrained's keyword arguments) of --model NAME: a hub id, a folder or a .gguf file."""
-    # Without a network, transformers retries the hub for a while: then the local cache alone, at once.
-    local = not (os.path.exists(name) or hub_reachable())
-    source = dict(trust_remote_code=trust_remote_code, local_files_only=local)
+    source = dict(
+        trust_remote_code=trust_remote_code
+    )  # offline, a hub id: HF_HUB_OFFLINE=1 reads the cache
     folder = str(name)
     if folder.endswith(".gguf"):
         folder, source["gguf_file"] = os.path.split(os.path.abspath(name))
@@ -150,19 +150,6 @@ def check_model(cfg):
         raise UserError(
             f"--model {cfg.model} is a text model ({kind}): only --modalities t is possible"
         )
-
-
-@functools.cache
-def hub_reachable():
-    """Whether the Hugging Face hub (or the mirror HF_ENDPOINT names) answers within 2 s, through any proxy."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    try:
-        get_session().head(constants.ENDPOINT, timeout=2)
-    except Exception:  # whatever the reason, only the local cache can serve
-        return False
-    return True
 
 
 def add_run_lora(model, cfg):

@@ -22,15 +22,12 @@ QUESTION = (
 class ModelInputs(torch.utils.data.Dataset):
     """Clips as the processor's output, a batch of one each; with cache_processed, kept on disk, so that later
     epochs neither read the decoded media nor run the processor. `parts`: a backbone's tokenizer and
-    processor (None for a text model)."""
+    processor (None for a text model); `cfg`: the run's settings (its question, system prompt, cache_processed)."""
 
-    def __init__(self, clips, parts, cache_processed=False, question=QUESTION, system=SYSTEM):
-        self.clips = clips
-        self.parts = parts
-        self.question = question
-        self.system = system
+    def __init__(self, clips, parts, cfg):
+        self.clips, self.parts, self.cfg = clips, parts, cfg
         self.processed_key = None
-        if cache_processed:
+        if cfg.cache_processed:
             made_by = repr(parts.processor or parts.tokenizer)
             self.processed_key = hashlib.sha1(made_by.encode()).hexdigest()
 
@@ -39,8 +36,9 @@ class ModelInputs(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         c, r = self.clips, self.clips.rows[i]
+        cfg = self.cfg
         text = prompt(
-            r["text"], c.modalities, self.parts, c.audio_in_video, self.question, self.system
+            r["text"], c.modalities, self.parts, c.audio_in_video, cfg.question, cfg.system
         )
         file = None
         if self.processed_key:
@@ -102,27 +100,19 @@ def prompt(text, modalities, parts, audio_in_video=False, question=QUESTION, sys
 
 
 def collate(items, tokenizer):
-    """Clips' inputs -> the batch the processor makes: tokens padded on the tokenizer's side, audio features at the
-    end (masked: the audio tower never reads them), the rest concatenated."""
+    """Clips' inputs -> the batch the processor makes: each key's tensors padded to one length in their last
+    dimension (tokens on the tokenizer's side; audio features at the end, masked: the audio tower never reads
+    them; the media's patches are alike in it) and concatenated."""
     inputs = {}
     for key in items[0]["inputs"]:
         rows = [it["inputs"][key] for it in items]
-        if key in (
-            "input_ids",
-            "attention_mask",
-            "token_type_ids",
-            "input_features",
-            "feature_attention_mask",
-        ):
-            n, left = (
-                max(x.shape[-1] for x in rows),
-                tokenizer.padding_side == "left" and "feature" not in key,
-            )
-            fill = tokenizer.pad_token_id if key == "input_ids" else 0
-            rows = [
-                F.pad(x, (n - x.shape[-1], 0) if left else (0, n - x.shape[-1]), value=fill)
-                for x in rows
-            ]
+        n = max(x.shape[-1] for x in rows)
+        left = tokenizer.padding_side == "left" and "feature" not in key
+        fill = tokenizer.pad_token_id if key == "input_ids" else 0
+        rows = [
+            F.pad(x, (n - x.shape[-1], 0) if left else (0, n - x.shape[-1]), value=fill)
+            for x in rows
+        ]
         inputs[key] = torch.cat(rows)
     return dict(inputs=inputs, label=torch.tensor([it["label"] for it in items]))
 
@@ -140,7 +130,7 @@ def make_loader(cfg, clips, parts, batch_size=None, shuffle=False, seed=0, rank=
         lengths = torch.tensor(transcripts["length"])
         sampler = ShardedShuffle(lengths, batch_size, rank, world, generator, cfg.group_by_length)
     return torch.utils.data.DataLoader(
-        ModelInputs(clips, parts, cfg.cache_processed, cfg.question, cfg.system),
+        ModelInputs(clips, parts, cfg),
         batch_size=batch_size,
         sampler=sampler,
         generator=generator,

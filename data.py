@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 SAMPLE_RATE = 16000
 SPLITS = ("train", "valid", "test")
+MEDIA = (".mp4", ".wav")  # the media files --data may name
 
 
 class UserError(ValueError):
@@ -54,12 +55,15 @@ def task_file(name):
     return file if file.is_file() else None
 
 
-def read_split(cfg, split, on_bad="skip"):
+def read_split(cfg, split, on_bad="skip", labelled=True):
     """The rows of `split` in the label file of --data (cfg: the run's settings, which name the task's targets and
-    range) -> (rows, skipped: (clip id, DataError) with on_bad='skip')."""
+    range), or its media files -> (rows, skipped: (clip id, DataError) with on_bad='skip'). Not `labelled`: the
+    targets may be absent (a row's label is then NaN), and so may a plain CSV's split (its rows are in every split)."""
     rows, skipped = [], []
-    path = label_file(data_root(cfg.data))
-    for row, mode, problem in label_rows(path, cfg):
+    root = data_root(cfg.data)
+    path = label_file(root)
+    found = label_rows(path, cfg, labelled) if path.is_file() else media_rows(root, cfg, labelled)
+    for row, mode, problem in found:
         if SPLIT_NAMES.get(mode) not in (split, None):  # None: a short row, or no known split
             continue
         if problem is None:
@@ -74,14 +78,32 @@ def read_split(cfg, split, on_bad="skip"):
     return rows, skipped
 
 
-def label_rows(path, cfg):
-    """Each row of a label file: MMSA's layout (video_id, clip_id, text, mode) or a plain CSV's (id, text,
-    split), with the task's targets -> (row, its split's name, its problem or None)."""
-    if not path.is_file():
+def media_rows(root, cfg, labelled):
+    """An mp4 or wav file, or a folder of them (ids: their paths in it), as unlabelled rows without transcripts."""
+    files = sorted(root.rglob("*")) if root.is_dir() else [root]
+    files = [f for f in files if f.suffix in MEDIA and f.is_file()]
+    if not files:
         raise DataError(
-            f"{path}: not found ($MSA_DATA holds the MOSI/ and MOSEI/ folders, default ./data; --data PATH "
-            "names an MMSA-layout folder: label.csv and Raw/<video_id>/<clip_id>.mp4, or a CSV file)"
+            f"{label_file(root)}: not found ($MSA_DATA holds the MOSI/ and MOSEI/ folders, default ./data; --data "
+            "PATH names an MMSA-layout folder: label.csv and Raw/<video_id>/<clip_id>.mp4, a CSV file, or, to "
+            "score with eval.py --predictions, an mp4 or wav file or a folder of them)"
         )
+    if labelled:
+        raise DataError(f"{root}: media files without labels; eval.py --predictions scores them")
+    if "t" in cfg.modalities:
+        raise DataError(
+            f"{root}: no transcripts, but --modalities {cfg.modalities} reads them (leave out t)"
+        )
+    for file in files:
+        clip = str(file.relative_to(root).with_suffix("")) if root.is_dir() else file.stem
+        label = [math.nan] * len(cfg.targets.split(","))
+        yield dict(id=clip, text="", mp4=file, where=str(file), label=label), None, None
+
+
+def label_rows(path, cfg, labelled=True):
+    """Each row of a label file: MMSA's layout (video_id, clip_id, text, mode) or a plain CSV's (id, text,
+    split; a `media` column: each row's mp4 or wav, relative to the file or absolute), with the task's targets
+    -> (row, its split's name, its problem or None)."""
     seen = {}
     # -sig: a spreadsheet's BOM; surrogateescape: a byte that is not UTF-8 becomes a lone surrogate, so
     # that its row can be named
@@ -90,22 +112,27 @@ def label_rows(path, cfg):
         header = reader.fieldnames or []
         layout = LAYOUTS["video_id" in header]
         targets = cfg.targets.split(",")
-        missing = [c for c in (*layout, "text", *targets) if c not in header]
+        read = targets if labelled or set(targets) <= set(header) else []  # the targets read
+        # unlabelled, the split may go too
+        needed = (*(layout if labelled else layout[:-1]), "text", *read)
+        missing = [c for c in needed if c not in header]
         if missing:
             raise DataError(
-                f"{path}: missing column(s) {', '.join(missing)} (needed: {', '.join(layout)}, text, "
-                f"and the task's --targets; it has {', '.join(header) or 'none'})"
+                f"{path}: missing column(s) {', '.join(missing)} (needed: {', '.join(layout)}, text "
+                f"(it may be empty), and the task's --targets; it has {', '.join(header) or 'none'})"
             )
         for r in reader:
-            *ids, mode = (str(r[c]) for c in layout)
+            ids = [str(r[c]) for c in layout[:-1]]
             clip = "/".join(ids)
-            problem = row_problem(r, seen.get(clip), layout, cfg)
+            problem = row_problem(r, seen.get(clip), layout, cfg, read)
             seen.setdefault(clip, reader.line_num)
             media = path.parent.joinpath("Raw", *ids[:-1], f"{ids[-1]}.mp4")
+            if "media" in header:
+                media = path.parent / str(r["media"])
             row = dict(id=clip, text=r["text"], mp4=media, where=f"{path}, line {reader.line_num}")
             if problem is None:
-                row["label"] = [float(r[t]) for t in targets]
-            yield row, mode, problem
+                row["label"] = [float(r[t]) for t in read] or [math.nan] * len(targets)
+            yield row, r.get(layout[-1]), problem
 
 
 # A label file's id columns and split column: MMSA's, or a plain CSV's
@@ -114,8 +141,8 @@ LAYOUTS = {True: ("video_id", "clip_id", "mode"), False: ("id", "split")}
 SPLIT_NAMES = dict(train="train", valid="valid", dev="valid", val="valid", test="test")
 
 
-def row_problem(r, first_line, layout, cfg):
-    """(kind, message) of what is wrong with a label file's row, or None."""
+def row_problem(r, first_line, layout, cfg, targets):
+    """(kind, message) of what is wrong with a label file's row (its `targets` read), or None."""
     if None in r or None in r.values():
         return "bad row", "not as many fields as the header"
     if first_line is not None:
@@ -127,7 +154,7 @@ def row_problem(r, first_line, layout, cfg):
                 "bad id",
                 f"the {key} {name!r} is not a plain file name (it must stay inside Raw/)",
             )
-    if r[layout[-1]] not in SPLIT_NAMES:
+    if r.get(layout[-1], "train") not in SPLIT_NAMES:
         return (
             "bad split",
             f"the {layout[-1]} {r[layout[-1]]!r} is not one of {', '.join(SPLIT_NAMES)} (dev, val: valid)",
@@ -135,7 +162,7 @@ def row_problem(r, first_line, layout, cfg):
     if any("\udc80" <= ch <= "\udcff" for ch in r["text"]):
         return "bad transcript", "the transcript is not valid UTF-8"
     low, high = cfg.low, cfg.high
-    for target in cfg.targets.split(","):
+    for target in targets:
         try:
             value = float(r[target])
         except ValueError:
@@ -329,29 +356,28 @@ class Clips:
     """One split, every clip's media decoded into the cache up front by `workers` threads: a bad file stops the run
     before training (on_bad='skip': is skipped, counted). An item: a clip's model inputs (make_loader sets how)."""
 
-    def __init__(self, cfg, split):
+    def __init__(self, cfg, split, labelled=True):
         self.modalities, self.cache_dir = cfg.modalities, cfg.cache_dir
         self.audio_in_video = cfg.audio_in_video
         check_modalities(self.modalities, self.audio_in_video)
-        self.root = data_root(cfg.data)
         self.video = dict(fps=cfg.fps, max_frames=cfg.max_frames, max_pixels=cfg.max_pixels)
         self.audio = dict(denoise=cfg.denoise)  # the cache keeps denoised and plain audio apart
         check_denoise(cfg.denoise if "a" in self.modalities else "none")
-        on_bad = cfg.on_bad
-        rows, self.skipped = read_split(cfg, split, on_bad)
-        # --subsample: that many training clips, drawn by the seed, in their order
-        if split == "train" and cfg.subsample:
-            drawn = np.random.default_rng(cfg.seed).permutation(len(rows))[: cfg.subsample]
+        rows, self.skipped = read_split(cfg, split, cfg.on_bad, labelled)
+        # --subsample: that many training clips, --eval_clips: valid and test ones; drawn by the seed, in order
+        kept = cfg.subsample if split == "train" else cfg.eval_clips
+        if kept:
+            drawn = np.random.default_rng(cfg.seed).permutation(len(rows))[:kept]
             rows = [rows[i] for i in sorted(drawn)]
         problems = self.check(rows, split, cfg.num_workers)
         for e in problems:
-            if e is not None and on_bad != "skip":
+            if e is not None and cfg.on_bad != "skip":
                 raise DataError(f"{e}; --on_bad skip skips such clips", e.kind) from None
         self.rows = [r for r, e in zip(rows, problems) if e is None]
         self.skipped += [(r["id"], e) for r, e in zip(rows, problems) if e is not None]
         if not self.rows:
             raise DataError(
-                f"{self.root}: no usable clip in {split!r} for --modalities {self.modalities} "
+                f"{cfg.data}: no usable clip in {split!r} for --modalities {self.modalities} "
                 f"({len(self.skipped)} skipped)"
             )
         self.empty_transcripts = sum(not r["text"].strip() for r in self.rows)

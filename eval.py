@@ -1,14 +1,14 @@
 """Evaluate a checkpoint (its config.json defines the run but for the run flags given here, e.g. --modalities t),
 or the gen readout zero-shot: MMSA metrics, ms per clip, the train-mean baseline.
 
-    python eval.py --ckpt runs/toy-disc-tav-s0 [--split test] [--plot] [--json test.json]
+    python eval.py --ckpt runs/toy-disc-tav-s0-HASH [--split test] [--json test.json] [--predictions p.csv]
     python eval.py --model tiny --data toy --readout gen              # zero-shot: no training, no LoRA
 """
 
-import json
-import re
+import csv
+import io
 import time
-from collections import Counter, namedtuple
+from collections import Counter, defaultdict, namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from batches import autocast, make_loader, to_device
-from data import SPLITS, Clips, UserError, read_split
+from data import SPLITS, Clips, UserError, read_split, write_atomically
 from readout import READOUTS, build, load_readout_file
-from runs import load_config, load_weights, read_log, read_tensors, save_json
+from runs import load_config, load_weights, read_tensors, save_json
 from settings import Command, Setting, Settings, grouped, readout_file
 
 METRIC_KEYS = ("MAE", "Corr", "Acc2_has0", "F1_has0", "Acc2_non0", "F1_non0", "Acc5", "Acc7")
@@ -89,14 +89,16 @@ def target_metrics(p, y, classes):
 
 @torch.no_grad()
 def evaluate(readout, loader, device):
-    """A split -> (result: metrics, n, ms per clip (the first batch left out), the standard counts and their
-    rates; preds; labels). Under torchrun every process evaluates the whole split: simpler than shards, and a
+    """A split -> (result: metrics (where the clips have labels), n, ms per clip (the first batch left out),
+    the standard counts and their rates; preds; labels; the rest of predict's info, a list per key and clip,
+    such as gen's answers). Under torchrun every process evaluates the whole split: simpler than shards, and a
     small share of an epoch's time."""
     readout.eval()
     preds = []
     labels = []
     times = []
     counts = Counter()
+    per_clip = defaultdict(list)
     for batch in tqdm(
         loader, desc="evaluating", leave=False, disable=None
     ):  # None: on a terminal only
@@ -109,17 +111,21 @@ def evaluate(readout, loader, device):
         times.append((time.perf_counter() - start, len(p)))
         preds.append(p.float().cpu())
         labels.append(batch["label"].cpu())
-        counts.update({k: v for k, v in info.items() if k in COUNTS})
+        for k, v in info.items():
+            if k in COUNTS:
+                counts[k] += v
+            else:  # a value per clip
+                per_clip[k] += v.tolist() if torch.is_tensor(v) else v
     timed = times[1:] or times
     ms = 1000 * sum(t for t, _ in timed) / sum(n for _, n in timed)
     preds, labels = torch.cat(preds).numpy(), torch.cat(labels).numpy()  # (clips, targets)
     bad = int((~np.isfinite(preds)).sum())
     if bad:  # a readout scores every clip: a NaN is a diverged model
         raise FloatingPointError(f"{bad} of {preds.size} predictions are not finite")
-    scored = metrics(preds, labels, **scoring(readout.cfg))
+    scored = metrics(preds, labels, **scoring(readout.cfg)) if np.isfinite(labels).all() else {}
     result = dict(scored, n=len(labels), ms_per_clip=ms, **counts)
     result.update({rate: counts[k] / len(labels) for k, rate in COUNTS.items() if k in counts})
-    return result, preds, labels
+    return result, preds, labels, dict(per_clip)
 
 
 def mean_baseline(cfg, labels):
@@ -131,23 +137,21 @@ def mean_baseline(cfg, labels):
 
 
 def table(rows, columns=METRIC_KEYS, first="run"):
-    """{name: [metrics of each seed]} -> markdown: one value (and its 95% interval) or mean ± sample std; '-': none."""
+    """{name: [metrics of each seed]} -> markdown: one value or mean ± sample std; '-': none."""
     lines = [
         f"| {first} | " + " | ".join(columns) + " | n | seeds |",
         "|---" * (len(columns) + 3) + "|",
     ]
     for name, runs in rows.items():
-        cells = [
-            cell([r[k] for r in runs if k in r], k, runs[0].get("ci95", {}).get(k)) for k in columns
-        ]
+        cells = [cell([r[k] for r in runs if k in r], k) for k in columns]
         lines.append(
             f"| {name} | " + " | ".join(cells) + f" | {runs[0].get('n', '-')} | {len(runs)} |"
         )
     return "\n".join(lines)
 
 
-def cell(values, key, ci=None):
-    """A table cell: '-' for no value, one value (with its 95% interval), or mean ± sample std."""
+def cell(values, key):
+    """A table cell: '-' for no value, one value, or mean ± sample std."""
     if not values:
         return "-"
     f = ".4f" if len(values) == 1 else ".3f"
@@ -155,8 +159,6 @@ def cell(values, key, ci=None):
         f = ".1f"
     if len(values) > 1:
         return f"{np.mean(values):{f}} ± {np.std(values, ddof=1):{f}}"
-    if ci:
-        return f"{values[0]:{f}} [{ci[0]:.3f}, {ci[1]:.3f}]"
     return f"{values[0]:{f}}"
 
 
@@ -172,54 +174,13 @@ def report(name, result, baseline):
     print(line)
 
 
-def draw(scored, folder):
-    """PNGs in `folder`, their paths printed: the predictions against the labels, named by what was read
-    (e.g. gen@expected-t-test_scatter.png), and for a training run learning_curve.png."""
-    import matplotlib.pyplot as plt  # here: its import costs a second that only plots need
-
-    folder, scale = Path(folder), [scored.cfg.low, scored.cfg.high]
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(scored.labels, scored.preds, ".", alpha=0.6)  # a colour per target
-    ax.plot(scale, scale, "k--", lw=1)
-    ax.set(
-        xlabel=f"true {scored.cfg.targets}",
-        ylabel="predicted",
-        title=f"{folder.resolve().name}: {scored.name}\nMAE {scored.result['MAE']:.3f}",
-    )
-    stem = "-".join(re.findall(r"[\w@]+", scored.name))  # e.g. gen@expected-t-test
-    files = [folder / f"{stem}_scatter.png"]
-    fig.savefig(files[0], dpi=120, bbox_inches="tight")
-    if (folder / "metrics.json").exists():
-        files.append(learning_curve(plt, folder, scored.cfg))
-    plt.close("all")
-    print(f"plots: {', '.join(map(str, files))}")
-
-
-def learning_curve(plt, folder, cfg):
-    """The training loss and the validation MAE by epoch, in two panels, with the kept epoch -> the file."""
-    log = read_log(folder)
-    kept = json.loads((folder / "metrics.json").read_text())["kept_epoch"]
-    epochs = [r["epoch"] for r in log]
-    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(5, 5))
-    top.plot(epochs, [r["train_loss"] for r in log], "o-")
-    bottom.plot(epochs, [r["valid"]["MAE"] for r in log], "s-", label="this run")
-    bottom.axvline(kept, color="k", ls=":", label=f"kept epoch ({kept})")
-    top.set(
-        ylabel="training loss",
-        title=f"{folder.resolve().name} ({cfg.readout}, {cfg.modalities})",
-    )
-    bottom.set(xlabel="epoch", ylabel="validation MAE")
-    bottom.legend()
-    fig.savefig(folder / "learning_curve.png", dpi=120, bbox_inches="tight")
-    return folder / "learning_curve.png"
-
-
 # A run's predictions on a split, with what evaluate() made of them; name: e.g. "gen@expected (t, test)"
-Scored = namedtuple("Scored", "cfg name result preds labels ids")
+Scored = namedtuple("Scored", "cfg name result preds labels ids per_clip")
 
 
-def run_split(cfg, folder, split="test", target=None, plot=False):
-    """A checkpoint (None: gen zero-shot) on `split`, read as `cfg` says -> Scored."""
+def run_split(cfg, folder, split="test", target=None, labelled=True):
+    """A checkpoint (None: gen zero-shot) on `split`, read as `cfg` says -> Scored (not `labelled`: the clips
+    may have no labels, as --predictions allows)."""
     if folder:
         readout, parts = load_checkpoint(cfg, folder)
     elif not READOUTS[cfg.readout].zero_shot:
@@ -231,8 +192,8 @@ def run_split(cfg, folder, split="test", target=None, plot=False):
     targets = cfg.targets.split(",")
     if target not in (None, *targets):
         raise UserError(f"--target {target}: not one of the run's targets ({cfg.targets})")
-    clips = Clips(cfg, split)
-    result, preds, labels = evaluate(
+    clips = Clips(cfg, split, labelled)
+    result, preds, labels, per_clip = evaluate(
         readout, make_loader(cfg, clips, parts), torch.device(cfg.device)
     )
     if target:  # one target of several
@@ -240,10 +201,23 @@ def run_split(cfg, folder, split="test", target=None, plot=False):
         preds, labels = preds[:, column], labels[:, column]
         result.update(metrics(preds, labels, classes=cfg.classes))
         name += f" {target}"
-    scored = Scored(cfg, name, result, preds, labels, [r["id"] for r in clips.rows])
-    if plot:
-        draw(scored, folder or ".")
-    return scored
+    ids = [r["id"] for r in clips.rows]
+    return Scored(cfg, name, result, preds, labels, ids, per_clip)
+
+
+def write_predictions(file, scored):
+    """A CSV of a row per clip: its id, the prediction per target, and each value per clip of the readout's
+    predict() info (gen: the answer as written, whether it parsed; bins: std and median, a list over targets)."""
+    targets = [scored.cfg.target] if scored.cfg.target else scored.cfg.targets.split(",")
+    columns = dict(id=scored.ids)
+    columns.update({f"predicted_{t}": scored.preds[:, i].tolist() for i, t in enumerate(targets)})
+    columns.update(scored.per_clip)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(columns)
+    writer.writerows(zip(*columns.values()))
+    write_atomically(file, table.getvalue().encode())
+    print(f"predictions: {file} ({len(scored.ids)} clips)")
 
 
 # eval.py's own settings (pooled.py's too)
@@ -251,18 +225,25 @@ OWN = grouped(
     "this command",
     Setting("ckpt", str, None, "a checkpoint folder written by train.py"),
     Setting("split", str, "test", "the split to evaluate", SPLITS),
-    Setting("plot", bool, False, "scatter plot and learning curve PNGs"),
     Setting("target", str, None, "of a run with several targets: report (and compare) this one"),
     Setting("json", str, None, "write the results as JSON to this file", metavar="FILE"),
+    Setting(
+        "predictions",
+        str,
+        None,
+        "write each clip's prediction (in the task's range; gen: its answer, whether it parsed) to this CSV; "
+        "the clips need no labels: --data may be a CSV without the targets, an mp4 or wav, or a folder of them",
+        metavar="FILE",
+    ),
 )
 
 
-def command(argv, doc=__doc__):
-    """eval.py's command line (pooled.py's too): of a run, only the settings that say how it is read, which
-    replace its own where given; the readouts of the file that its --readout_file names."""
+def command(argv, doc=__doc__, own=OWN):
+    """eval.py's command line (pooled.py's and explain.py's too): of a run, only the settings that say how it is
+    read, which replace its own where given; the readouts of the file that its --readout_file names."""
     if readout_file(argv):  # a fork's readouts, before the parser shows their settings
         load_readout_file(readout_file(argv))
-    return Command(doc, READOUTS, OWN, training=False)
+    return Command(doc, READOUTS, own, training=False)
 
 
 def checkpoint_settings(cmd, given, folder):
@@ -274,8 +255,11 @@ def main(argv=None):
     cmd = command(argv)
     given = cmd.parse(argv)
     cfg = checkpoint_settings(cmd, given, given.get("ckpt"))
-    scored = run_split(cfg, cfg.ckpt, cfg.split, cfg.target, cfg.plot)
-    report(scored.name, scored.result, mean_baseline(scored.cfg, scored.labels))
+    scored = run_split(cfg, cfg.ckpt, cfg.split, cfg.target, not cfg.predictions)
+    if cfg.predictions:
+        write_predictions(Path(cfg.predictions), scored)
+    if "MAE" in scored.result:
+        report(scored.name, scored.result, mean_baseline(scored.cfg, scored.labels))
     if cfg.json:
         save_json(Path(cfg.json), scored.result)
 

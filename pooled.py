@@ -1,12 +1,14 @@
 """Statistics of runs' predictions. --bootstrap N: one run's metrics with 95% percentile intervals from N
-resamplings of its clips. --compare: two runs on the same clips, side by side, and d = |error
+resamplings of its clips. --plot: one run's figures (its predictions against the labels, named by what was read,
+e.g. gen@expected-t-test_scatter.png, and for a trained run its learning curve with the train mean's line). --compare: two runs on the same clips, side by side, and d = |error
 of A| - |error of B| clip by clip (a bootstrap 95% interval, a paired permutation test); it takes eval.py's flags
 (a run flag given replaces both runs' own, e.g. --decode; --target: one target of several). Given such files,
 one statement over several comparisons of the same two readouts, one a seed: the mean difference of absolute
 errors over all of them, with a 95% interval that accounts for both the seeds and the clips, and how many
 comparisons on their own put each side significantly ahead (p < 0.05).
 
-    python pooled.py --bootstrap 1000 --ckpt runs/toy-disc-tav-s0 [--json test.json]
+    python pooled.py --bootstrap 1000 --ckpt runs/toy-disc-tav-s0-HASH [--json test.json]
+    python pooled.py --plot --ckpt runs/toy-disc-tav-s0-HASH [--modalities t]    # figures, into the run's folder
     python pooled.py --compare DISC_S0 GEN_S0 --decode expected --json compare-s0.json   # and so on, per seed
     python pooled.py compare-s0.json compare-s1.json compare-s2.json [--json pooled.json]
 
@@ -17,15 +19,16 @@ seed level is coarse; the interval is no narrower than the seeds' disagreement a
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from data import UserError
-from eval import checkpoint_settings, command, metrics, run_split, scoring, table
+from data import UserError, read_split
+from eval import checkpoint_settings, command, mean_baseline, metrics, run_split, scoring, table
 from readout import READOUTS
-from runs import load_config, read_tensors, save_json
+from runs import load_config, read_log, read_tensors, save_json
 
 
 def paired(preds_a, preds_b, labels, n=10000, seed=0):
@@ -91,9 +94,72 @@ def intervals(argv):
     ci = bootstrap(scored.preds, scored.labels, given["bootstrap"], **scoring(scored.cfg))
     result = dict(scored.result, ci95=ci)
     print(table({scored.name: [result]}))
+    print("95% intervals: " + ", ".join(f"{k} [{lo:.3f}, {hi:.3f}]" for k, (lo, hi) in ci.items()))
     if cfg.json:
         save_json(Path(cfg.json), result)
     return result
+
+
+def draw(scored, folder):
+    """PNGs in `folder`, their paths printed: the predictions against the labels, named by what was read
+    (e.g. gen@expected-t-test_scatter.png), and for a training run learning_curve.png."""
+    import matplotlib.pyplot as plt  # here: its import costs a second that only plots need
+
+    folder, scale = Path(folder), [scored.cfg.low, scored.cfg.high]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(scored.labels, scored.preds, ".", alpha=0.6)  # a colour per target
+    ax.plot(scale, scale, "k--", lw=1)
+    result = scored.result
+    ax.set(
+        xlabel=f"true {scored.cfg.targets}",
+        ylabel="predicted",
+        xlim=scale,
+        ylim=scale,
+        title=f"{folder.resolve().name}: {scored.name}\nMAE {result['MAE']:.3f}, Corr {result['Corr']:.3f}",
+    )
+    stem = "-".join(re.findall(r"[\w@]+", scored.name))  # e.g. gen@expected-t-test
+    files = [folder / f"{stem}_scatter.png"]
+    fig.savefig(files[0], dpi=120, bbox_inches="tight")
+    if (folder / "metrics.json").exists():
+        files.append(learning_curve(plt, folder, scored.cfg))
+    plt.close("all")
+    print(f"plots: {', '.join(map(str, files))}")
+
+
+def learning_curve(plt, folder, cfg):
+    """The training loss and the validation MAE by epoch, in two panels, with the kept epoch -> the file."""
+    log = read_log(folder)
+    kept = json.loads((folder / "metrics.json").read_text())["kept_epoch"]
+    epochs = [r["epoch"] for r in log]
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(5, 5))
+    if len(log) < 2:  # a lone dot is no curve
+        bottom.text(
+            0.5, 0.5, f"{len(log)} epoch: no curve", ha="center", transform=bottom.transAxes
+        )
+    else:
+        top.plot(epochs, [r["train_loss"] for r in log], "o-")
+        bottom.plot(epochs, [r["valid"]["MAE"] for r in log], "s-", label="this run")
+    valid = [r["label"] for r in read_split(cfg, "valid")[0]]
+    baseline = mean_baseline(cfg, valid)["MAE"]  # over every valid clip, --eval_clips or not
+    bottom.axhline(baseline, color="grey", ls="--", label=f"train mean ({baseline:.3f})")
+    bottom.axvline(kept, color="k", ls=":", label=f"kept epoch ({kept})")
+    top.set(
+        ylabel="training loss",
+        title=f"{folder.resolve().name} ({cfg.readout}, {cfg.modalities})",
+    )
+    bottom.set(xlabel="epoch", ylabel="validation MAE")
+    bottom.legend()
+    fig.savefig(folder / "learning_curve.png", dpi=120, bbox_inches="tight")
+    return folder / "learning_curve.png"
+
+
+def figures(argv):
+    """pooled.py --plot --ckpt RUN, with eval.py's flags: the run's figures on the split, written into its folder."""
+    cmd = command(argv, __doc__)
+    cmd.parser.add_argument("--plot", action="store_true", required=True, help="PNG figures")
+    given = cmd.parse(argv)
+    cfg = checkpoint_settings(cmd, given, given.get("ckpt"))
+    draw(run_split(cfg, cfg.ckpt, cfg.split, cfg.target), cfg.ckpt or ".")
 
 
 def compare_runs(argv):
@@ -185,6 +251,8 @@ def main(argv=None):
         return compare_runs(argv)
     if "--bootstrap" in argv:
         return intervals(argv)
+    if "--plot" in argv:
+        return figures(argv)
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -35,7 +35,8 @@ def at_last_token(h, attention_mask):
 
 class Readout(nn.Module):
     """A subclass defines loss(batch) -> scalar and predict(batch) -> (preds (B, targets), info dict), and declares
-    the run settings it reads in `settings`; self.cfg holds the run's (cfg.NAME). predict's info may hold per-clip tensors
+    the run settings it reads in `settings`; score(batch) -> (B, targets), differentiable, is what explain.py
+    explains (disc and gen define one; a readout in the user's own file inherits theirs or defines its own); self.cfg holds the run's (cfg.NAME). predict's info may hold per-clip tensors
     and the standard counts that evaluation sums: `parse_failures` (answers without a number, scored as
     some fallback) and `out_of_bounds` (answers outside the scale, before they are clipped)."""
 
@@ -163,9 +164,15 @@ class Disc(Readout):
     def loss(self, batch):
         return self.head.loss(self(batch), batch["label"])
 
+    def score(self, batch):
+        return self.head.predict(self(batch))[0]
+
     @torch.no_grad()
     def predict(self, batch):
-        return self.head.predict(self(batch))
+        preds, info = self.head.predict(self(batch))
+        return preds.clamp(
+            self.cfg.low, self.cfg.high
+        ), info  # scored in the task's range, as gen's are
 
 
 LOSSES = dict(mse=F.mse_loss, l1=F.l1_loss)
@@ -354,10 +361,14 @@ class Gen(Readout):
             loss = self.token_loss(*self.with_answers(batch["inputs"], labels))
         # gradients reach every answer's log-likelihood through the prompt's states
         if objective != "ce":
-            values, loglik = self.answer_loglik(batch["inputs"])
-            raft = ((loglik.softmax(-1) @ values - labels) ** 2).mean()
+            raft = ((self.score(batch)[:, 0] - labels) ** 2).mean()
             loss = loss + raft * (self.cfg.raft_weight if objective == "both" else 1.0)
         return loss
+
+    def score(self, batch):
+        """The expected answer under the model's probabilities (decode expected): differentiable, as RAFT's is."""
+        values, loglik = self.answer_loglik(batch["inputs"])
+        return (loglik.softmax(-1) @ values)[:, None]
 
     @torch.no_grad()
     def predict(self, batch):
@@ -382,6 +393,7 @@ class Gen(Readout):
         # out_of_bounds: the paper's count of answers outside the scale, before they are clipped
         outside = (written < low) | (written > high)
         info = dict(parse_failures=int(unanswered.sum()), out_of_bounds=int(outside.sum()))
+        info.update(answer=texts, parsed=(~unanswered).tolist())  # per clip
         scored = np.where(unanswered, self.cfg.parse_fallback, written).clip(low, high)
         return torch.tensor(scored)[:, None], info
 

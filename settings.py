@@ -20,7 +20,7 @@ from pathlib import Path
 from batches import QUESTION, SYSTEM
 from data import DENOISE, UserError, task_file
 
-FORMAT = 6  # config.json's format
+FORMAT = 7  # config.json's format
 # what a task.json may set
 TASK = ("targets", "low", "high", "decimals", "question", "system", "classes")
 DATA = "the data and the task (a dataset's task.json, or --task FILE, sets the task's defaults)"
@@ -123,6 +123,13 @@ RUN = (
             "MOSI's classification metrics too (Acc2, F1, Acc5, Acc7 of scores on [-3, 3])",
             older=(5, True),
         ),
+        Setting(
+            "eval_clips",
+            int,
+            None,
+            "validate and test on at most this many clips of each, drawn by --seed (default: all)",
+            older=(7, None),
+        ),
     )
     + grouped(
         MODEL,
@@ -215,7 +222,14 @@ RECIPES = dict(
 
 RESOLVED = {*PRESETS["tiny"], "lora_alpha"}  # what Command.settings() always gives a value
 POSITIVE = ("epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha", "lr", "grad_clip", "fps")
-POSITIVE += ("max_frames", "max_pixels", "eval_batch_size", "max_new_tokens", "subsample")
+POSITIVE += (
+    "max_frames",
+    "max_pixels",
+    "eval_batch_size",
+    "max_new_tokens",
+    "subsample",
+    "eval_clips",
+)
 
 
 def readout_settings(readouts):

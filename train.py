@@ -38,7 +38,7 @@ from runs import (
     stop_as_interrupt,
     unlock_folder,
 )
-from settings import MACHINE, RECIPES, Command, Setting, grouped, readout_file
+from settings import MACHINE, RECIPES, Command, Setting, grouped, readout_file, settings_hash
 
 # This process's place under torchrun (one process and no torchrun: rank 0 of 1), and its device
 Processes = collections.namedtuple("Processes", "rank world device")
@@ -121,13 +121,11 @@ def set_up(cfg, clips, procs):
     if cfg.grad_ckpt:
         checkpoint_trained_layers(readout.backbone)
     counts = count_parameters(readout)
-    print(
-        f"trainable {counts['trainable']:,} of {counts['total']:,} parameters ({counts['trainable_pct']:.2f}%)"
-    )
     check_space(Path(cfg.out), counts["trainable"])
     batch = cfg.batch_size
     loader = make_loader(cfg, clips["train"], parts, batch, True, cfg.seed, procs.rank, procs.world)
     print(
+        f"trainable {counts['trainable']:,} of {counts['total']:,} parameters ({counts['trainable_pct']:.2f}%); "
         f"effective batch: {batch} clips x {procs.world} process(es) x {cfg.grad_accum} accumulation "
         f"steps = {batch * procs.world * cfg.grad_accum} clips per optimizer step"
     )
@@ -260,7 +258,7 @@ def finish(cfg, readout, test_loader, log, extra, procs):
     kept = min(log, key=lambda r: r["valid"]["MAE"])
     weights = out / "weights.safetensors"
     load_weights(readout, read_tensors(weights, device), weights, cfg)
-    test, _, labels = evaluate(readout, test_loader, device)
+    test, _, labels, _ = evaluate(readout, test_loader, device)
     baseline = mean_baseline(cfg, labels)
     result = dict(
         valid=kept["valid"],
@@ -321,7 +319,10 @@ OWN = grouped(
 RESUME = grouped(
     "this command",
     Setting(
-        "out", str, None, "the checkpoint folder (default: runs/DATA-READOUT-MODALITIES-sSEED)"
+        "out",
+        str,
+        None,
+        "the checkpoint folder (default: runs/DATA-READOUT-MODALITIES-sSEED-HASH, HASH: of the settings)",
     ),
     Setting(
         "resume",
@@ -360,9 +361,15 @@ def settings_from(argv=None):
             )
         given["out"] = given["resume"]
     cfg = cmd.settings(given, saved)
-    data = Path(cfg.data.replace(":", "")).name
-    cfg.out = cfg.out or f"runs/{data}-{cfg.readout}-{cfg.modalities}-s{cfg.seed}"
+    data = Path(cfg.data.replace(":", "")).stem
+    cfg.out = cfg.out or f"runs/{data}-{run_folder(cfg)}"
     return cfg
+
+
+def run_folder(cfg):
+    """READOUT-MODALITIES-sSEED-HASH, the hash that of the run's settings: other settings, another folder."""
+    digest = settings_hash(cfg, READOUTS[cfg.readout])[:8]
+    return f"{cfg.readout}-{cfg.modalities}-s{cfg.seed}-{digest}"
 
 
 def main(argv=None):

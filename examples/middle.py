@@ -11,7 +11,8 @@ from settings import Setting
 
 
 class Middle(Disc):
-    settings = Disc.settings + (
+    # disc's settings but --head_lr, which its param_groups does not read (so --help does not list it here)
+    settings = tuple(s for s in Disc.settings if s.name != "head_lr") + (
         Setting("read_layer", int, 1, "the decoder layer read (0: the embeddings)"),
         Setting("middle_head_lr", float, 1e-2, "the head's peak learning rate"),
     )

@@ -40,7 +40,16 @@ def folder(parent, prefix):
 
 
 def test_ablation_table_over_subsets_and_seeds(toy_root, tmp_path):
-    args = ["--subsets", "t,tv", "--seeds", "0,1", "--epochs", "1", "--out", str(tmp_path / "abl")]
+    args = [
+        "--modalities",
+        "t,tv",
+        "--seeds",
+        "0,1",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "abl"),
+    ]
     out = run(*args, *common(toy_root, tmp_path))
     table = (tmp_path / "abl" / "ablation_disc_t+tv_s0-1.md").read_text()
     assert table.strip() in out
@@ -105,7 +114,7 @@ def test_readout_comparison_with_zero_shot_row_and_reuse_of_finished_runs(toy_ro
 def test_gen_read_with_other_decoding_rules_reuses_the_trained_run(toy_root, tmp_path):
     args = [
         *common(toy_root, tmp_path),
-        "--subsets",
+        "--modalities",
         "t",
         "--epochs",
         "1",

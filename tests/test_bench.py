@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench import common, params, pipeline, readouts, speed
+from bench import attributions, common, params, pipeline, readouts, speed
 from bench.common import TINY
 from lora import bitsandbytes, quantize_nf4
 from readout import DECODE
@@ -167,3 +167,11 @@ def test_gens_cost_beside_discs_is_measured_at_each_prompt_length(make_cfg):
         assert set(out[m]["ms_per_clip"]) == {"disc", *(f"gen@{r}" for r in DECODE)}
         floor = (out[m]["prompt_tokens"] + out[m]["answer_prefixes"]) / out[m]["prompt_tokens"]
         assert out[m]["floor"] == floor and out[m]["over_first"]["disc"] == 1.0
+
+
+def test_explanations_cost_is_measured_per_step_beside_the_prediction(make_cfg):
+    out = attributions.costs(with_(make_cfg("--modalities", "ta"), clips=1, steps=2))
+    assert set(out["ms_per_clip"]) == {"predict", "grad_x_input", "integrated_gradients"}
+    ms = out["ms_per_clip"]
+    assert out["grad_x_input_over_predict"] == ms["grad_x_input"] / ms["predict"] > 0
+    assert out["clips"] == 1 and out["peak_mb"] > 0

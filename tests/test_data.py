@@ -19,7 +19,7 @@ CLIP_FLAGS = dict(
 CLIP_FLAGS |= dict(
     num_workers=0, audio_in_video=False, denoise="none", targets="label", low=-3.0, high=3.0
 )
-CLIP_FLAGS |= dict(subsample=None, seed=0)
+CLIP_FLAGS |= dict(subsample=None, eval_clips=None, seed=0)
 
 
 def make_clips(root, split, modalities="tav", **flags):

@@ -20,7 +20,11 @@ ORDER = [
     "train",
     "ablate",
 ]
-ANALYSIS = ["probe", "pooled"]  # scripts that nothing imports (and bench/, a folder of them)
+ANALYSIS = [
+    "probe",
+    "pooled",
+    "explain",
+]  # scripts that nothing imports (and bench/, a folder of them)
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = dict(total=19_500, module=4_000, function=50, names=12)
 SKIP = {

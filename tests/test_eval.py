@@ -2,10 +2,13 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import pooled
+from data import UserError
 from eval import METRIC_KEYS, metrics, run_split
 from pooled import bootstrap, paired
 
@@ -178,7 +181,8 @@ def test_compare_bootstrap_and_plots_from_the_command_line(make_cfg, toy_root, t
     assert done.returncode == 0, done.stderr
     ci = json.loads((tmp_path / "r.json").read_text())["ci95"]
     assert set(ci) == {"MAE", "Corr", "Acc2_non0", "Acc7"} and "[" in done.stdout
-    done = subprocess.run(run + ["--ckpt", str(a), "--plot"], capture_output=True, text=True)
+    plot = [sys.executable, "pooled.py", "--plot", "--device", "cpu", "--ckpt", str(a)]
+    done = subprocess.run(plot, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     from PIL import Image
 
@@ -213,9 +217,10 @@ def test_a_checkpoint_is_tested_with_modalities_left_out(make_cfg, tmp_path):
         assert done.returncode == 0, done.stderr
         return done.stdout, json.loads((tmp_path / "r.json").read_text())
 
-    stdout, text_only = test_with("--modalities", "t", "--plot")
+    stdout, text_only = test_with("--modalities", "t")
     assert "disc (t, test)" in stdout and text_only["n"] == result["test"]["n"]
-    test_with("--plot")  # the run's own modalities' plot is another file
+    for flags in (["--modalities", "t"], []):  # the run's own modalities' plot is another file
+        pooled.main(["--plot", "--ckpt", str(out), *machine, *flags])
     assert (out / "disc-t-test_scatter.png").exists() and (
         out / "disc-tv-test_scatter.png"
     ).exists()
@@ -230,3 +235,60 @@ def test_a_row_names_gen_with_its_decoding_rule(make_cfg):
     scored = run_split(cfg, None, "test")
     assert scored.name == "gen@expected zero-shot (t, test)"
     assert scored.result["parse_failures"] == 0  # expected always answers
+
+
+CLIPS = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "mosi_clips"
+)  # two real MOSI clips
+
+
+@pytest.mark.skipif(not CLIPS.exists(), reason=f"needs {CLIPS}")
+def test_unlabelled_clips_are_scored_from_a_media_column_and_from_a_single_file(make_cfg, tmp_path):
+    import csv
+
+    import eval as evaluation
+    import train
+
+    cfg = make_cfg("--modalities", "av", "--epochs", "1")
+    train.train(cfg)
+    (tmp_path / "clips").symlink_to(CLIPS)
+    # no labels, no split, empty transcripts; a path relative to the file, one absolute
+    table, mp4 = tmp_path / "new.csv", CLIPS / "Raw/Oz06ZWiO20M/6.mp4"
+    table.write_text(f"id,text,media\nreal mp4,,{mp4}\nwav,,clips/Raw/03bSnISJMiM/1.wav\n")
+    out = tmp_path / "predictions.csv"
+    common = ["--ckpt", cfg.out, "--cache_dir", cfg.cache_dir, "--predictions", str(out)]
+    common += [
+        "--low",
+        "-0.5",
+        "--high",
+        "0.5",
+    ]  # a narrower range than the run's: its predictions clipped
+    evaluation.main([*common, "--data", str(table), "--modalities", "a"])  # the wav has no video
+    rows = list(csv.DictReader(out.open()))
+    assert [r["id"] for r in rows] == ["real mp4", "wav"]
+    assert all(
+        -0.5 <= float(r["predicted_label"]) <= 0.5 for r in rows
+    )  # clipped to the task's range
+    evaluation.main([*common, "--data", str(CLIPS / "Raw/Oz06ZWiO20M/6.mp4")])  # audio and video
+    rows = list(csv.DictReader(out.open()))
+    assert [r["id"] for r in rows] == ["6"] and -0.5 <= float(rows[0]["predicted_label"]) <= 0.5
+    zero_shot = ["--model", "tiny", "--readout", "gen", "--cache_dir", cfg.cache_dir]
+    evaluation.main(
+        [*zero_shot, "--data", str(table), "--modalities", "a", "--predictions", str(out)]
+    )
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 2 and set(rows[0]) == {"id", "predicted_label", "answer", "parsed"}
+    with pytest.raises(UserError, match="no transcripts, but --modalities tav reads them"):
+        evaluation.main([*common, "--data", str(mp4), "--modalities", "tav"])
+    with pytest.raises(UserError, match="media files without labels"):
+        train.main(["--model", "tiny", "--data", str(CLIPS / "Raw")])
+
+
+def test_runs_that_differ_in_a_setting_get_different_default_folders(toy_root):
+    import train
+
+    base = ["--model", "tiny", "--data", str(toy_root)]
+    outs = [train.settings_from([*base, "--lr", lr]).out for lr in ("1e-3", "2e-3")]
+    assert outs[0] != outs[1] and all(o.startswith("runs/toy60-disc-tav-s0-") for o in outs)
+    named = train.settings_from(["--model", "tiny", "--data", str(toy_root / "label.csv")]).out
+    assert named.startswith("runs/label-disc-tav-s0-")  # the file's name, less its extension

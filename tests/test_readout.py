@@ -423,7 +423,9 @@ def test_out_of_bounds_answers_are_counted_before_they_are_clipped(make_cfg, mon
     batch = dict(inputs=dict(parts.processor(text=prompts, padding=True, return_tensors="pt")))
     preds, info = gen.predict(batch)
     # the unanswered clip is scored as --parse_fallback (0.0) and counted
-    assert info == dict(out_of_bounds=2, parse_failures=1)
+    assert info == dict(
+        out_of_bounds=2, parse_failures=1, answer=answers, parsed=[True, True, True, False]
+    )
     assert preds.tolist() == [[3.0], [-3.0], [0.5], [0.0]]
 
 

@@ -41,9 +41,9 @@ def test_an_older_config_is_brought_up_to_date_and_keeps_its_folder_name(capsys)
     cfg = Settings(**load_config(FIXTURES / "format1-disc", READOUTS))
     said = capsys.readouterr().out
     # every readout's flags and the retired ones dropped, the newer one filled in, each said once
-    assert "format 1 -> 6" in said and "'group_by_length': False" in said and "'samples'" in said
+    assert "format 1 -> 7" in said and "'group_by_length': False" in said and "'samples'" in said
     assert cfg.group_by_length is False and "samples" not in vars(cfg) and "decode" not in vars(cfg)
-    assert run_config(cfg, READOUTS["disc"])["format"] == 6 and cfg.denoise == "none"
+    assert run_config(cfg, READOUTS["disc"])["format"] == 7 and cfg.denoise == "none"
     # format 5: the task (MOSI's), every training clip, a head started as PyTorch starts it
     assert cfg.targets == "label" and (cfg.low, cfg.high, cfg.decimals) == (-3, 3, 1)
     assert cfg.subsample is None and cfg.head_start == "default"

@@ -73,3 +73,16 @@ def test_device_and_values_are_checked_before_any_work():
         device_of("gpu")
     with pytest.raises(UserError, match=r"--lr -1.0 \(must be above 0\)"):
         check_values(Settings(lr=-1.0, low=-3.0, high=3.0, lora_dropout=0.0))
+
+
+def test_a_forks_help_lists_an_inherited_setting_only_where_it_reads_it():
+    fork = ["--readout_file", "examples/middle.py"]
+    done = subprocess.run(
+        [sys.executable, "train.py", *fork, "--help"], capture_output=True, text=True
+    )
+    groups = done.stdout.split("\n\n")[1:]  # after the usage line
+    head_lr = next(g for g in groups if "--head_lr" in g).splitlines()[0]
+    read_layer = next(g for g in groups if "--read_layer" in g).splitlines()[0]
+    assert head_lr.startswith("disc, mean:") and read_layer.startswith("middle:")
+    layer = next(g for g in groups if "--layer " in g).splitlines()[0]
+    assert layer.startswith("disc, mean, middle:")  # read through disc's __init__

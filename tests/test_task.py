@@ -74,7 +74,9 @@ def test_gen_writes_and_reads_answers_on_the_tasks_scale(make_cfg, monkeypatch):
     batch = dict(inputs=dict(parts.processor(text=prompts, padding=True, return_tensors="pt")))
     preds, info = gen.predict(batch)
     # 1.7 is out of [0, 1] (clipped to 1); the scale echoed from the prompt is not an answer
-    assert info == dict(out_of_bounds=1, parse_failures=1)
+    assert info == dict(
+        out_of_bounds=1, parse_failures=1, answer=answers, parsed=[True, True, False, True]
+    )
     assert preds[:, 0].tolist() == pytest.approx([0.73, 1.0, 0.0, 0.25])
     with torch.no_grad():
         values, loglik = gen.answer_loglik(batch["inputs"])
@@ -164,8 +166,10 @@ def test_the_head_starts_where_the_labels_are(toy_csv, tmp_path):
         readout.eval()
         texts = [prompt(r["text"], "t", parts) for r in rows[:8]]
         inputs = dict(parts.processor(text=texts, padding=True, return_tensors="pt"))
-        preds = readout.predict(dict(inputs=inputs))[0]
+        with torch.no_grad():  # the head's own output: predict() clips it to the task's range
+            preds = readout.score(dict(inputs=inputs))
         assert abs(float(preds.mean()) - near) < 0.5, start
+        assert readout.predict(dict(inputs=inputs))[0].min() >= 1  # scored in [1, 5]
     # mean: every clip exactly at the mean, and the zero weights still get a gradient
     torch.manual_seed(0)
     readout, parts = build(cfg.but(head_start="mean"), torch.device("cpu"))
@@ -245,6 +249,8 @@ def test_subsample_draws_that_many_training_clips_by_the_seed(toy_csv, tmp_path)
     assert len(drawn[0][0]) == 10 and drawn[0][0] == drawn[0][1] != drawn[1][0]
     with pytest.raises(UserError, match="--subsample 0 \\(must be above 0\\)"):
         train.settings_from([*flags, "--subsample", "0"])
+    cfg = train.settings_from([*flags, "--eval_clips", "5", "--out", "x"])  # valid and test ones
+    assert [len(Clips(cfg, split)) for split in ("train", "valid", "test")] == [36, 5, 5]
 
 
 @pytest.mark.skipif(not EMOBANK.exists(), reason="../shared/data/emobank is not here")
