@@ -111,9 +111,8 @@ def load_text_model(folder, source, load, causal):
 
 def model_source(name, trust_remote_code=False):
     """(folder, from_pretrained's keyword arguments) of --model NAME: a hub id, a folder or a .gguf file."""
-    source = dict(
-        trust_remote_code=trust_remote_code
-    )  # offline, a hub id: HF_HUB_OFFLINE=1 reads the cache
+    # a hub id offline: HF_HUB_OFFLINE=1 reads the local cache alone
+    source = dict(trust_remote_code=trust_remote_code)
     folder = str(name)
     if folder.endswith(".gguf"):
         folder, source["gguf_file"] = os.path.split(os.path.abspath(name))

@@ -574,7 +574,10 @@ def main(argv=None):
     if argv and argv[0] == "--agree":  # explain.py --agree A.jsonl B.jsonl [METHOD]
         print(json.dumps(agreement(argv[1:3], *argv[3:4]), indent=2))
         return
-    cmd = command(argv, __doc__, OWN + EXPLAIN)
+    own = tuple(
+        s for s in OWN if s.name in ("ckpt", "split", "target")
+    )  # eval.py's that apply here
+    cmd = command(argv, __doc__, own + EXPLAIN)
     given = cmd.parse(argv)
     if "ckpt" not in given:
         raise UserError("--ckpt RUN: the trained run to explain")

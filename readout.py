@@ -35,9 +35,10 @@ def at_last_token(h, attention_mask):
 
 class Readout(nn.Module):
     """A subclass defines loss(batch) -> scalar and predict(batch) -> (preds (B, targets), info dict), and declares
-    the run settings it reads in `settings`; score(batch) -> (B, targets), differentiable, is what explain.py
-    explains (disc and gen define one; a readout in the user's own file inherits theirs or defines its own); self.cfg holds the run's (cfg.NAME). predict's info may hold per-clip tensors
-    and the standard counts that evaluation sums: `parse_failures` (answers without a number, scored as
+    the run settings it reads in `settings`; self.cfg holds the run's (cfg.NAME). score(batch) -> (B, targets),
+    differentiable, is what explain.py explains (disc and gen define one; a readout in the user's own file
+    inherits theirs or defines its own). predict's info may hold values per clip (eval.py --predictions writes
+    them) and the standard counts that evaluation sums: `parse_failures` (answers without a number, scored as
     some fallback) and `out_of_bounds` (answers outside the scale, before they are clipped)."""
 
     settings = ()
@@ -170,9 +171,8 @@ class Disc(Readout):
     @torch.no_grad()
     def predict(self, batch):
         preds, info = self.head.predict(self(batch))
-        return preds.clamp(
-            self.cfg.low, self.cfg.high
-        ), info  # scored in the task's range, as gen's are
+        # scored in the task's range, as gen's answers are (score() is the head's own output)
+        return preds.clamp(self.cfg.low, self.cfg.high), info
 
 
 LOSSES = dict(mse=F.mse_loss, l1=F.l1_loss)

@@ -222,14 +222,8 @@ RECIPES = dict(
 
 RESOLVED = {*PRESETS["tiny"], "lora_alpha"}  # what Command.settings() always gives a value
 POSITIVE = ("epochs", "batch_size", "grad_accum", "lora_r", "lora_alpha", "lr", "grad_clip", "fps")
-POSITIVE += (
-    "max_frames",
-    "max_pixels",
-    "eval_batch_size",
-    "max_new_tokens",
-    "subsample",
-    "eval_clips",
-)
+POSITIVE += ("max_frames", "max_pixels", "eval_batch_size", "max_new_tokens")
+POSITIVE += ("subsample", "eval_clips")
 
 
 def readout_settings(readouts):
