@@ -59,13 +59,39 @@ EXPLAIN = grouped(
 )
 
 
+class FirstCall(torch.nn.Module):
+    """Stands in for a module of the model: a score's first call goes through `tap`, the module attributions
+    hook; later calls in the same score (gen's pass over its answers' prefixes, after the prompt's) go to the
+    module itself, so that an attribution is always the prompt's."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.tap, self.calls = inner, Tap(inner), 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return (self.tap if self.calls == 1 else self.inner)(*args, **kwargs)
+
+
+class Tap(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
 class Explainer:
     """A trained readout, its clips, and the score of one target for inputs built like training's."""
 
     def __init__(self, cfg, readout, parts, clips, target):
         self.cfg, self.readout, self.parts, self.clips = cfg, readout, parts, clips
         self.target, self.device = target, torch.device(cfg.device)
-        self.layers = decoder_layers(parts.model)
+        layers = decoder_layers(parts.model)
+        layers[0] = self.first_layer = FirstCall(layers[0])  # where gradient x input is taken
+        self.embeddings = FirstCall(parts.model.get_input_embeddings())  # integrated gradients'
+        parts.model.set_input_embeddings(self.embeddings)
         media_ids = dict(a="<|AUDIO|>", v="<|VIDEO|>") if parts.processor else {}
         self.media_ids = {m: parts.tokenizer.convert_tokens_to_ids(t) for m, t in media_ids.items()}
 
@@ -84,6 +110,9 @@ class Explainer:
         """The forward function attributions differentiate: input ids (B, L) -> the target's score (B,)."""
 
         def score(input_ids):
+            self.first_layer.calls = self.embeddings.calls = (
+                0  # a new score: its first calls are the prompt's
+            )
             with autocast(self.device):
                 batch = dict(inputs=dict(inputs, input_ids=input_ids))
                 return self.readout.score(batch)[:, self.target].float()
@@ -109,7 +138,7 @@ class Explainer:
         with torch.no_grad():
             score = float(forward(ids)[0])
         clock.lap("predict")
-        gxi = LayerGradientXActivation(forward, self.layers[0], multiply_by_inputs=True)
+        gxi = LayerGradientXActivation(forward, self.first_layer.tap, multiply_by_inputs=True)
         per_token = first(gxi.attribute(ids, attribute_to_layer_input=True))[0].sum(-1).detach()
         clock.lap("grad_x_input")
         out = dict(grad_x_input=per_word(per_token, words))
@@ -118,7 +147,7 @@ class Explainer:
         if integrated and words:
             baseline = ids.clone()
             baseline[0, [p for w in words for p in w]] = self.parts.tokenizer.pad_token_id
-            ig = LayerIntegratedGradients(forward, self.parts.model.get_input_embeddings())
+            ig = LayerIntegratedGradients(forward, self.embeddings.tap)
             attr, delta = ig.attribute(
                 ids,
                 baseline,

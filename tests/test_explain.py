@@ -134,3 +134,29 @@ def test_a_readout_without_a_score_says_so(toy_text_run, monkeypatch):
     monkeypatch.delattr(Disc, "score")
     with pytest.raises(UserError, match="the disc readout has no score"):
         explain.main(["--ckpt", str(run), "--cache_dir", flags[-3]])
+
+
+def test_gens_expected_answer_is_explained_at_its_prompt(make_cfg, tmp_path):
+    """Gen's score runs the decoder twice (the prompt, then its answers' prefixes): the attributions are the
+    prompt's, and integrated gradients still add up."""
+    cfg = make_cfg("--readout", "gen", "--modalities", "t", "--epochs", "1")
+    train.train(cfg)
+    explain.main(
+        [
+            "--ckpt",
+            cfg.out,
+            "--n",
+            "2",
+            "--steps",
+            "32",
+            "--draws",
+            "1",
+            "--cache_dir",
+            cfg.cache_dir,
+        ]
+    )
+    lines = (tmp_path / "run" / "explain-test" / "explanations.jsonl").read_text().splitlines()
+    for x in map(json.loads, lines):
+        words = x["words"]["integrated_gradients"]
+        assert [w for w, _ in words] == [w for w, _ in x["words"]["grad_x_input"]]
+        assert len(words) == len(x["words"]["grad_x_input"]) > 1 and x["ig_error"] < 0.05
