@@ -68,18 +68,23 @@ class FirstCall(torch.nn.Module):
         super().__init__()
         self.inner, self.tap, self.calls = inner, Tap(inner), 0
 
-    def forward(self, *args, **kwargs):
+    def forward(self, x, *args, **kwargs):
         self.calls += 1
-        return (self.tap if self.calls == 1 else self.inner)(*args, **kwargs)
+        if self.calls > 1:
+            return self.inner(x, *args, **kwargs)
+        return self.tap(x, rest=args, **kwargs)
 
 
 class Tap(torch.nn.Module):
+    """The module attributions hook: its one positional input is the tensor attributed (an encoder's layer takes
+    its mask positionally too: passed on by keyword, out of the hooks' sight)."""
+
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
 
-    def forward(self, *args, **kwargs):
-        return self.inner(*args, **kwargs)
+    def forward(self, x, rest=(), **kwargs):
+        return self.inner(x, *rest, **kwargs)
 
 
 class Explainer:

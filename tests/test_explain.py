@@ -4,6 +4,7 @@ carried by one sentiment word, the last), the word attributions that find that w
 that add up to the score's change."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +161,12 @@ def test_gens_expected_answer_is_explained_at_its_prompt(make_cfg, tmp_path):
         words = x["words"]["integrated_gradients"]
         assert [w for w, _ in words] == [w for w, _ in x["words"]["grad_x_input"]]
         assert len(words) == len(x["words"]["grad_x_input"]) > 1 and x["ig_error"] < 0.05
+
+
+def test_an_encoders_layers_take_their_mask_positionally_and_are_explained(make_cfg, bert_dir):
+    cfg = make_cfg("--model", str(bert_dir), "--modalities", "t", "--epochs", "1")
+    train.train(cfg)
+    explain.main(["--ckpt", cfg.out, "--n", "2", "--steps", "32", "--cache_dir", cfg.cache_dir])
+    lines = (Path(cfg.out) / "explain-test" / "explanations.jsonl").read_text().splitlines()
+    for x in map(json.loads, lines):
+        assert len(x["words"]["grad_x_input"]) > 1 and x["ig_error"] < 0.05
