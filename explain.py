@@ -22,7 +22,7 @@ For each clip:
 (their top 20% of the words' overlap, Spearman's correlation; a clip's mean over those both explain).
 
 Files, under RUN/explain-SPLIT (printed): explanations.jsonl (a line per clip, written as each clip is done: a
-stopped run goes on where it stopped), faithfulness.json and .md, explain.png (the most positive and negative
+stopped run goes on where it stopped; `prediction`: the score explained, disc's before clipping), faithfulness.json and .md, explain.png (the most positive and negative
 clips' words and modality bars) and explanations.html (every clip, self-contained).
 """
 
@@ -509,6 +509,12 @@ def fmt(values, f=".3f"):
     return ", ".join(f"{k} {v:{f}}" for k, v in values.items())
 
 
+def shown_words(x):
+    """A clip's words as the figure and the page colour them: by integrated gradients where the clip has them (the
+    method that measured faithful), else by gradient x input."""
+    return x["words"].get("integrated_gradients") or x["words"]["grad_x_input"]
+
+
 def colour(a, scale):
     """A word's background: green toward a higher score, red toward a lower, by |a| over the clip's largest."""
     alpha = min(abs(a) / scale, 1.0) if scale else 0.0
@@ -517,7 +523,7 @@ def colour(a, scale):
 
 
 def page(lines, result):
-    """explanations.html: every clip, its words coloured by gradient x input, self-contained."""
+    """explanations.html: every clip, its words coloured (shown_words), self-contained."""
     parts = [
         "<!doctype html><meta charset='utf-8'><title>explanations</title>",
         "<style>body{font-family:sans-serif;max-width:60em;margin:auto}span.w{padding:1px 2px}"
@@ -525,7 +531,7 @@ def page(lines, result):
         f"<h1>{html.escape(result['ckpt'])} ({result['split']})</h1><pre>{html.escape(markdown(result))}</pre>",
     ]
     for x in lines:
-        words = x["words"]["grad_x_input"]
+        words = shown_words(x)
         scale = max((abs(a) for _, a in words), default=0.0)
         spans = " ".join(
             f"<span class='w' style='background:{colour(a, scale)}' title='{a:+.4f}'>{html.escape(w)}</span>"
@@ -533,7 +539,7 @@ def page(lines, result):
         )
         bars = " ".join(f"{m}: {v:+.3f}" for m, v in x["shapley"].items())
         parts.append(
-            f"<div class='c'><b>{html.escape(x['id'])}</b> label {x['label']:+.2f}, prediction "
+            f"<div class='c'><b>{html.escape(x['id'])}</b> label {x['label']:+.2f}, score "
             f"{x['prediction']:+.2f}, Shapley {bars}<br>{spans}</div>"
         )
     return "\n".join(parts) + "\n"
@@ -549,11 +555,11 @@ def figure(lines, file, shown=2):
         len(chosen), 2, figsize=(11, 1.2 * len(chosen) + 0.5), width_ratios=[4, 1]
     )
     for (text_ax, bar_ax), x in zip(np.atleast_2d(axes), chosen):
-        words = x["words"]["grad_x_input"]
+        words = shown_words(x)
         scale = max((abs(a) for _, a in words), default=0.0)
         text_ax.axis("off")
         text_ax.set_title(
-            f"{x['id']}: prediction {x['prediction']:+.2f}, label {x['label']:+.2f}",
+            f"{x['id']}: score {x['prediction']:+.2f}, label {x['label']:+.2f}",
             loc="left",
             fontsize=9,
         )
