@@ -144,7 +144,7 @@ class Explainer:
             score = float(forward(ids)[0])
         clock.lap("predict")
         gxi = LayerGradientXActivation(forward, self.first_layer.tap, multiply_by_inputs=True)
-        per_token = first(gxi.attribute(ids, attribute_to_layer_input=True))[0].sum(-1).detach()
+        per_token = gxi.attribute(ids, attribute_to_layer_input=True)[0].sum(-1).detach()
         clock.lap("grad_x_input")
         out = dict(grad_x_input=per_word(per_token, words))
         shares = self.shares(per_token.abs(), ids[0], words)
@@ -238,7 +238,8 @@ def shapley_values(value, modalities):
 
 
 def decoder_layers(model):
-    """The decoder's (or encoder's) layers: the model's largest ModuleList (the towers' are smaller)."""
+    """The decoder's (or encoder's) layers: the model's largest ModuleList (the towers' are smaller), the rule
+    readout.keep_layers cuts by (kept apart: the core has no room for a shared helper)."""
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     layers = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
     if not len(layers):
@@ -246,10 +247,6 @@ def decoder_layers(model):
             "the run reads the embeddings (--layer 0): no decoder layer to attribute at"
         )
     return layers
-
-
-def first(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
 
 
 def word_positions(parts, line, text, ids):
@@ -334,14 +331,18 @@ def explain_clip(explainer, row, mean, integrated):
     )
 
 
+def no_transcripts(cfg):
+    return UserError(
+        f"{cfg.data} ({cfg.split}, --modalities {cfg.modalities}): no transcripts, which word "
+        "attributions need"
+    )
+
+
 def selected(cfg, clips):
     """The split's clips to explain: --ids (in the split's order), else all, then the first --n."""
     rows = clips.rows
-    if "t" not in cfg.modalities or not any(r["text"].strip() for r in rows):
-        raise UserError(
-            f"{cfg.data} ({cfg.split}, --modalities {cfg.modalities}): no transcripts, which word "
-            "attributions need"
-        )
+    if not any(r["text"].strip() for r in rows):
+        raise no_transcripts(cfg)
     if cfg.ids:
         wanted = cfg.ids.split(",")
         missing = sorted(set(wanted) - {r["id"] for r in rows})
@@ -372,25 +373,27 @@ def done_lines(folder, settings):
 
 def explain(cfg):
     """Explain the run `cfg` describes on its split -> (folder, lines, summary), the files written."""
-    readout, parts = load_checkpoint(cfg, cfg.ckpt)
+    # what can be refused from the settings alone, before the model loads and the clips are decoded
     if cfg.audio_in_video:
         raise UserError(
             "--audio_in_video: modality Shapley values need the audio apart from the video"
         )
-    if not hasattr(readout, "score"):
+    if not hasattr(READOUTS[cfg.readout], "score"):
         raise UserError(
             f"the {cfg.readout} readout has no score(batch) to explain: define one (readout.py)"
         )
-    readout.eval()
     targets = cfg.targets.split(",")
     if cfg.target not in (None, *targets):
         raise UserError(f"--target {cfg.target}: not one of the run's targets ({cfg.targets})")
     target = targets.index(cfg.target) if cfg.target else 0
+    if "t" not in cfg.modalities:
+        raise no_transcripts(cfg)
+    readout, parts = load_checkpoint(cfg, cfg.ckpt)
+    readout.eval()
     clips = Clips(cfg, cfg.split, labelled=False)  # new clips, without labels, are explained too
     rows = selected(cfg, clips)
-    trained = cfg.but(
-        **load_config(cfg.ckpt, READOUTS)
-    )  # the run's own training data, whatever --data says
+    # the run's own training data, whatever --data says
+    trained = cfg.but(**load_config(cfg.ckpt, READOUTS))
     train = read_split(trained, "train")[0]
     mean = float(np.mean([np.reshape(r["label"], -1)[target] for r in train]))
     explainer = Explainer(cfg, readout, parts, clips, target)
