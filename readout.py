@@ -114,8 +114,9 @@ class Disc(Readout):
             "labels",
             "labels: at the training labels (their mean; linear, mlp: last weights scaled by their std; bins: "
             "their distribution); mean: exactly at their mean (linear, mlp: last weights at zero; bins: as "
+            "labels); bias: PyTorch's initialisation but each output's bias at its target's mean (bins: as "
             "labels); default: PyTorch's initialisation",
-            ("labels", "mean", "default"),
+            ("labels", "mean", "bias", "default"),
             older=(5, "default"),
         ),
     )
@@ -185,9 +186,10 @@ class Score:
 
     def start(self, labels, how):
         """Start at the training labels: each output's bias at its target's mean, the last layer's weights scaled
-        by its std (labels) or at zero (mean: every clip starts at the mean; the weights' gradient is not zero)."""
+        by its std (labels), at zero (mean: every clip starts at the mean; the weights' gradient is not zero, but
+        nothing below the head gets one until they move) or left as PyTorch's (bias)."""
         last = self[-1] if isinstance(self, nn.Sequential) else self
-        scale = labels.std(0)[:, None] if how == "labels" else 0.0
+        scale = dict(labels=labels.std(0)[:, None], mean=0.0, bias=1.0)[how]
         last.weight.mul_(scale)
         last.bias.copy_(labels.mean(0))
 

@@ -82,7 +82,6 @@ def train(cfg):
     try:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
             clips = {split: Clips(cfg, split) for split in SPLITS}  # a bad input stops here
-            check_batches(cfg, clips, procs)
             return train_loaded(cfg, clips, procs)
     except KeyboardInterrupt:
         kept = kept_so_far(out, f"python train.py --resume {out} continues")
@@ -98,14 +97,6 @@ def train(cfg):
             quiet.close()
 
 
-def check_batches(cfg, clips, procs):
-    if len(clips["train"]) < cfg.batch_size * procs.world:
-        raise UserError(
-            f"--data {cfg.data}: {len(clips['train'])} training clips, fewer than one batch "
-            f"(--batch_size {cfg.batch_size} x {procs.world} process(es)): no optimizer step"
-        )
-
-
 # What a run trains with: the readout over its backbone's parts, the loaders (`loader`: shuffled by the run's
 # seed, this rank's part of each batch; `in_order`: the training clips, for prepare()), the optimizer
 Setup = collections.namedtuple("Setup", "readout parts loader valid in_order optimizer counts")
@@ -113,6 +104,12 @@ Setup = collections.namedtuple("Setup", "readout parts loader valid in_order opt
 
 def set_up(cfg, clips, procs):
     """The model, LoRA and readout, the loaders and the optimizer of the run `cfg` describes."""
+    batch = cfg.batch_size
+    if len(clips["train"]) < batch * procs.world:  # before the model loads
+        raise UserError(
+            f"--data {cfg.data}: {len(clips['train'])} training clips, fewer than one batch "
+            f"(--batch_size {batch} x {procs.world} process(es)): no optimizer step"
+        )
     readout, parts = build(cfg, procs.device)
     readout.start(torch.tensor([r["label"] for r in clips["train"].rows]))
     # after the model: transformers' save_pretrained (the tiny model) on rank 0 alone
@@ -122,7 +119,6 @@ def set_up(cfg, clips, procs):
         checkpoint_trained_layers(readout.backbone)
     counts = count_parameters(readout)
     check_space(Path(cfg.out), counts["trainable"])
-    batch = cfg.batch_size
     loader = make_loader(cfg, clips["train"], parts, batch, True, cfg.seed, procs.rank, procs.world)
     print(
         f"trainable {counts['trainable']:,} of {counts['total']:,} parameters ({counts['trainable_pct']:.2f}%); "

@@ -179,6 +179,19 @@ def test_the_head_starts_where_the_labels_are(toy_csv, tmp_path):
     readout.train()
     readout.loss(batch).backward()
     assert readout.head.weight.grad.abs().sum() > 0
+    lora = [p for n, p in readout.backbone.named_parameters() if "lora_B" in n]
+    assert all(p.grad is None or not p.grad.any() for p in lora)  # nothing below the head, yet
+    # bias: PyTorch's weights (the same seed's), each output's bias at its target's mean; LoRA learns at once
+    torch.manual_seed(0)
+    untouched = build(cfg.but(head_start="default"), torch.device("cpu"))[0].head.weight
+    torch.manual_seed(0)
+    readout = build(cfg.but(head_start="bias"), torch.device("cpu"))[0]
+    readout.start(labels)
+    assert torch.equal(readout.head.weight, untouched)
+    assert torch.allclose(readout.head.bias, labels.mean(0))
+    readout.train()
+    readout.loss(batch).backward()
+    assert any(p.grad.any() for n, p in readout.backbone.named_parameters() if "lora_B" in n)
     _, result = train.main([*flags, "--epochs", "3", "--out", str(tmp_path / "short")])
     assert result["test"]["MAE"] < result["test_mean_baseline"]["MAE"]
 
