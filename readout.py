@@ -232,7 +232,7 @@ class BinsHead(nn.Linear):
         self.sigma = cfg.bin_sigma * 10**-cfg.decimals  # in bins
 
     def start(self, labels, how):
-        """Start at each target's training labels' distribution (either `how`): a Gaussian of their mean and std."""
+        """Start at each target's training labels' distribution (any `how`): a Gaussian of their mean and std."""
         start = hl_gauss(labels.mean(0), labels.std(0)[:, None], self.values)
         self.bias.copy_(start.clamp(min=1e-6).log().flatten())
 
