@@ -13,12 +13,13 @@ Each comparison's table (ablation_READOUTS_SUBSETS_sSEEDS.md and .json) has a ro
 import json
 from pathlib import Path
 
-from data import UserError, read_split
+from data import read_split
 from eval import mean_baseline, run_split, table
 from readout import DECODE, READOUTS
 from runs import save_json
 from settings import Setting, Settings, grouped, settings_key
 from train import command, run_folder, train
+from util import UserError
 
 SUBSETS = "t,a,v,ta,tv,av,tav"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data import UserError
 from lora import add_lora, quantize_nf4
+from util import UserError
 
 THINKER_TYPES = ("qwen2_5_omni", "qwen2_5_omni_thinker")
 # Only the text decoder is 4-bit: the towers and the LM head stay in bfloat16 (GPU) or float32 (CPU).

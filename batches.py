@@ -10,7 +10,8 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from data import cache_file, read_cached, write_atomically
+from data import cache_file, read_cached
+from util import write_atomically
 
 SYSTEM = "You are an expert in multimodal sentiment analysis."
 QUESTION = (

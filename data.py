@@ -18,13 +18,11 @@ import av
 import numpy as np
 from tqdm import tqdm
 
+from util import UserError, write_atomically
+
 SAMPLE_RATE = 16000
 SPLITS = ("train", "valid", "test")
 MEDIA = (".mp4", ".wav")  # the media files --data may name
-
-
-class UserError(ValueError):
-    """Something the user can fix (a file, a flag, a model); the scripts print it as one line, no traceback."""
 
 
 class DataError(UserError):
@@ -288,19 +286,6 @@ def frames_of(container, stream):
             yield from packet.decode()
         except av.error.InvalidDataError:
             continue
-
-
-def write_atomically(file, data):
-    """`data` (bytes) to a temporary file renamed over `file`: a crash or a full disk leaves the old file whole."""
-    file = Path(file)
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, file)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"{file.parent}: cannot write {file.name} ({e.strerror or e})") from None
 
 
 def cache_file(cache_dir, *key, suffix=".npy"):

@@ -16,10 +16,11 @@ import torch
 from tqdm import tqdm
 
 from batches import autocast, make_loader, to_device
-from data import SPLITS, Clips, UserError, read_split, write_atomically
+from data import SPLITS, Clips, read_split
 from readout import READOUTS, build, load_readout_file
 from runs import load_config, load_weights, read_tensors, save_json
 from settings import Command, Setting, Settings, grouped, readout_file
+from util import UserError, write_atomically
 
 METRIC_KEYS = ("MAE", "Corr", "Acc2_has0", "F1_has0", "Acc2_non0", "F1_non0", "Acc5", "Acc7")
 # The standard counts in a readout's predict() info, summed over a split, and the rate each is reported as

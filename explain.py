@@ -41,11 +41,12 @@ import torch
 from tqdm import tqdm
 
 from batches import autocast, model_inputs, prompt
-from data import Clips, UserError, read_split, write_atomically
+from data import Clips, read_split
 from eval import OWN, checkpoint_settings, command, load_checkpoint
 from readout import READOUTS
 from runs import load_config, save_json
 from settings import Setting, grouped
+from util import UserError, write_atomically
 
 KS = (0.1, 0.2)  # the shares of a clip's words that faithfulness deletes or keeps
 METHODS = ("grad_x_input", "integrated_gradients")

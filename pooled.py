@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from data import UserError, read_split
+from data import read_split
 from eval import checkpoint_settings, command, mean_baseline, metrics, run_split, scoring, table
 from readout import READOUTS
 from runs import load_config, read_log, read_tensors, save_json
+from util import UserError
 
 
 def paired(preds_a, preds_b, labels, n=10000, seed=0):

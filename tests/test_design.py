@@ -9,6 +9,7 @@ from pathlib import Path
 
 # The core, in the order imports flow: a module imports only those before it
 ORDER = [
+    "util",
     "data",
     "batches",
     "lora",

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import pooled
-from data import UserError
 from eval import METRIC_KEYS, metrics, run_split
 from pooled import bootstrap, paired
+from util import UserError
 
 
 def reference(preds, labels):

@@ -15,7 +15,7 @@ import explain
 import train
 from backbone import load_backbone
 from batches import prompt
-from data import UserError
+from util import UserError
 
 
 def test_shapley_values_of_an_additive_game_are_its_parts():

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from ablate import folder_name
-from data import UserError
 from readout import READOUTS
 from runs import load_config, lock_folder, unlock_folder
 from settings import Settings, run_config
+from util import UserError
 
 # a run folder of every config.json format this project wrote
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -5,9 +5,9 @@ import sys
 import pytest
 
 import train
-from data import UserError
 from readout import Disc
 from settings import Setting, Settings, check_values, device_of, readout_settings
+from util import UserError
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py", "ablate.py", "probe.py"])

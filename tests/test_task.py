@@ -14,9 +14,10 @@ import torch
 
 import train
 from batches import prompt
-from data import Clips, UserError, read_split
+from data import Clips, read_split
 from readout import build, parse_score
 from settings import Settings
+from util import UserError
 
 EMOBANK = Path(__file__).resolve().parents[2] / "shared" / "data" / "emobank" / "emobank.csv"
 TASKS = Path(__file__).resolve().parents[1] / "tasks"

@@ -16,12 +16,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from batches import make_loader
-from data import Clips, UserError
+from data import Clips
 from eval import evaluate, load_checkpoint
 from readout import READOUTS, build
 from runs import load_config, read_log
 from settings import run_config
 from train import lr_at, train
+from util import UserError
 
 
 def load(folder, cfg):
