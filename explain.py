@@ -591,10 +591,11 @@ def figure(lines, file, shown=2):
 def agreement(files, method="grad_x_input", k=0.2):
     """How two runs' explanations of the same clips agree, per method: the overlap of their top k of the words
     (the share of one's top words among the other's) and the Spearman correlation of the words' attributions,
-    each the mean over the clips both explain (and where a clip's attributions vary)."""
+    each the mean over the clips both explain (and where a clip's attributions vary); `chance_overlap`: the overlap
+    two random rankings of each clip's words would have on average (top k / words)."""
     runs = [{x["id"]: x for x in map(json.loads, Path(f).read_text().splitlines())} for f in files]
     common = [i for i in runs[0] if i in runs[1]]
-    overlap, rho = [], []
+    overlap, chance, rho = [], [], []
     for i in common:
         a, b = (np.array([v for _, v in run[i]["words"].get(method, [])]) for run in runs)
         if len(a) < 2 or len(a) != len(b):
@@ -602,6 +603,7 @@ def agreement(files, method="grad_x_input", k=0.2):
         size = max(1, math.ceil(k * len(a)))
         top = [set(np.argsort(-np.abs(x), kind="stable")[:size].tolist()) for x in (a, b)]
         overlap.append(len(top[0] & top[1]) / size)
+        chance.append(size / len(a))
         ranks = [np.argsort(np.argsort(x)) for x in (a, b)]
         if ranks[0].std() and ranks[1].std():
             rho.append(float(np.corrcoef(*ranks)[0, 1]))
@@ -610,6 +612,7 @@ def agreement(files, method="grad_x_input", k=0.2):
         method=method,
         clips=len(overlap),
         top_overlap=float(np.mean(overlap)) if overlap else None,
+        chance_overlap=float(np.mean(chance)) if chance else None,
         spearman=float(np.mean(rho)) if rho else None,
     )
 

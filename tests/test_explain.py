@@ -114,7 +114,7 @@ def test_the_toy_runs_sentiment_word_carries_its_score(toy_text_run, capsys):
     same = explain.agreement([folder / "explanations.jsonl"] * 2, "integrated_gradients")
     assert (
         same["clips"] == 24
-        and same["top_overlap"] == 1.0
+        and same["top_overlap"] == 1.0 > same["chance_overlap"] > 0
         and same["spearman"] == pytest.approx(1.0)
     )
 
